@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs the real components of the test and demo stack. Idempotent and fast when
+# nothing changed (it compares checksums of the lock files with stamps it left).
+#   - Python venv at .stack/venv from scripts/requirements.txt (sekmet-fhir, carebundle)
+#   - npm packages of scripts/issuer from its package-lock.json (oidc-provider, jose)
+# Needs: python3 >= 3.11 with venv, node >= 20 with npm, curl. Nothing from apt unless
+# python3's venv module is missing (then python3-venv is installed when running as root).
+#
+# Usage: scripts/install.sh [--force]
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+force=false
+case ${1:-} in
+  "") ;;
+  --force) force=true ;;
+  *) echo "usage: scripts/install.sh [--force]" >&2; exit 64 ;;
+esac
+
+checksum() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
+started=$SECONDS
+
+# --- tools -------------------------------------------------------------------------
+command -v curl >/dev/null || die "curl is required"
+command -v node >/dev/null || die "node (>= 20) is required"
+command -v npm >/dev/null || die "npm is required"
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+((node_major >= 20)) || die "node >= 20 is required (found $(node --version))"
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || die "python3 (>= 3.11) is required"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "python >= 3.11 is required (found $("$python" --version 2>&1))"
+
+# --- Python venv -----------------------------------------------------------------------
+requirements=$SCRIPTS_DIR/requirements.txt
+want=$(checksum "$requirements")
+stamp=$VENV/.installed-requirements
+if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" && -x $VENV/bin/sekmet ]]; then
+  log "python venv up to date ($VENV)"
+else
+  if [[ ! -x $VENV/bin/python ]]; then
+    if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+      if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing python3-venv from apt"
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      else
+        die "python's venv module is missing: install python3-venv"
+      fi
+    fi
+    log "creating $VENV"
+    mkdir -p "$STACK_DIR"
+    "$python" -m venv "$VENV"
+  fi
+  log "installing python packages into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
+  echo "$want" >"$stamp"
+fi
+
+# --- npm packages of the issuer ------------------------------------------------------
+want=$(checksum "$ISSUER_DIR/package.json" "$ISSUER_DIR/package-lock.json")
+stamp=$ISSUER_DIR/node_modules/.installed-lock
+if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" ]]; then
+  log "issuer npm packages up to date ($ISSUER_DIR/node_modules)"
+else
+  log "installing issuer npm packages"
+  (cd "$ISSUER_DIR" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error) >&2
+  echo "$want" >"$stamp"
+fi
+
+log "stack installed in $((SECONDS - started))s"

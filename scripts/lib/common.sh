@@ -1,0 +1,64 @@
+# shellcheck shell=bash
+# Shared helpers for the stack scripts. Source it; it defines paths and small functions.
+#
+# Paths (override with the environment variables in brackets):
+#   REPO_ROOT    repository root
+#   STACK_DIR    installed components and demo state [SMART_FHIR_STACK_DIR, default REPO_ROOT/.stack]
+#   VENV         Python venv with sekmet-fhir and carebundle (STACK_DIR/venv)
+#   ISSUER_DIR   scripts/issuer (oidc-provider, its node_modules)
+
+SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
+STACK_DIR=${SMART_FHIR_STACK_DIR:-$REPO_ROOT/.stack}
+VENV=$STACK_DIR/venv
+ISSUER_DIR=$SCRIPTS_DIR/issuer
+export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR
+
+log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# require_installed: fail with a pointer to install.sh when a component is missing.
+require_installed() {
+  [[ -x $VENV/bin/sekmet && -x $VENV/bin/carebundle ]] \
+    || die "FHIR server not installed ($VENV missing): run scripts/install.sh"
+  [[ -f $ISSUER_DIR/node_modules/oidc-provider/package.json ]] \
+    || die "token issuer not installed ($ISSUER_DIR/node_modules missing): run scripts/install.sh"
+  command -v node >/dev/null || die "node not found on PATH"
+}
+
+# free_port: print a TCP port on 127.0.0.1 that was free a moment ago.
+free_port() { "$SCRIPTS_DIR/lib/free-port.sh"; }
+
+# pid_alive PID: true while the process exists (zombies count as gone).
+pid_alive() {
+  local state
+  kill -0 "$1" 2>/dev/null || return 1
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ $state != Z* ]]
+}
+
+# stop_pid PID [GRACE_SECONDS]: SIGTERM, wait, then SIGKILL.
+stop_pid() {
+  local pid=$1 grace=${2:-5} i
+  pid_alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < grace * 10; i++)); do
+    pid_alive "$pid" || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+# stop_pidfile FILE: stop the process whose pid FILE holds, then remove FILE.
+stop_pidfile() {
+  local file=$1 pid
+  [[ -f $file ]] || return 0
+  pid=$(<"$file")
+  [[ $pid =~ ^[0-9]+$ ]] && stop_pid "$pid"
+  rm -f "$file"
+}
+
+# print_usage FILE: print FILE's header comment (line 2 up to the first non-comment line).
+print_usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$1" >&2
+}

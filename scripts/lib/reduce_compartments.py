@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Writes compartments/ from an unpacked hl7.fhir.r4.examples package.
+
+Usage: reduce_compartments.py PACKAGE_DIR OUT_DIR
+
+- compartmentdefinition-{patient,encounter,relatedperson,practitioner,device}.json:
+  the official resources without their XHTML narrative (`text`), one `resource`
+  entry per line.
+- search-parameters.json: the SearchParameters those definitions name in
+  `resource[].param` (matched on code and base), reduced to id, url, code, base,
+  type, expression, target; one per line, sorted by id. `{def}` (the compartment's
+  own resource) is not a search parameter and has no entry.
+Uses only the Python standard modules.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+COMPARTMENTS = ["patient", "encounter", "relatedPerson", "practitioner", "device"]
+KEEP = ["id", "url", "code", "base", "type", "expression", "target"]
+
+
+def dump_compartment(cd: dict) -> str:
+    head = {k: v for k, v in cd.items() if k not in ("text", "resource")}
+    lines = json.dumps(head, indent=2, ensure_ascii=False).rstrip("}").rstrip().rstrip(",")
+    entries = ",\n".join("    " + json.dumps(r, ensure_ascii=False) for r in cd["resource"])
+    return f'{lines},\n  "resource": [\n{entries}\n  ]\n}}\n'
+
+
+def main(pkg: str, out: str) -> int:
+    by_code_base: dict[tuple[str, str], dict] = {}
+    for path in sorted(glob.glob(os.path.join(pkg, "SearchParameter-*.json"))):
+        with open(path, encoding="utf-8") as f:
+            sp = json.load(f)
+        for base in sp.get("base", []):
+            by_code_base.setdefault((base, sp["code"]), sp)
+    used: dict[str, dict] = {}
+    for name in COMPARTMENTS:
+        with open(os.path.join(pkg, f"CompartmentDefinition-{name}.json"), encoding="utf-8") as f:
+            cd = json.load(f)
+        for r in cd["resource"]:
+            for param in r.get("param", []):
+                if param == "{def}":
+                    continue
+                sp = by_code_base.get((r["code"], param))
+                if sp is None:
+                    sys.exit(f"reduce_compartments.py: no SearchParameter {r['code']}.{param}")
+                used[sp["id"]] = {k: sp[k] for k in KEEP if k in sp}
+        with open(os.path.join(out, f"compartmentdefinition-{name.lower()}.json"), "w", encoding="utf-8") as f:
+            f.write(dump_compartment(cd))
+    rows = ",\n".join("  " + json.dumps(used[i], ensure_ascii=False) for i in sorted(used))
+    with open(os.path.join(out, "search-parameters.json"), "w", encoding="utf-8") as f:
+        f.write(f"[\n{rows}\n]\n")
+    print(f"reduce_compartments.py: {len(COMPARTMENTS)} CompartmentDefinitions, {len(used)} SearchParameters",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: reduce_compartments.py PACKAGE_DIR OUT_DIR")
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,271 @@
+//! Compartment membership from the official R4 CompartmentDefinitions.
+//!
+//! At start-up the definitions and the SearchParameters they name (`compartments/`)
+//! are compiled into a table: for each (compartment type, resource type) the element
+//! paths whose references link a resource into the compartment, e.g. (Patient,
+//! Observation) -> `subject`, `performer`. Membership is then a walk over those paths
+//! in the returned JSON.
+//!
+//! Reference matching is strict: a relative (`Patient/p1`), versioned
+//! (`Patient/p1/_history/2`) or absolute reference whose base is the upstream's or the
+//! tenant's public base counts; contained (`#p1`), logical (identifier-only) and
+//! foreign absolute references never do; ids are compared whole, so `Patient/p1`
+//! never matches `Patient/p10`.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::fhir::{CompartmentRef, ResourceType};
+
+const DEFINITIONS: [&str; 5] = [
+    include_str!("../../compartments/compartmentdefinition-patient.json"),
+    include_str!("../../compartments/compartmentdefinition-encounter.json"),
+    include_str!("../../compartments/compartmentdefinition-relatedperson.json"),
+    include_str!("../../compartments/compartmentdefinition-practitioner.json"),
+    include_str!("../../compartments/compartmentdefinition-device.json"),
+];
+const SEARCH_PARAMETERS: &str = include_str!("../../compartments/search-parameters.json");
+
+/// An element path below a resource: `["participant", "individual"]`.
+type Path = Vec<String>;
+
+/// (compartment type, resource type) -> linking element paths.
+#[derive(Debug, Default)]
+pub struct CompartmentIndex {
+    links: HashMap<(ResourceType, ResourceType), Vec<Path>>,
+    /// (compartment type, resource type) -> the search parameter names that link them,
+    /// as the CompartmentDefinition lists them (used to narrow searches).
+    params: HashMap<(ResourceType, ResourceType), Vec<String>>,
+}
+
+impl CompartmentIndex {
+    /// Builds the index from the shipped definitions. Fails only if the shipped files
+    /// are broken, which a unit test rules out.
+    pub fn official() -> Result<Self, String> {
+        let sps: Value = serde_json::from_str(SEARCH_PARAMETERS)
+            .map_err(|e| format!("compartments/search-parameters.json: {e}"))?;
+        let defs = DEFINITIONS
+            .iter()
+            .map(|d| {
+                serde_json::from_str::<Value>(d).map_err(|e| format!("compartment definition: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_json(&defs, &sps)
+    }
+
+    pub fn from_json(definitions: &[Value], search_parameters: &Value) -> Result<Self, String> {
+        // (base type, code) -> expression
+        let mut expressions: HashMap<(String, String), String> = HashMap::new();
+        for sp in search_parameter_list(search_parameters) {
+            let (Some(code), Some(expr)) = (
+                sp.get("code").and_then(Value::as_str),
+                sp.get("expression").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            for base in sp
+                .get("base")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(base) = base.as_str() {
+                    expressions.insert((base.to_owned(), code.to_owned()), expr.to_owned());
+                }
+            }
+        }
+        let mut index = CompartmentIndex::default();
+        for def in definitions {
+            let owner = def
+                .get("code")
+                .and_then(Value::as_str)
+                .and_then(ResourceType::parse)
+                .ok_or("compartment definition without a valid `code`")?;
+            for res in def
+                .get("resource")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(rt) = res
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .and_then(ResourceType::parse)
+                else {
+                    continue;
+                };
+                let params: Vec<String> = res
+                    .get("param")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect();
+                let mut paths = Vec::new();
+                for p in &params {
+                    match expressions.get(&(rt.as_str().to_owned(), p.clone())) {
+                        Some(expr) => paths.extend(paths_for(rt, expr)),
+                        // `{def}` and similar special params have no expression.
+                        None => {
+                            tracing::debug!(compartment = %owner, resource = %rt, param = %p, "no search parameter expression")
+                        }
+                    }
+                }
+                paths.sort();
+                paths.dedup();
+                if !params.is_empty() {
+                    index.params.insert((owner, rt), params);
+                    index.links.insert((owner, rt), paths);
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// The search parameter names linking `rt` to compartments of type `owner`.
+    pub fn params(&self, owner: ResourceType, rt: ResourceType) -> &[String] {
+        self.params
+            .get(&(owner, rt))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether resources of type `rt` can be in a compartment of type `owner` at all
+    /// (the compartment's own type always can).
+    pub fn links_type(&self, owner: ResourceType, rt: ResourceType) -> bool {
+        owner == rt || self.links.get(&(owner, rt)).is_some_and(|p| !p.is_empty())
+    }
+
+    /// Whether `resource` (of type `rt`) is in compartment `c`. `bases` are the absolute
+    /// bases whose references count as local (the upstream's and the public one).
+    pub fn contains(
+        &self,
+        c: &CompartmentRef,
+        rt: ResourceType,
+        resource: &Value,
+        bases: &[&str],
+    ) -> bool {
+        if rt == c.owner && resource.get("id").and_then(Value::as_str) == Some(c.id.as_str()) {
+            return true;
+        }
+        let Some(paths) = self.links.get(&(c.owner, rt)) else {
+            return false;
+        };
+        paths.iter().any(|path| {
+            let mut found = false;
+            walk(resource, path, &mut |reference| {
+                if !found && reference_is(reference, c, bases) {
+                    found = true;
+                }
+            });
+            found
+        })
+    }
+}
+
+fn search_parameter_list(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(items) => items.iter().collect(),
+        Value::Object(o) if o.get("resourceType").and_then(Value::as_str) == Some("Bundle") => o
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("resource"))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Extracts this type's element paths from a FHIRPath union such as
+/// `Observation.subject.where(resolve() is Patient) | Condition.subject`.
+/// Only plain member paths are supported; `where(...)` filters are dropped (the
+/// reference's type is checked at match time anyway), `as Reference` casts removed.
+pub fn paths_for(rt: ResourceType, expression: &str) -> Vec<Path> {
+    let prefix = format!("{}.", rt.as_str());
+    expression
+        .split('|')
+        .filter_map(|part| {
+            let mut p = part
+                .trim()
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .trim();
+            // `X.code as Reference` is the Reference branch of the choice element
+            // `code[x]`, which JSON spells `codeReference`.
+            let mut choice_suffix = None;
+            if let Some(stripped) = p.strip_suffix(" as Reference") {
+                p = stripped.trim_end_matches(')').trim();
+                choice_suffix = Some("Reference");
+            }
+            let rest = p.strip_prefix(&prefix)?;
+            let mut out = Vec::new();
+            for seg in rest.split('.') {
+                if seg.starts_with("where(")
+                    || seg.starts_with("as(")
+                    || seg.starts_with("resolve(")
+                {
+                    break;
+                }
+                if seg.is_empty() || !seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return None;
+                }
+                out.push(seg.to_owned());
+            }
+            if let (Some(suffix), Some(last)) = (choice_suffix, out.last_mut()) {
+                last.push_str(suffix);
+            }
+            (!out.is_empty()).then_some(out)
+        })
+        .collect()
+}
+
+/// Calls `f` with every `reference` string found at `path` below `v` (arrays flatten).
+fn walk(v: &Value, path: &[String], f: &mut dyn FnMut(&str)) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| walk(i, path, f)),
+        Value::Object(o) => match path.split_first() {
+            None => {
+                if let Some(r) = o.get("reference").and_then(Value::as_str) {
+                    f(r);
+                }
+            }
+            Some((head, tail)) => {
+                if let Some(child) = o.get(head.as_str()) {
+                    walk(child, tail, f);
+                }
+            }
+        },
+        _ => {}
+    }
+}
+
+/// Strict local reference match; see the module docs.
+pub fn reference_is(reference: &str, c: &CompartmentRef, bases: &[&str]) -> bool {
+    let local = if reference.contains("://") {
+        match bases
+            .iter()
+            .find_map(|b| reference.strip_prefix(*b).and_then(|r| r.strip_prefix('/')))
+        {
+            Some(r) => r,
+            None => return false,
+        }
+    } else {
+        reference
+    };
+    let mut parts = local.split('/');
+    let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let version_ok = match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => true,
+        (Some("_history"), Some(v), None) => !v.is_empty(),
+        _ => false,
+    };
+    version_ok && t == c.owner.as_str() && id == c.id.as_str()
+}
+
+#[cfg(test)]
+mod tests;

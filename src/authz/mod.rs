@@ -1,0 +1,341 @@
+//! Stage 3: record-level authorization.
+//!
+//! Input: `TenantCtx`, `FhirRequest`, `VerifiedToken`, `ScopeGrant`. Output: a
+//! [`Permit`] saying, per permitting scope context, which records the request may
+//! reach (`patient/` -> the token patient's compartment; `user/` -> the `fhirUser`'s
+//! compartment; `system/` -> every record of the granted types). Access is the union
+//! over contexts. Requests that name a record's compartment in the path (compartment
+//! search, `Patient/{id}/$everything`) are decided here; records that come back from
+//! the upstream are checked against the same permit in the forwarding stage
+//! ([`Permit::release`]).
+//!
+//! The checker is chosen per tenant as an enum (no dynamic dispatch on the hot path);
+//! `Compartment` is the coarse-grained checker.
+
+pub mod compartment;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use serde_json::Value;
+
+use crate::config::{AuthorizationConfig, TenantConfig};
+use crate::error::ProxyError;
+use crate::fhir::{CompartmentRef, FhirRequest, Interaction, ResourceType};
+use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
+use crate::stack::{Flow, Stage, ext, tenant_of};
+use crate::token::VerifiedToken;
+pub use compartment::CompartmentIndex;
+
+/// Compartment types a `fhirUser` can anchor `user/` access to.
+const USER_COMPARTMENTS: [ResourceType; 3] = [
+    ResourceType::PATIENT,
+    ResourceType::PRACTITIONER,
+    ResourceType::RELATED_PERSON,
+];
+
+/// The per-tenant record-level checker.
+#[derive(Debug)]
+pub enum Checker {
+    Compartment(CompartmentChecker),
+}
+
+impl Checker {
+    pub fn for_tenant(cfg: &TenantConfig, index: &Arc<CompartmentIndex>) -> Checker {
+        match cfg.authorization {
+            AuthorizationConfig::Compartment { denied_read_status } => {
+                Checker::Compartment(CompartmentChecker {
+                    index: Arc::clone(index),
+                    denied_status: denied_read_status,
+                })
+            }
+        }
+    }
+
+    /// A compartment checker over `index` that hides denied records with `denied_status`.
+    #[cfg(test)]
+    pub fn for_test(index: Arc<CompartmentIndex>, denied_status: StatusCode) -> Checker {
+        Checker::Compartment(CompartmentChecker {
+            index,
+            denied_status,
+        })
+    }
+
+    pub fn index(&self) -> &CompartmentIndex {
+        match self {
+            Checker::Compartment(c) => &c.index,
+        }
+    }
+
+    fn denied_status(&self) -> StatusCode {
+        match self {
+            Checker::Compartment(c) => c.denied_status,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CompartmentChecker {
+    index: Arc<CompartmentIndex>,
+    denied_status: StatusCode,
+}
+
+/// How far one scope context reaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Every record of the granted types (`system/`).
+    All,
+    /// The records in one compartment.
+    Compartment(CompartmentRef),
+    /// Nothing (e.g. `user/` without a usable `fhirUser`).
+    Nothing,
+}
+
+impl Reach {
+    pub fn of(context: ScopeContext, token: &VerifiedToken) -> Reach {
+        match context {
+            ScopeContext::System => Reach::All,
+            ScopeContext::Patient => match &token.patient {
+                Some(id) => Reach::Compartment(CompartmentRef {
+                    owner: ResourceType::PATIENT,
+                    id: id.clone(),
+                }),
+                None => Reach::Nothing,
+            },
+            ScopeContext::User => match &token.fhir_user {
+                Some(u) if USER_COMPARTMENTS.contains(&u.resource_type) => {
+                    Reach::Compartment(CompartmentRef {
+                        owner: u.resource_type,
+                        id: u.id.clone(),
+                    })
+                }
+                _ => Reach::Nothing,
+            },
+        }
+    }
+}
+
+/// Proof that a request may proceed, and what every returned record must satisfy.
+#[must_use]
+#[derive(Clone, Debug)]
+pub struct Permit {
+    /// One entry per context whose scopes permit the request.
+    pub reaches: Vec<(ScopeContext, Reach)>,
+    pub denied_status: StatusCode,
+    pub token: TokenContext,
+}
+
+/// The outcome of checking one returned record.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    Allowed(ScopeContext),
+    /// Its type is not covered by any usable scope.
+    DeniedType,
+    /// It lies outside every compartment the token reaches.
+    DeniedRecord,
+}
+
+impl Permit {
+    /// True if every record of the permitted types is reachable.
+    pub fn is_unrestricted(&self) -> bool {
+        self.reaches.iter().any(|(_, r)| *r == Reach::All)
+    }
+
+    /// The compartments reachable (empty when unrestricted or nothing).
+    pub fn compartments(&self) -> impl Iterator<Item = &CompartmentRef> {
+        self.reaches.iter().filter_map(|(_, r)| match r {
+            Reach::Compartment(c) => Some(c),
+            _ => None,
+        })
+    }
+}
+
+/// Everything needed to decide on records that come back from the upstream.
+pub struct ReleaseCtx<'a> {
+    pub permit: &'a Permit,
+    pub grant: &'a ScopeGrant,
+    pub token: &'a VerifiedToken,
+    pub index: &'a CompartmentIndex,
+    /// Absolute bases whose references count as local (public and upstream).
+    pub bases: [&'a str; 2],
+}
+
+impl ReleaseCtx<'_> {
+    /// Decides whether a returned record may be released.
+    ///
+    /// `primary` records are what the request asked for (the read target, search
+    /// matches); their types were checked by the scope stage, which the grant records.
+    /// Other records (`_include`, `$everything`) need a usable unconstrained `r`/`s`
+    /// scope of their own type. Either way the record must lie within the reach of a
+    /// context that covers its type.
+    pub fn release(&self, rt: ResourceType, resource: &Value, primary: bool) -> Release {
+        let side_contexts = self.token.scopes.read_contexts(rt, self.permit.token);
+        let mut type_ok = false;
+        for context in ScopeContext::ALL {
+            let covered = (primary && self.grant.covers_type(Some(context), rt))
+                || side_contexts.contains(context);
+            if !covered {
+                continue;
+            }
+            type_ok = true;
+            let inside = match Reach::of(context, self.token) {
+                Reach::All => true,
+                Reach::Compartment(c) => self.index.contains(&c, rt, resource, &self.bases),
+                Reach::Nothing => false,
+            };
+            if inside {
+                return Release::Allowed(context);
+            }
+        }
+        if type_ok {
+            Release::DeniedRecord
+        } else {
+            Release::DeniedType
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthzError {
+    /// The record exists or may exist, but the token may not see it. Rendered with the
+    /// tenant's denied status (404 by default, so it looks like a missing record).
+    #[error("resource not found")]
+    Hidden { status: StatusCode },
+    #[error("`{interaction}` is not supported by this proxy")]
+    NotSupported { interaction: &'static str },
+    #[error("`{resource_type}` resources are outside the compartments this token may access")]
+    OutsideCompartment { resource_type: ResourceType },
+    #[error("`{interaction}` cannot be narrowed to the records this token may access")]
+    NotNarrowable { interaction: &'static str },
+    #[error("scope constraints on `{resource_type}` cannot be combined into one search")]
+    ConstraintNotNarrowable { resource_type: String },
+    #[error("the token's `fhirUser` does not name a patient, practitioner or related person")]
+    NoUserCompartment,
+}
+
+impl AuthzError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AuthzError::Hidden { status } => *status,
+            AuthzError::NotSupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AuthzError::OutsideCompartment { .. } | AuthzError::NoUserCompartment => {
+                StatusCode::FORBIDDEN
+            }
+            AuthzError::NotNarrowable { .. } | AuthzError::ConstraintNotNarrowable { .. } => {
+                StatusCode::FORBIDDEN
+            }
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthzError::Hidden { .. } => "record_denied",
+            AuthzError::NotSupported { .. } => "interaction_not_supported",
+            AuthzError::OutsideCompartment { .. } => "outside_compartment",
+            AuthzError::NotNarrowable { .. } => "search_not_narrowable",
+            AuthzError::ConstraintNotNarrowable { .. } => "scope_constraint_not_narrowable",
+            AuthzError::NoUserCompartment => "no_user_compartment",
+        }
+    }
+}
+
+/// The pure decision: may this request go upstream at all, and with which reach.
+pub fn authorize(
+    checker: &Checker,
+    req: &FhirRequest,
+    token: &VerifiedToken,
+    grant: &ScopeGrant,
+) -> Result<Permit, AuthzError> {
+    let scope_token = TokenContext {
+        has_patient: token.patient.is_some(),
+    };
+    let reaches: Vec<(ScopeContext, Reach)> = grant
+        .contexts()
+        .iter()
+        .map(|c| (c, Reach::of(c, token)))
+        .collect();
+    if reaches.iter().all(|(_, r)| *r == Reach::Nothing) {
+        return Err(AuthzError::NoUserCompartment);
+    }
+    let permit = Permit {
+        reaches,
+        denied_status: checker.denied_status(),
+        token: scope_token,
+    };
+    match &req.interaction {
+        Interaction::Create
+        | Interaction::Update
+        | Interaction::Patch
+        | Interaction::Delete
+        | Interaction::BatchOrTransaction => {
+            return Err(AuthzError::NotSupported {
+                interaction: req.interaction.name(),
+            });
+        }
+        Interaction::SearchCompartment => {
+            // The path names the compartment: it must be one the token reaches.
+            let Some(c) = &req.compartment else {
+                return Err(AuthzError::NotNarrowable {
+                    interaction: req.interaction.name(),
+                });
+            };
+            if !permit.is_unrestricted() && !permit.compartments().any(|p| p == c) {
+                return Err(AuthzError::Hidden {
+                    status: permit.denied_status,
+                });
+            }
+        }
+        Interaction::Operation(op, _) if op.as_str() == "everything" => {
+            if let (Some(rt), Some(id)) = (req.resource_type, &req.id) {
+                let target = CompartmentRef {
+                    owner: rt,
+                    id: id.clone(),
+                };
+                if !permit.is_unrestricted() && !permit.compartments().any(|p| *p == target) {
+                    return Err(AuthzError::Hidden {
+                        status: permit.denied_status,
+                    });
+                }
+            }
+        }
+        Interaction::SearchType | Interaction::HistoryType
+            if !permit.is_unrestricted()
+                && req.resource_type.is_some_and(|rt| {
+                    !permit
+                        .compartments()
+                        .any(|c| checker.index().links_type(c.owner, rt))
+                }) =>
+        {
+            if let Some(rt) = req.resource_type {
+                return Err(AuthzError::OutsideCompartment { resource_type: rt });
+            }
+        }
+        Interaction::SearchSystem | Interaction::HistorySystem if !permit.is_unrestricted() => {
+            return Err(AuthzError::NotNarrowable {
+                interaction: req.interaction.name(),
+            });
+        }
+        _ => {}
+    }
+    Ok(permit)
+}
+
+/// The stage.
+pub struct Authorize;
+
+impl Stage for Authorize {
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+        let tenant = tenant_of(req)?;
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
+        let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
+        let permit = authorize(&tenant.0.checker, fhir, token, grant)?;
+        req.extensions_mut().insert(permit);
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests;

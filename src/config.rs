@@ -1,0 +1,725 @@
+//! Configuration: raw serde types for `tenants.json`, validated into domain types.
+//!
+//! Raw types mirror the file exactly and reject unknown keys; [`validate`] turns them
+//! into [`TenantConfig`] values whose fields are already parsed (URLs, algorithms,
+//! durations), so no later stage re-checks configuration. Every validation error names
+//! the tenant and the key. Environment variables override file values through the
+//! `config` crate: `SFP__TENANTS__DEMO__UPSTREAM__BASE_URL=...` (keys are lowercase,
+//! path segments separated by `__`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+use url::Url;
+
+/// Prefix of environment overrides: `SFP__TENANTS__<id>__<key>__...`.
+pub const ENV_PREFIX: &str = "SFP";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read `{path}`: {message}")]
+    Load { path: String, message: String },
+    #[error("tenant `{tenant}`: key `{key}`: {message}")]
+    Invalid {
+        tenant: String,
+        key: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    File(String),
+}
+
+// ---------------------------------------------------------------------------------
+// Raw types: exactly the file's shape.
+// ---------------------------------------------------------------------------------
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub public_base_url: String,
+    pub upstream: RawUpstream,
+    pub token: RawToken,
+    pub smart: RawSmart,
+    pub authorization: RawAuthorization,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub base_url: String,
+    #[serde(default)]
+    pub auth: RawUpstreamAuth,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_upstream_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum RawUpstreamAuth {
+    #[default]
+    None,
+    /// A static header, e.g. an API key. The value comes from `value` or, better, from
+    /// the environment variable named by `value_env`.
+    Header {
+        name: String,
+        value: Option<String>,
+        value_env: Option<String>,
+    },
+    /// OAuth2 client credentials against the upstream's own authorization server.
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: Option<String>,
+        client_secret_env: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub issuers: Vec<String>,
+    pub jwks_uri: String,
+    pub audience: String,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Shared secret for HS256/384/512; only read when an HS algorithm is listed.
+    pub hmac_secret_env: Option<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway_seconds: u64,
+    #[serde(default = "default_jwks_cache")]
+    pub jwks_cache_seconds: u64,
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_min_refresh_seconds: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub jwks_timeout_ms: u64,
+    #[serde(default)]
+    pub claims: RawClaims,
+    pub introspection: Option<RawIntrospection>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaims {
+    #[serde(default = "default_scope_claim")]
+    pub scope: String,
+    #[serde(default = "default_patient_claim")]
+    pub patient: String,
+    #[serde(default = "default_fhir_user_claim")]
+    pub fhir_user: String,
+    #[serde(default = "default_client_id_claim")]
+    pub client_id: String,
+}
+
+impl Default for RawClaims {
+    fn default() -> Self {
+        RawClaims {
+            scope: default_scope_claim(),
+            patient: default_patient_claim(),
+            fhir_user: default_fhir_user_claim(),
+            client_id: default_client_id_claim(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntrospection {
+    pub endpoint: String,
+    pub client_id: String,
+    pub client_secret: Option<String>,
+    pub client_secret_env: Option<String>,
+    #[serde(default = "default_introspection_cache")]
+    pub cache_seconds: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmart {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub registration_endpoint: Option<String>,
+    pub management_endpoint: Option<String>,
+    pub revocation_endpoint: Option<String>,
+    pub introspection_endpoint: Option<String>,
+    pub user_access_brand_bundle: Option<String>,
+    #[serde(default = "default_grant_types")]
+    pub grant_types_supported: Vec<String>,
+    #[serde(default = "default_auth_methods")]
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+    #[serde(default = "default_signing_algs")]
+    pub token_endpoint_auth_signing_alg_values_supported: Vec<String>,
+    #[serde(default = "default_scopes_supported")]
+    pub scopes_supported: Vec<String>,
+    #[serde(default = "default_response_types")]
+    pub response_types_supported: Vec<String>,
+    #[serde(default = "default_capabilities")]
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "snake_case")]
+pub enum RawAuthorization {
+    Compartment {
+        /// Status for a record the token may not see: 404 (default; indistinguishable
+        /// from a missing record) or 403.
+        #[serde(default = "default_denied_status")]
+        denied_read_status: u16,
+    },
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_upstream_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_response_bytes() -> usize {
+    32 * 1024 * 1024
+}
+fn default_algorithms() -> Vec<String> {
+    ["RS256", "RS384", "ES256", "ES384", "PS256"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_leeway() -> u64 {
+    30
+}
+fn default_jwks_cache() -> u64 {
+    300
+}
+fn default_jwks_refresh() -> u64 {
+    10
+}
+fn default_jwks_timeout_ms() -> u64 {
+    3_000
+}
+fn default_introspection_cache() -> u64 {
+    30
+}
+fn default_scope_claim() -> String {
+    "scope".into()
+}
+fn default_patient_claim() -> String {
+    "patient".into()
+}
+fn default_fhir_user_claim() -> String {
+    "fhirUser".into()
+}
+fn default_client_id_claim() -> String {
+    "client_id".into()
+}
+fn default_grant_types() -> Vec<String> {
+    ["authorization_code", "client_credentials"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_auth_methods() -> Vec<String> {
+    ["client_secret_basic", "private_key_jwt"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_signing_algs() -> Vec<String> {
+    ["RS384", "ES384"].map(String::from).to_vec()
+}
+fn default_scopes_supported() -> Vec<String> {
+    [
+        "openid",
+        "fhirUser",
+        "launch",
+        "launch/patient",
+        "offline_access",
+        "patient/*.rs",
+        "user/*.rs",
+        "system/*.rs",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_response_types() -> Vec<String> {
+    vec!["code".into()]
+}
+fn default_capabilities() -> Vec<String> {
+    [
+        "launch-ehr",
+        "launch-standalone",
+        "client-public",
+        "client-confidential-symmetric",
+        "client-confidential-asymmetric",
+        "context-ehr-patient",
+        "context-standalone-patient",
+        "sso-openid-connect",
+        "permission-patient",
+        "permission-user",
+        "permission-v1",
+        "permission-v2",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_denied_status() -> u16 {
+    404
+}
+
+// ---------------------------------------------------------------------------------
+// Domain types: validated.
+// ---------------------------------------------------------------------------------
+
+/// A tenant's validated configuration.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    /// Public base of this tenant, without trailing slash: `https://proxy/demo`.
+    pub public_base: String,
+    pub upstream: UpstreamConfig,
+    pub token: TokenConfig,
+    pub smart: RawSmartOwned,
+    pub authorization: AuthorizationConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Upstream FHIR base, without trailing slash: `http://127.0.0.1:8081/fhir`.
+    pub base: String,
+    pub base_uri: http::Uri,
+    pub auth: UpstreamAuth,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub max_response_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum UpstreamAuth {
+    None,
+    Header {
+        name: http::HeaderName,
+        value: http::HeaderValue,
+    },
+    ClientCredentials {
+        token_url: Url,
+        client_id: String,
+        client_secret: String,
+        scope: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub issuers: Vec<String>,
+    pub jwks_uri: Url,
+    pub audience: String,
+    pub algorithms: Vec<Algorithm>,
+    pub hmac_secret: Option<Vec<u8>>,
+    pub leeway: Duration,
+    pub jwks_cache: Duration,
+    pub jwks_min_refresh: Duration,
+    pub jwks_timeout: Duration,
+    pub claims: ClaimNames,
+    pub introspection: Option<IntrospectionConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub scope: String,
+    pub patient: String,
+    pub fhir_user: String,
+    pub client_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    pub endpoint: Url,
+    pub client_id: String,
+    pub client_secret: String,
+    pub cache: Duration,
+    pub timeout: Duration,
+}
+
+/// SMART discovery fields, kept as configured (all validated as URLs where they are).
+#[derive(Debug, Clone)]
+pub struct RawSmartOwned {
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
+    pub registration_endpoint: Option<String>,
+    pub management_endpoint: Option<String>,
+    pub revocation_endpoint: Option<String>,
+    pub introspection_endpoint: Option<String>,
+    pub user_access_brand_bundle: Option<String>,
+    pub grant_types_supported: Vec<String>,
+    pub token_endpoint_auth_methods_supported: Vec<String>,
+    pub token_endpoint_auth_signing_alg_values_supported: Vec<String>,
+    pub scopes_supported: Vec<String>,
+    pub response_types_supported: Vec<String>,
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AuthorizationConfig {
+    Compartment {
+        denied_read_status: http::StatusCode,
+    },
+}
+
+/// Reads and validates a tenants file, applying `SFP__...` environment overrides.
+pub fn load(path: &Path) -> Result<Vec<TenantConfig>, ConfigError> {
+    let raw = read_raw(path)?;
+    validate(raw)
+}
+
+fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
+    let display = path.display().to_string();
+    if !path.is_file() {
+        return Err(ConfigError::Load {
+            path: display,
+            message: "no such file".into(),
+        });
+    }
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Json))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .map_err(|e| ConfigError::Load {
+            path: display.clone(),
+            message: e.to_string(),
+        })?;
+    built
+        .try_deserialize::<RawFile>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))
+}
+
+/// Validates raw tenants into domain types. Errors name the tenant and key.
+pub fn validate(raw: RawFile) -> Result<Vec<TenantConfig>, ConfigError> {
+    if raw.tenants.is_empty() {
+        return Err(ConfigError::File("no tenants configured".into()));
+    }
+    raw.tenants
+        .into_iter()
+        .map(|(id, t)| validate_tenant(id, t))
+        .collect()
+}
+
+fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError> {
+    let bad = |key: &'static str, message: String| ConfigError::Invalid {
+        tenant: id.clone(),
+        key,
+        message,
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    // Ids start with a letter or digit; `_`-prefixed paths (`/_health`) are reserved.
+    if !id_ok || !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(bad(
+            "id",
+            "tenant ids are 1-64 characters of a-z, 0-9, `-` and `_`".into(),
+        ));
+    }
+
+    let public_base = base_url(&t.public_base_url).map_err(|m| bad("public_base_url", m))?;
+    if !public_base.ends_with(&format!("/{id}")) {
+        return Err(bad(
+            "public_base_url",
+            format!("must end with the tenant path `/{id}`"),
+        ));
+    }
+
+    let up = t.upstream;
+    let upstream_base = base_url(&up.base_url).map_err(|m| bad("upstream.base_url", m))?;
+    let base_uri: http::Uri = upstream_base
+        .parse()
+        .map_err(|e| bad("upstream.base_url", format!("{e}")))?;
+    let auth = match up.auth {
+        RawUpstreamAuth::None => UpstreamAuth::None,
+        RawUpstreamAuth::Header {
+            name,
+            value,
+            value_env,
+        } => {
+            let value = secret(value, value_env).map_err(|m| bad("upstream.auth.value", m))?;
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| bad("upstream.auth.name", e.to_string()))?;
+            if name == http::header::HOST || name == http::header::CONTENT_LENGTH {
+                return Err(bad("upstream.auth.name", format!("`{name}` cannot be set")));
+            }
+            let value = http::HeaderValue::from_str(&value)
+                .map_err(|_| bad("upstream.auth.value", "not a valid header value".into()))?;
+            UpstreamAuth::Header { name, value }
+        }
+        RawUpstreamAuth::ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            client_secret_env,
+            scope,
+        } => UpstreamAuth::ClientCredentials {
+            token_url: http_url(&token_url).map_err(|m| bad("upstream.auth.token_url", m))?,
+            client_id,
+            client_secret: secret(client_secret, client_secret_env)
+                .map_err(|m| bad("upstream.auth.client_secret", m))?,
+            scope,
+        },
+    };
+    if up.timeout_ms == 0 || up.connect_timeout_ms == 0 {
+        return Err(bad("upstream.timeout_ms", "must be greater than 0".into()));
+    }
+    if up.max_response_bytes < 1024 {
+        return Err(bad(
+            "upstream.max_response_bytes",
+            "must be at least 1024".into(),
+        ));
+    }
+    let upstream = UpstreamConfig {
+        base: upstream_base,
+        base_uri,
+        auth,
+        connect_timeout: Duration::from_millis(up.connect_timeout_ms),
+        timeout: Duration::from_millis(up.timeout_ms),
+        max_response_bytes: up.max_response_bytes,
+    };
+
+    let tk = t.token;
+    if tk.issuers.is_empty() {
+        return Err(bad(
+            "token.issuers",
+            "at least one issuer is required".into(),
+        ));
+    }
+    if tk.issuers.iter().any(|i| i.trim().is_empty()) {
+        return Err(bad("token.issuers", "issuers must not be empty".into()));
+    }
+    if tk.audience.trim().is_empty() {
+        return Err(bad("token.audience", "must not be empty".into()));
+    }
+    let mut algorithms = Vec::new();
+    for a in &tk.algorithms {
+        let alg = parse_algorithm(a).ok_or_else(|| {
+            bad(
+                "token.algorithms",
+                format!("`{a}` is not supported (RS256 RS384 RS512 PS256 PS384 PS512 ES256 ES384 EdDSA HS256 HS384 HS512)"),
+            )
+        })?;
+        algorithms.push(alg);
+    }
+    if algorithms.is_empty() {
+        return Err(bad(
+            "token.algorithms",
+            "at least one algorithm is required".into(),
+        ));
+    }
+    let wants_hmac = algorithms
+        .iter()
+        .any(|a| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512));
+    let hmac_secret = match (&tk.hmac_secret_env, wants_hmac) {
+        (Some(var), true) => {
+            let v = std::env::var(var).map_err(|_| {
+                bad(
+                    "token.hmac_secret_env",
+                    format!("environment variable `{var}` is not set"),
+                )
+            })?;
+            if v.len() < 32 {
+                return Err(bad(
+                    "token.hmac_secret_env",
+                    "the shared secret must be at least 32 bytes".into(),
+                ));
+            }
+            Some(v.into_bytes())
+        }
+        (None, true) => {
+            return Err(bad(
+                "token.algorithms",
+                "HS algorithms need `hmac_secret_env`".into(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(bad(
+                "token.hmac_secret_env",
+                "set only together with an HS algorithm".into(),
+            ));
+        }
+        (None, false) => None,
+    };
+    if tk.jwks_cache_seconds == 0 || tk.jwks_timeout_ms == 0 {
+        return Err(bad(
+            "token.jwks_cache_seconds",
+            "must be greater than 0".into(),
+        ));
+    }
+    for (key, v) in [
+        ("token.claims.scope", &tk.claims.scope),
+        ("token.claims.patient", &tk.claims.patient),
+        ("token.claims.fhir_user", &tk.claims.fhir_user),
+        ("token.claims.client_id", &tk.claims.client_id),
+    ] {
+        if v.is_empty() {
+            return Err(bad(key, "must not be empty".into()));
+        }
+    }
+    let introspection = match tk.introspection {
+        None => None,
+        Some(i) => Some(IntrospectionConfig {
+            endpoint: http_url(&i.endpoint).map_err(|m| bad("token.introspection.endpoint", m))?,
+            client_id: i.client_id,
+            client_secret: secret(i.client_secret, i.client_secret_env)
+                .map_err(|m| bad("token.introspection.client_secret", m))?,
+            cache: Duration::from_secs(i.cache_seconds),
+            timeout: Duration::from_millis(i.timeout_ms.max(1)),
+        }),
+    };
+    let token = TokenConfig {
+        issuers: tk.issuers,
+        jwks_uri: http_url(&tk.jwks_uri).map_err(|m| bad("token.jwks_uri", m))?,
+        audience: tk.audience,
+        algorithms,
+        hmac_secret,
+        leeway: Duration::from_secs(tk.leeway_seconds),
+        jwks_cache: Duration::from_secs(tk.jwks_cache_seconds),
+        jwks_min_refresh: Duration::from_secs(tk.jwks_min_refresh_seconds),
+        jwks_timeout: Duration::from_millis(tk.jwks_timeout_ms),
+        claims: ClaimNames {
+            scope: tk.claims.scope,
+            patient: tk.claims.patient,
+            fhir_user: tk.claims.fhir_user,
+            client_id: tk.claims.client_id,
+        },
+        introspection,
+    };
+
+    let s = t.smart;
+    http_url(&s.authorization_endpoint).map_err(|m| bad("smart.authorization_endpoint", m))?;
+    http_url(&s.token_endpoint).map_err(|m| bad("smart.token_endpoint", m))?;
+    for (key, v) in [
+        ("smart.registration_endpoint", &s.registration_endpoint),
+        ("smart.management_endpoint", &s.management_endpoint),
+        ("smart.revocation_endpoint", &s.revocation_endpoint),
+        ("smart.introspection_endpoint", &s.introspection_endpoint),
+        (
+            "smart.user_access_brand_bundle",
+            &s.user_access_brand_bundle,
+        ),
+    ] {
+        if let Some(v) = v {
+            http_url(v).map_err(|m| bad(key, m))?;
+        }
+    }
+    let smart = RawSmartOwned {
+        authorization_endpoint: s.authorization_endpoint,
+        token_endpoint: s.token_endpoint,
+        registration_endpoint: s.registration_endpoint,
+        management_endpoint: s.management_endpoint,
+        revocation_endpoint: s.revocation_endpoint,
+        introspection_endpoint: s.introspection_endpoint,
+        user_access_brand_bundle: s.user_access_brand_bundle,
+        grant_types_supported: s.grant_types_supported,
+        token_endpoint_auth_methods_supported: s.token_endpoint_auth_methods_supported,
+        token_endpoint_auth_signing_alg_values_supported: s
+            .token_endpoint_auth_signing_alg_values_supported,
+        scopes_supported: s.scopes_supported,
+        response_types_supported: s.response_types_supported,
+        capabilities: s.capabilities,
+    };
+
+    let authorization = match t.authorization {
+        RawAuthorization::Compartment { denied_read_status } => {
+            let status = match denied_read_status {
+                403 => http::StatusCode::FORBIDDEN,
+                404 => http::StatusCode::NOT_FOUND,
+                other => {
+                    return Err(bad(
+                        "authorization.denied_read_status",
+                        format!("`{other}` is not 403 or 404"),
+                    ));
+                }
+            };
+            AuthorizationConfig::Compartment {
+                denied_read_status: status,
+            }
+        }
+    };
+
+    Ok(TenantConfig {
+        id,
+        public_base,
+        upstream,
+        token,
+        smart,
+        authorization,
+    })
+}
+
+fn parse_algorithm(s: &str) -> Option<Algorithm> {
+    Some(match s {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        _ => return None,
+    })
+}
+
+fn http_url(s: &str) -> Result<Url, String> {
+    let u = Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("`{s}` must be an http(s) URL with a host"));
+    }
+    Ok(u)
+}
+
+/// A base URL: http(s), no query or fragment, no characters that would need escaping
+/// inside a JSON string (so byte-level URL rewriting of bodies stays exact). Returned
+/// without trailing slash.
+fn base_url(s: &str) -> Result<String, String> {
+    let u = http_url(s)?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(format!("`{s}` must not have a query or fragment"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!("`{s}` must not carry credentials"));
+    }
+    let out = u.as_str().trim_end_matches('/').to_owned();
+    if out.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return Err(format!("`{s}` contains characters that are not allowed"));
+    }
+    Ok(out)
+}
+
+fn secret(value: Option<String>, env: Option<String>) -> Result<String, String> {
+    match (value, env) {
+        (Some(v), None) => Ok(v),
+        (None, Some(var)) => {
+            std::env::var(&var).map_err(|_| format!("environment variable `{var}` is not set"))
+        }
+        (Some(_), Some(_)) => Err("give either the value or `*_env`, not both".into()),
+        (None, None) => Err("a value or `*_env` is required".into()),
+    }
+}

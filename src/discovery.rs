@@ -1,0 +1,178 @@
+//! Discovery, answered without a token: `/{tenant}/.well-known/smart-configuration`
+//! (SMART App Launch 2.2) and `/{tenant}/metadata` (the upstream's
+//! CapabilityStatement, with the SMART security extension added and the interactions
+//! trimmed to what the proxy forwards).
+//!
+//! Sits right after tenant resolution; every other request passes through untouched.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use crate::config::TenantConfig;
+use crate::error::ProxyError;
+use crate::fhir::{FhirRequest, Interaction};
+use crate::rewrite::OutboundRequest;
+use crate::stack::{Decision, Flow, Stage, ext, fhir_json, tenant_of};
+use crate::upstream::{Upstream, UpstreamError, rewrite_base};
+
+/// The interactions the proxy forwards; the CapabilityStatement advertises no others.
+const SUPPORTED_INTERACTIONS: [&str; 4] = ["read", "vread", "history-instance", "search-type"];
+
+pub struct ServeDiscovery {
+    upstream: Upstream,
+}
+
+impl ServeDiscovery {
+    pub fn new(upstream: Upstream) -> Self {
+        ServeDiscovery { upstream }
+    }
+}
+
+impl Stage for ServeDiscovery {
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let tenant = &tenant_of(req)?.0;
+        let head = fhir.method == Method::HEAD;
+        let mut resp = match fhir.interaction {
+            Interaction::SmartConfiguration => {
+                let body = serde_json::to_vec(&smart_configuration(&tenant.config))
+                    .map_err(|_| ProxyError::Internal("smart configuration"))?;
+                let mut r = fhir_json(StatusCode::OK, Bytes::from(body));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Interaction::Capabilities => {
+                let out = OutboundRequest {
+                    method: Method::GET,
+                    path: "/metadata".into(),
+                    params: Vec::new(),
+                    body: None,
+                    conditional: false,
+                };
+                let fetched = self
+                    .upstream
+                    .fetch(&tenant.config, &out, &http::HeaderMap::new())
+                    .await?;
+                if !fetched.status.is_success() {
+                    return Err(UpstreamError::Status(fetched.status).into());
+                }
+                let body = rewrite_base(
+                    &fetched.body,
+                    &tenant.config.upstream,
+                    &tenant.config.public_base,
+                );
+                let mut cs: Value = serde_json::from_slice(&body)
+                    .map_err(|_| UpstreamError::BadResponse("capability statement"))?;
+                if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
+                    return Err(UpstreamError::BadResponse("capability statement").into());
+                }
+                secure_capability_statement(&mut cs, &tenant.config);
+                let body = serde_json::to_vec(&cs)
+                    .map_err(|_| ProxyError::Internal("capability statement"))?;
+                fhir_json(StatusCode::OK, Bytes::from(body))
+            }
+            _ => return Ok(Flow::Continue),
+        };
+        resp.extensions_mut().insert(Decision("public_discovery"));
+        if head {
+            *resp.body_mut() = http_body_util::Full::new(Bytes::new());
+        }
+        Ok(Flow::Respond(resp))
+    }
+}
+
+/// The SMART configuration document (SMART App Launch 2.2, section 2.0.x).
+pub fn smart_configuration(cfg: &TenantConfig) -> Value {
+    let s = &cfg.smart;
+    let mut doc = json!({
+        "issuer": cfg.token.issuers.first(),
+        "jwks_uri": cfg.token.jwks_uri.as_str(),
+        "authorization_endpoint": s.authorization_endpoint,
+        "token_endpoint": s.token_endpoint,
+        "grant_types_supported": s.grant_types_supported,
+        "token_endpoint_auth_methods_supported": s.token_endpoint_auth_methods_supported,
+        "token_endpoint_auth_signing_alg_values_supported": s.token_endpoint_auth_signing_alg_values_supported,
+        "scopes_supported": s.scopes_supported,
+        "response_types_supported": s.response_types_supported,
+        "capabilities": s.capabilities,
+        "code_challenge_methods_supported": ["S256"],
+    });
+    if let Value::Object(map) = &mut doc {
+        for (k, v) in [
+            ("registration_endpoint", &s.registration_endpoint),
+            ("management_endpoint", &s.management_endpoint),
+            ("revocation_endpoint", &s.revocation_endpoint),
+            ("introspection_endpoint", &s.introspection_endpoint),
+            ("user_access_brand_bundle", &s.user_access_brand_bundle),
+        ] {
+            if let Some(v) = v {
+                map.insert(k.to_owned(), Value::String(v.clone()));
+            }
+        }
+    }
+    doc
+}
+
+/// Adds the SMART security service and `oauth-uris` extension to every server `rest`
+/// entry, and trims advertised interactions to those the proxy forwards.
+pub fn secure_capability_statement(cs: &mut Value, cfg: &TenantConfig) {
+    let s = &cfg.smart;
+    let mut uris = vec![
+        json!({"url": "token", "valueUri": s.token_endpoint}),
+        json!({"url": "authorize", "valueUri": s.authorization_endpoint}),
+    ];
+    for (name, v) in [
+        ("register", &s.registration_endpoint),
+        ("manage", &s.management_endpoint),
+        ("introspect", &s.introspection_endpoint),
+        ("revoke", &s.revocation_endpoint),
+    ] {
+        if let Some(v) = v {
+            uris.push(json!({"url": name, "valueUri": v}));
+        }
+    }
+    let security = json!({
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": uris,
+        }],
+        "service": [{
+            "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR",
+                "display": "SMART-on-FHIR",
+            }],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+        }],
+        "description": "Access requires a SMART App Launch bearer token (permission-v1 and permission-v2 scopes).",
+    });
+    if let Some(Value::Array(rest)) = cs.get_mut("rest") {
+        for r in rest.iter_mut() {
+            if r.get("mode").and_then(Value::as_str) != Some("server") {
+                continue;
+            }
+            if let Value::Object(map) = r {
+                map.insert("security".into(), security.clone());
+                map.remove("interaction");
+                if let Some(Value::Array(resources)) = map.get_mut("resource") {
+                    for res in resources.iter_mut() {
+                        if let Some(Value::Array(ints)) = res.get_mut("interaction") {
+                            ints.retain(|i| {
+                                i.get("code")
+                                    .and_then(Value::as_str)
+                                    .is_some_and(|c| SUPPORTED_INTERACTIONS.contains(&c))
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(Value::Object(imp)) = cs.get_mut("implementation") {
+        imp.insert("url".into(), Value::String(cfg.public_base.clone()));
+    }
+}

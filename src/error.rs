@@ -1,0 +1,123 @@
+//! `ProxyError`: the one error type that crosses stage boundaries.
+//!
+//! Each stage owns its error enum; `ProxyError` wraps them and only classifies them
+//! (status, FHIR issue code, stable reason id, `WWW-Authenticate`). Rendering happens
+//! in exactly one place, the outermost layer (`stack::RenderErrors`).
+
+use http::StatusCode;
+
+use crate::authz::AuthzError;
+use crate::fhir::RequestError;
+use crate::scope::ScopeError;
+use crate::tenant::TenantError;
+use crate::token::TokenError;
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Tenant(#[from] TenantError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
+    /// Never a silent pass: the request fails with 500.
+    #[error("internal error")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Tenant(e) => e.status(),
+            ProxyError::Request(e) => e.status(),
+            ProxyError::Token(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Token(TokenError::MalformedHeader) => StatusCode::BAD_REQUEST,
+            ProxyError::Token(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Scope(_) => StatusCode::FORBIDDEN,
+            ProxyError::Authz(e) => e.status(),
+            ProxyError::Upstream(e) => e.status(),
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// FHIR `IssueType` code for the OperationOutcome.
+    pub fn issue_code(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "login",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not-found",
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => "not-supported",
+            StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
+            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "transient",
+            s if s.is_client_error() => "invalid",
+            _ => "exception",
+        }
+    }
+
+    /// Stable machine-readable reason id (also the audit record's `authz.reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::Tenant(e) => e.reason(),
+            ProxyError::Request(e) => e.reason(),
+            ProxyError::Token(e) => e.reason(),
+            ProxyError::Scope(e) => e.reason(),
+            ProxyError::Authz(e) => e.reason(),
+            ProxyError::Upstream(e) => e.reason(),
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    /// The reason id shown to the client. Equal to [`ProxyError::reason`] except where
+    /// the truth would be an oracle: a record hidden with 404 is reported exactly like
+    /// a missing one. The audit record always carries the true reason.
+    pub fn client_reason(&self) -> &'static str {
+        match self {
+            ProxyError::Authz(AuthzError::Hidden { status })
+                if *status == StatusCode::NOT_FOUND =>
+            {
+                crate::upstream::UpstreamError::NotFound.reason()
+            }
+            other => other.reason(),
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge (RFC 6750 section 3), if any.
+    pub fn www_authenticate(&self, realm: Option<&str>) -> Option<String> {
+        let realm = realm
+            .map(|r| format!("realm=\"{r}\", "))
+            .unwrap_or_default();
+        match self {
+            // No credentials at all: a bare challenge, no error code (RFC 6750 3.1).
+            ProxyError::Token(TokenError::Missing) => {
+                Some(format!("Bearer {}", realm.trim_end_matches(", ")))
+            }
+            ProxyError::Token(TokenError::MalformedHeader) => {
+                Some(format!("Bearer {realm}error=\"invalid_request\""))
+            }
+            ProxyError::Token(e) if !e.is_unavailable() => Some(format!(
+                "Bearer {realm}error=\"invalid_token\", error_description=\"{e}\""
+            )),
+            ProxyError::Scope(_) => Some(format!("Bearer {realm}error=\"insufficient_scope\"")),
+            _ => None,
+        }
+        .map(|s| s.trim_end().to_owned())
+    }
+
+    /// Client-facing text: fixed and safe. Internal details go to logs only.
+    pub fn client_message(&self) -> String {
+        match self {
+            ProxyError::Internal(_) => "internal error".into(),
+            ProxyError::Upstream(e) => e.to_string(),
+            other => other.to_string(),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Shared FHIR model used by every stage: resource types, the parsed request, and
+//! OperationOutcome rendering.
+
+pub mod outcome;
+pub mod parse;
+pub mod request;
+pub mod resource_type;
+
+pub use outcome::OperationOutcome;
+pub use parse::{RequestError, parse_request};
+pub use request::{
+    CompartmentRef, FhirRequest, Interaction, OperationLevel, OperationName, ResourceId,
+};
+pub use resource_type::ResourceType;

@@ -1,0 +1,18 @@
+//! smart-fhir-proxy: a multi-tenant SMART-on-FHIR authorization reverse proxy.
+//!
+//! Request flow (one stage per module, ordered in [`stack`]):
+//! `tenant` -> `discovery` -> `token` -> `scope` -> `authz` -> `rewrite` -> `upstream`.
+
+pub mod audit;
+pub mod authz;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod fhir;
+pub mod rewrite;
+pub mod scope;
+pub mod server;
+pub mod stack;
+pub mod tenant;
+pub mod token;
+pub mod upstream;

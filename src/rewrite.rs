@@ -1,0 +1,246 @@
+//! Stage 4: the outbound request, narrowed.
+//!
+//! A pure function of the parsed request, the scope grant and the permit: it rebuilds
+//! the upstream path from the parsed parts (never from the raw client URL) and, for
+//! searches by compartment-bound tokens, narrows them so the upstream only looks at
+//! allowed records: a type search becomes the compartment search
+//! `[Owner]/[id]/[type]` (the FHIR-defined union of every linking parameter), a search
+//! on the compartment's own type gets `_id=[id]`. Client parameters are kept; repeated
+//! parameters are ANDed by FHIR, so they can only narrow further. Scope constraints
+//! (`?category=...`) are appended. Whatever comes back is still re-checked in stage 5.
+
+use bytes::Bytes;
+use http::{Method, Request};
+
+use crate::authz::{AuthzError, CompartmentIndex, Permit};
+use crate::error::ProxyError;
+use crate::fhir::{FhirRequest, Interaction};
+use crate::scope::{ScopeGrant, SearchConstraint};
+use crate::stack::{Flow, Stage, ext, tenant_of};
+
+/// What will be sent upstream, relative to the tenant's upstream base.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboundRequest {
+    pub method: Method,
+    /// Starts with `/` (or is empty for the base itself).
+    pub path: String,
+    pub params: Vec<(String, String)>,
+    /// Forwarded body (`POST $match` Parameters). `_search` bodies are turned into
+    /// query parameters instead.
+    pub body: Option<Bytes>,
+    /// Whether conditional-read headers may be forwarded (unrestricted permits only).
+    pub conditional: bool,
+}
+
+impl OutboundRequest {
+    /// The encoded path and query, ready to append to the upstream base.
+    pub fn path_and_query(&self) -> String {
+        if self.params.is_empty() {
+            return self.path.clone();
+        }
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.params {
+            ser.append_pair(k, v);
+        }
+        format!("{}?{}", self.path, ser.finish())
+    }
+}
+
+/// Builds the outbound request. Pure: no I/O.
+pub fn rewrite_request(
+    req: &FhirRequest,
+    grant: &ScopeGrant,
+    permit: &Permit,
+    index: &CompartmentIndex,
+    body: &Bytes,
+) -> Result<OutboundRequest, AuthzError> {
+    let t = req.resource_type.map(|t| t.as_str()).unwrap_or("");
+    let id = req.id.as_ref().map(|i| i.as_str()).unwrap_or("");
+    // `_format` would let the client ask for XML, which the proxy cannot check: the
+    // upstream is always asked for JSON (Accept header) instead.
+    let mut params: Vec<(String, String)> = req
+        .params
+        .iter()
+        .filter(|(k, _)| k != "_format")
+        .cloned()
+        .collect();
+    let mut method = Method::GET;
+    let mut out_body = None;
+    let path = match &req.interaction {
+        Interaction::Read => format!("/{t}/{id}"),
+        Interaction::Vread => {
+            let v = req.version.as_ref().map(|v| v.as_str()).unwrap_or("");
+            format!("/{t}/{id}/_history/{v}")
+        }
+        Interaction::HistoryInstance => format!("/{t}/{id}/_history"),
+        Interaction::HistoryType | Interaction::HistorySystem => {
+            if !permit.is_unrestricted() {
+                return Err(AuthzError::NotNarrowable {
+                    interaction: req.interaction.name(),
+                });
+            }
+            match req.resource_type {
+                Some(_) => format!("/{t}/_history"),
+                None => "/_history".to_owned(),
+            }
+        }
+        Interaction::SearchType => {
+            let rt = req.resource_type.ok_or(AuthzError::NotNarrowable {
+                interaction: req.interaction.name(),
+            })?;
+            add_constraint(&mut params, constraint(grant, t)?, t)?;
+            if permit.is_unrestricted() {
+                format!("/{t}")
+            } else {
+                let mut compartments: Vec<_> = permit.compartments().collect();
+                compartments.dedup();
+                match compartments.as_slice() {
+                    [c] if c.owner == rt => {
+                        params.push(("_id".to_owned(), c.id.as_str().to_owned()));
+                        format!("/{t}")
+                    }
+                    [c] if index.links_type(c.owner, rt) => {
+                        format!("/{}/{}/{t}", c.owner, c.id)
+                    }
+                    [c] => {
+                        let _ = c;
+                        return Err(AuthzError::OutsideCompartment { resource_type: rt });
+                    }
+                    _ => {
+                        return Err(AuthzError::NotNarrowable {
+                            interaction: req.interaction.name(),
+                        });
+                    }
+                }
+            }
+        }
+        Interaction::SearchSystem => {
+            if !permit.is_unrestricted() {
+                return Err(AuthzError::NotNarrowable {
+                    interaction: req.interaction.name(),
+                });
+            }
+            String::new()
+        }
+        Interaction::SearchCompartment => {
+            let c = req.compartment.as_ref().ok_or(AuthzError::NotNarrowable {
+                interaction: req.interaction.name(),
+            })?;
+            if req.resource_type.is_some() {
+                add_constraint(&mut params, constraint(grant, t)?, t)?;
+            }
+            let target = req.resource_type.map(|t| t.as_str()).unwrap_or("*");
+            format!("/{}/{}/{target}", c.owner, c.id)
+        }
+        Interaction::Operation(op, level) => {
+            use crate::fhir::OperationLevel;
+            if req.method == Method::POST {
+                method = Method::POST;
+                out_body = Some(body.clone());
+            }
+            match level {
+                OperationLevel::System => format!("/${}", op.as_str()),
+                OperationLevel::Type => format!("/{t}/${}", op.as_str()),
+                OperationLevel::Instance => format!("/{t}/{id}/${}", op.as_str()),
+            }
+        }
+        Interaction::Capabilities
+        | Interaction::SmartConfiguration
+        | Interaction::Create
+        | Interaction::Update
+        | Interaction::Patch
+        | Interaction::Delete
+        | Interaction::BatchOrTransaction => {
+            return Err(AuthzError::NotSupported {
+                interaction: req.interaction.name(),
+            });
+        }
+    };
+    Ok(OutboundRequest {
+        method,
+        path,
+        params,
+        body: out_body,
+        conditional: permit.is_unrestricted(),
+    })
+}
+
+/// The one constraint that applies to every context's results. Contexts with
+/// different constraints cannot share one upstream query: refused, never merged
+/// (a merge would apply one context's constraint to another's results).
+fn constraint(grant: &ScopeGrant, rt: &str) -> Result<SearchConstraint, AuthzError> {
+    let mut per_context = grant
+        .contexts()
+        .iter()
+        .filter_map(|c| grant.constraint_for(c));
+    let Some(first) = per_context.next() else {
+        return Ok(SearchConstraint::None);
+    };
+    if per_context.any(|c| c != first) {
+        return Err(AuthzError::ConstraintNotNarrowable {
+            resource_type: rt.to_owned(),
+        });
+    }
+    Ok(first.clone())
+}
+
+/// Appends a scope constraint. One conjunction: all its pairs. Several conjunctions of
+/// one pair on the same parameter: one comma list (FHIR's OR; each value is already
+/// FHIR search syntax, so a value's own commas keep their OR meaning). Anything else cannot be
+/// expressed as a single search and is refused.
+fn add_constraint(
+    params: &mut Vec<(String, String)>,
+    constraint: SearchConstraint,
+    rt: &str,
+) -> Result<(), AuthzError> {
+    match constraint {
+        SearchConstraint::None => Ok(()),
+        SearchConstraint::AnyOf(conjunctions) => match conjunctions.as_slice() {
+            [] => Ok(()),
+            [only] => {
+                params.extend(only.iter().cloned());
+                Ok(())
+            }
+            many => {
+                let name = many
+                    .first()
+                    .and_then(|c| c.first())
+                    .map(|(n, _)| n.clone())
+                    .unwrap_or_default();
+                let single_same = many
+                    .iter()
+                    .all(|c| c.len() == 1 && c.first().is_some_and(|(n, _)| *n == name));
+                if !single_same {
+                    return Err(AuthzError::ConstraintNotNarrowable {
+                        resource_type: rt.to_owned(),
+                    });
+                }
+                let values: Vec<String> = many
+                    .iter()
+                    .filter_map(|c| c.first())
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                params.push((name, values.join(",")));
+                Ok(())
+            }
+        },
+    }
+}
+
+/// The stage.
+pub struct RewriteSearch;
+
+impl Stage for RewriteSearch {
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+        let tenant = tenant_of(req)?;
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
+        let permit = ext::<Permit>(req, "missing Permit")?;
+        let out = rewrite_request(fhir, grant, permit, tenant.0.checker.index(), req.body())?;
+        req.extensions_mut().insert(out);
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests;

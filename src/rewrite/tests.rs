@@ -1,0 +1,740 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, LazyLock};
+
+use http::StatusCode;
+
+use super::*;
+use crate::authz::{Checker, authorize};
+use crate::fhir::{ResourceId, ResourceType, parse_request};
+use crate::scope::{ScopeContext, TokenContext, check_scopes, parse_scopes};
+use crate::token::{FhirUser, VerifiedToken};
+
+static INDEX: LazyLock<Arc<CompartmentIndex>> =
+    LazyLock::new(|| Arc::new(CompartmentIndex::official().unwrap()));
+
+fn token(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>) -> VerifiedToken {
+    VerifiedToken {
+        issuer: "https://issuer.example".to_owned(),
+        subject: None,
+        client_id: None,
+        scopes: parse_scopes(scopes),
+        patient: patient.map(|p| ResourceId::parse(p).unwrap()),
+        fhir_user: fhir_user.map(|u| FhirUser::parse(u).unwrap()),
+        expires_at: u64::MAX,
+    }
+}
+
+fn patient_token(scopes: &str) -> VerifiedToken {
+    token(scopes, Some("p1"), None)
+}
+
+fn system_token(scopes: &str) -> VerifiedToken {
+    token(scopes, None, None)
+}
+
+fn parse(method: Method, target: &str, body: Option<&[u8]>) -> FhirRequest {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    parse_request(&method, path, query, body).unwrap()
+}
+
+fn get(target: &str) -> FhirRequest {
+    parse(Method::GET, target, None)
+}
+
+fn grant_for(t: &VerifiedToken, req: &FhirRequest) -> ScopeGrant {
+    check_scopes(
+        &t.scopes,
+        req,
+        TokenContext {
+            has_patient: t.patient.is_some(),
+        },
+    )
+    .unwrap()
+}
+
+/// Runs the scope and authz stages (which must pass), then the rewrite.
+fn rewrite_with_body(
+    t: &VerifiedToken,
+    req: &FhirRequest,
+    body: &[u8],
+) -> Result<OutboundRequest, AuthzError> {
+    let grant = grant_for(t, req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, req, t, &grant).unwrap();
+    rewrite_request(req, &grant, &permit, &INDEX, &Bytes::copy_from_slice(body))
+}
+
+fn rewrite(t: &VerifiedToken, req: &FhirRequest) -> Result<OutboundRequest, AuthzError> {
+    rewrite_with_body(t, req, b"")
+}
+
+fn ok(t: &VerifiedToken, target: &str) -> OutboundRequest {
+    rewrite(t, &get(target)).unwrap()
+}
+
+fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn outbound(path: &str, params: &[(&str, &str)]) -> OutboundRequest {
+    OutboundRequest {
+        method: Method::GET,
+        path: path.to_owned(),
+        params: pairs(params),
+        body: None,
+        conditional: false,
+    }
+}
+
+/// As [`outbound`], for unrestricted permits (conditional headers may pass).
+fn outbound_unrestricted(path: &str, params: &[(&str, &str)]) -> OutboundRequest {
+    OutboundRequest {
+        conditional: true,
+        ..outbound(path, params)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Type searches
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn type_search_for_patient_token_becomes_compartment_search() {
+    let t = patient_token("patient/Observation.rs");
+    let out = ok(&t, "/Observation?code=1234-5&date=ge2020&code=x");
+    assert_eq!(
+        out,
+        outbound(
+            "/Patient/p1/Observation",
+            &[("code", "1234-5"), ("date", "ge2020"), ("code", "x")]
+        )
+    );
+}
+
+#[test]
+fn type_search_client_cannot_redirect_compartment_with_params() {
+    // Client parameters that name another patient are kept: FHIR ANDs them with the
+    // compartment, so they can only narrow.
+    let t = patient_token("patient/Observation.rs");
+    let out = ok(&t, "/Observation?subject=Patient/p2&patient=p2");
+    assert_eq!(out.path, "/Patient/p1/Observation");
+    assert_eq!(
+        out.params,
+        pairs(&[("subject", "Patient/p2"), ("patient", "p2")])
+    );
+}
+
+#[test]
+fn patient_search_gets_id_of_the_token_patient() {
+    let t = patient_token("patient/Patient.rs");
+    assert_eq!(ok(&t, "/Patient"), outbound("/Patient", &[("_id", "p1")]));
+    assert_eq!(
+        ok(&t, "/Patient?name=smith"),
+        outbound("/Patient", &[("name", "smith"), ("_id", "p1")])
+    );
+}
+
+#[test]
+fn patient_search_keeps_client_id_and_adds_own() {
+    // `_id=p2&_id=p1` is an AND: the upstream finds nothing, never p2.
+    let t = patient_token("patient/Patient.rs");
+    assert_eq!(
+        ok(&t, "/Patient?_id=p2"),
+        outbound("/Patient", &[("_id", "p2"), ("_id", "p1")])
+    );
+}
+
+#[test]
+fn format_is_dropped() {
+    let t = patient_token("patient/Observation.rs");
+    let out = ok(
+        &t,
+        "/Observation?_format=xml&code=a&_format=application/fhir%2Bxml",
+    );
+    assert_eq!(out.params, pairs(&[("code", "a")]));
+    let out = ok(&t, "/Observation/o1?_format=xml");
+    assert!(out.params.is_empty());
+}
+
+#[test]
+fn unrestricted_type_search_keeps_the_type_path() {
+    let t = system_token("system/Observation.rs");
+    assert_eq!(
+        ok(&t, "/Observation?code=a"),
+        outbound_unrestricted("/Observation", &[("code", "a")])
+    );
+    let t = system_token("system/Patient.rs");
+    assert_eq!(ok(&t, "/Patient"), outbound_unrestricted("/Patient", &[]));
+}
+
+#[test]
+fn union_with_system_context_is_unrestricted() {
+    let t = token(
+        "patient/Observation.rs system/Observation.rs",
+        Some("p1"),
+        None,
+    );
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound_unrestricted("/Observation", &[])
+    );
+}
+
+#[test]
+fn user_practitioner_type_search() {
+    let t = token("user/*.rs", None, Some("Practitioner/pr1"));
+    assert_eq!(
+        ok(&t, "/Observation?status=final"),
+        outbound("/Practitioner/pr1/Observation", &[("status", "final")])
+    );
+    assert_eq!(
+        ok(&t, "/Practitioner"),
+        outbound("/Practitioner", &[("_id", "pr1")])
+    );
+    assert_eq!(
+        ok(&t, "/Patient"),
+        outbound("/Practitioner/pr1/Patient", &[])
+    );
+}
+
+#[test]
+fn same_compartment_from_two_contexts_is_one() {
+    let t = token(
+        "patient/Observation.rs user/Observation.rs",
+        Some("p1"),
+        Some("Patient/p1"),
+    );
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound("/Patient/p1/Observation", &[])
+    );
+}
+
+#[test]
+fn two_different_compartments_are_not_narrowable() {
+    let t = token(
+        "patient/Observation.rs user/Observation.rs",
+        Some("p1"),
+        Some("Practitioner/pr1"),
+    );
+    let err = rewrite(&t, &get("/Observation")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AuthzError::NotNarrowable {
+                interaction: "search-type"
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn type_outside_compartment_is_refused_by_rewrite_too() {
+    // Authz refuses this first; the rewrite does not rely on it.
+    let t = patient_token("patient/Medication.rs");
+    let req = get("/Medication");
+    let grant = grant_for(&t, &req);
+    let permit = Permit {
+        reaches: vec![(
+            ScopeContext::Patient,
+            crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
+                owner: ResourceType::PATIENT,
+                id: ResourceId::parse("p1").unwrap(),
+            }),
+        )],
+        denied_status: StatusCode::NOT_FOUND,
+        token: TokenContext { has_patient: true },
+    };
+    let err = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap_err();
+    assert!(
+        matches!(err, AuthzError::OutsideCompartment { resource_type } if resource_type.as_str() == "Medication")
+    );
+}
+
+#[test]
+fn type_search_without_resource_type_is_not_narrowable() {
+    let t = system_token("system/Observation.rs");
+    let mut req = get("/Observation");
+    let grant = grant_for(&t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &req, &t, &grant).unwrap();
+    req.resource_type = None;
+    let err = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap_err();
+    assert!(matches!(err, AuthzError::NotNarrowable { .. }));
+}
+
+#[test]
+fn post_search_becomes_get_with_query() {
+    let t = patient_token("patient/Observation.rs");
+    let req = parse(
+        Method::POST,
+        "/Observation/_search?status=final",
+        Some(b"code=a&date=ge2020"),
+    );
+    let out = rewrite_with_body(&t, &req, b"code=a&date=ge2020").unwrap();
+    assert_eq!(
+        out,
+        outbound(
+            "/Patient/p1/Observation",
+            &[("status", "final"), ("code", "a"), ("date", "ge2020")]
+        )
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Scope constraints
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn constraint_is_appended() {
+    let t = patient_token("patient/Observation.rs?category=laboratory");
+    assert_eq!(
+        ok(&t, "/Observation?code=a"),
+        outbound(
+            "/Patient/p1/Observation",
+            &[("code", "a"), ("category", "laboratory")]
+        )
+    );
+}
+
+#[test]
+fn constraint_conjunction_appends_every_pair() {
+    let t = system_token("system/Observation.rs?category=laboratory&status=final");
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound_unrestricted(
+            "/Observation",
+            &[("category", "laboratory"), ("status", "final")]
+        )
+    );
+}
+
+#[test]
+fn constraint_is_added_even_when_client_sends_the_same_param() {
+    let t = patient_token("patient/Observation.rs?category=laboratory");
+    let out = ok(&t, "/Observation?category=vital-signs");
+    assert_eq!(
+        out.params,
+        pairs(&[("category", "vital-signs"), ("category", "laboratory")])
+    );
+}
+
+#[test]
+fn unconstrained_scope_absorbs_constrained_one() {
+    let t = patient_token("patient/Observation.rs?category=laboratory patient/Observation.rs");
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound("/Patient/p1/Observation", &[])
+    );
+}
+
+#[test]
+fn single_pair_constraints_on_one_param_are_comma_joined() {
+    let t = patient_token(
+        "patient/Observation.rs?category=laboratory patient/Observation.rs?category=vital-signs",
+    );
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound(
+            "/Patient/p1/Observation",
+            &[("category", "laboratory,vital-signs")]
+        )
+    );
+}
+
+#[test]
+fn comma_joined_values_keep_their_fhir_or_meaning() {
+    // Each scope's value is FHIR search syntax: `a,b` already means "a or b", so the
+    // union of the three scopes is `a,b,c\d,e`, joined without re-escaping.
+    let t = system_token(
+        "system/Observation.rs?code=a%2Cb system/Observation.rs?code=c%5Cd system/Observation.rs?code=e",
+    );
+    let out = ok(&t, "/Observation");
+    assert_eq!(out.params, pairs(&[("code", r"a,b,c\d,e")]));
+}
+
+#[test]
+fn constraints_on_different_params_are_not_narrowable() {
+    let t = patient_token(
+        "patient/Observation.rs?category=laboratory patient/Observation.rs?status=final",
+    );
+    let err = rewrite(&t, &get("/Observation")).unwrap_err();
+    assert!(
+        matches!(&err, AuthzError::ConstraintNotNarrowable { resource_type } if resource_type == "Observation"),
+        "{err:?}"
+    );
+    assert_eq!(err.reason(), "scope_constraint_not_narrowable");
+}
+
+#[test]
+fn several_multi_pair_conjunctions_are_not_narrowable() {
+    let t = patient_token(
+        "patient/Observation.rs?category=laboratory&status=final patient/Observation.rs?category=vital-signs",
+    );
+    assert!(matches!(
+        rewrite(&t, &get("/Observation")),
+        Err(AuthzError::ConstraintNotNarrowable { .. })
+    ));
+}
+
+#[test]
+fn two_contexts_with_different_constraints_are_not_narrowable() {
+    let t = token(
+        "patient/Observation.rs?category=laboratory system/Observation.rs?category=vital-signs",
+        Some("p1"),
+        None,
+    );
+    assert!(matches!(
+        rewrite(&t, &get("/Observation")),
+        Err(AuthzError::ConstraintNotNarrowable { .. })
+    ));
+}
+
+#[test]
+fn two_contexts_constrained_and_unconstrained_are_not_narrowable() {
+    // The unconstrained context would allow more, but one query cannot carry both.
+    let t = token(
+        "patient/Observation.rs?category=laboratory system/Observation.rs",
+        Some("p1"),
+        None,
+    );
+    assert!(matches!(
+        rewrite(&t, &get("/Observation")),
+        Err(AuthzError::ConstraintNotNarrowable { .. })
+    ));
+}
+
+#[test]
+fn two_contexts_with_equal_constraints_add_it_once() {
+    let t = token(
+        "patient/Observation.rs?category=laboratory system/Observation.rs?category=laboratory",
+        Some("p1"),
+        None,
+    );
+    assert_eq!(
+        ok(&t, "/Observation"),
+        outbound_unrestricted("/Observation", &[("category", "laboratory")])
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// History and system-level interactions
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn history_type_restricted_is_not_narrowable() {
+    let t = patient_token("patient/Observation.rs");
+    let err = rewrite(&t, &get("/Observation/_history")).unwrap_err();
+    assert!(matches!(
+        err,
+        AuthzError::NotNarrowable {
+            interaction: "history-type"
+        }
+    ));
+}
+
+#[test]
+fn history_type_and_system_unrestricted() {
+    let t = system_token("system/*.rs");
+    assert_eq!(
+        ok(&t, "/Observation/_history?_since=2020-01-01"),
+        outbound_unrestricted("/Observation/_history", &[("_since", "2020-01-01")])
+    );
+    assert_eq!(ok(&t, "/_history"), outbound_unrestricted("/_history", &[]));
+}
+
+#[test]
+fn history_system_restricted_is_not_narrowable_here_too() {
+    let t = patient_token("patient/*.rs");
+    let req = get("/_history");
+    let grant = grant_for(&t, &req);
+    let permit = Permit {
+        reaches: vec![(ScopeContext::Patient, crate::authz::Reach::Nothing)],
+        denied_status: StatusCode::NOT_FOUND,
+        token: TokenContext { has_patient: true },
+    };
+    assert!(matches!(
+        rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()),
+        Err(AuthzError::NotNarrowable { .. })
+    ));
+}
+
+#[test]
+fn system_search_unrestricted_has_empty_path() {
+    let t = system_token("system/*.rs");
+    let out = ok(&t, "/?_type=Observation,Patient");
+    assert_eq!(
+        out,
+        outbound_unrestricted("", &[("_type", "Observation,Patient")])
+    );
+    assert_eq!(out.path_and_query(), "?_type=Observation%2CPatient");
+}
+
+#[test]
+fn system_search_restricted_is_not_narrowable() {
+    let t = patient_token("patient/*.rs");
+    let req = get("/?_type=Observation");
+    let grant = grant_for(&t, &req);
+    let permit = Permit {
+        reaches: vec![(
+            ScopeContext::Patient,
+            crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
+                owner: ResourceType::PATIENT,
+                id: ResourceId::parse("p1").unwrap(),
+            }),
+        )],
+        denied_status: StatusCode::NOT_FOUND,
+        token: TokenContext { has_patient: true },
+    };
+    assert!(matches!(
+        rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()),
+        Err(AuthzError::NotNarrowable {
+            interaction: "search-system"
+        })
+    ));
+}
+
+// ---------------------------------------------------------------------------------
+// Compartment searches
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn compartment_search_path() {
+    let t = patient_token("patient/Observation.rs");
+    assert_eq!(
+        ok(&t, "/Patient/p1/Observation?code=a&_format=json"),
+        outbound("/Patient/p1/Observation", &[("code", "a")])
+    );
+}
+
+#[test]
+fn compartment_search_star() {
+    let t = patient_token("patient/*.rs");
+    assert_eq!(
+        ok(&t, "/Patient/p1/*?_lastUpdated=gt2020"),
+        outbound("/Patient/p1/*", &[("_lastUpdated", "gt2020")])
+    );
+}
+
+#[test]
+fn compartment_search_with_constraint() {
+    let t = patient_token("patient/Observation.rs?category=laboratory");
+    assert_eq!(
+        ok(&t, "/Patient/p1/Observation"),
+        outbound("/Patient/p1/Observation", &[("category", "laboratory")])
+    );
+}
+
+#[test]
+fn compartment_search_by_system_token_keeps_path() {
+    let t = system_token("system/Observation.rs");
+    assert_eq!(
+        ok(&t, "/Encounter/e1/Observation"),
+        outbound_unrestricted("/Encounter/e1/Observation", &[])
+    );
+}
+
+#[test]
+fn compartment_search_without_compartment_is_not_narrowable() {
+    let t = patient_token("patient/Observation.rs");
+    let mut req = get("/Patient/p1/Observation");
+    let grant = grant_for(&t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &req, &t, &grant).unwrap();
+    req.compartment = None;
+    assert!(matches!(
+        rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()),
+        Err(AuthzError::NotNarrowable { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------
+// Operations
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn operation_post_forwards_body() {
+    let t = patient_token("patient/Patient.rs");
+    let body = br#"{"resourceType":"Parameters","parameter":[]}"#;
+    let req = parse(Method::POST, "/Patient/$match", None);
+    let out = rewrite_with_body(&t, &req, body).unwrap();
+    assert_eq!(out.method, Method::POST);
+    assert_eq!(out.path, "/Patient/$match");
+    assert_eq!(out.body.as_deref(), Some(&body[..]));
+}
+
+#[test]
+fn operation_get_has_no_body() {
+    let t = patient_token("patient/Patient.r");
+    let req = get("/Patient/p1/$everything?_since=2020-01-01&_format=xml");
+    let out = rewrite_with_body(&t, &req, b"ignored").unwrap();
+    assert_eq!(
+        out,
+        outbound("/Patient/p1/$everything", &[("_since", "2020-01-01")])
+    );
+}
+
+#[test]
+fn operation_levels_rebuild_paths() {
+    // Built directly: the scope stage permits only `$match` and `$everything`.
+    let t = system_token("system/*.rs");
+    let base = get("/Patient/p1/$everything");
+    let grant = grant_for(&t, &base);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &base, &t, &grant).unwrap();
+    for (target, path) in [
+        ("/$reindex", "/$reindex"),
+        ("/Observation/$lastn", "/Observation/$lastn"),
+        ("/Observation/o1/$meta", "/Observation/o1/$meta"),
+    ] {
+        let req = get(target);
+        let out = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap();
+        assert_eq!(out.path, path);
+        assert_eq!(out.method, Method::GET);
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn reads_rebuild_the_path() {
+    let t = patient_token("patient/Observation.rs");
+    assert_eq!(ok(&t, "/Observation/o1"), outbound("/Observation/o1", &[]));
+    assert_eq!(
+        ok(&t, "/Observation/o1/_history/2"),
+        outbound("/Observation/o1/_history/2", &[])
+    );
+    assert_eq!(
+        ok(&t, "/Observation/o1/_history?_count=5"),
+        outbound("/Observation/o1/_history", &[("_count", "5")])
+    );
+}
+
+#[test]
+fn reads_are_built_from_parsed_parts_only() {
+    let t = patient_token("patient/Observation.rs");
+    let mut req = get("/Observation/o1");
+    let grant = grant_for(&t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &req, &t, &grant).unwrap();
+    req.id = ResourceId::parse("other-id.2");
+    let out = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap();
+    assert_eq!(out.path, "/Observation/other-id.2");
+    assert_eq!(out.method, Method::GET);
+    assert_eq!(out.body, None);
+}
+
+#[test]
+fn reads_keep_client_params_except_format() {
+    let t = patient_token("patient/Observation.rs");
+    assert_eq!(
+        ok(&t, "/Observation/o1?_elements=id&_format=json&_pretty=true"),
+        outbound(
+            "/Observation/o1",
+            &[("_elements", "id"), ("_pretty", "true")]
+        )
+    );
+}
+
+#[test]
+fn unsupported_interactions() {
+    let t = system_token("system/*.cruds");
+    let grant = grant_for(&t, &get("/Observation/o1"));
+    let permit = Permit {
+        reaches: vec![(ScopeContext::System, crate::authz::Reach::All)],
+        denied_status: StatusCode::NOT_FOUND,
+        token: TokenContext::default(),
+    };
+    for (method, target) in [
+        (Method::POST, "/Observation"),
+        (Method::PUT, "/Observation/o1"),
+        (Method::PATCH, "/Observation/o1"),
+        (Method::DELETE, "/Observation/o1"),
+        (Method::POST, "/"),
+        (Method::GET, "/metadata"),
+        (Method::GET, "/.well-known/smart-configuration"),
+    ] {
+        let req = parse(method.clone(), target, None);
+        let err = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap_err();
+        assert!(
+            matches!(err, AuthzError::NotSupported { .. }),
+            "{method} {target}: {err:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// OutboundRequest::path_and_query
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn path_and_query_without_params_is_the_path() {
+    assert_eq!(
+        outbound("/Observation", &[]).path_and_query(),
+        "/Observation"
+    );
+    assert_eq!(outbound("", &[]).path_and_query(), "");
+}
+
+#[test]
+fn path_and_query_encodes_special_characters() {
+    let out = outbound(
+        "/Observation",
+        &[
+            ("code", "http://loinc.org|1234-5"),
+            ("name", "van der Berg"),
+            ("a&b", "c=d"),
+            ("date", "2020-01-01T00:00:00+01:00"),
+            ("x", "caf\u{e9}"),
+            ("hash", "#1"),
+            ("pct", "100%"),
+        ],
+    );
+    assert_eq!(
+        out.path_and_query(),
+        "/Observation?code=http%3A%2F%2Floinc.org%7C1234-5&name=van+der+Berg&a%26b=c%3Dd\
+         &date=2020-01-01T00%3A00%3A00%2B01%3A00&x=caf%C3%A9&hash=%231&pct=100%25"
+    );
+}
+
+#[test]
+fn path_and_query_keeps_repeated_params_in_order() {
+    let out = outbound("/Patient", &[("_id", "p2"), ("_id", "p1"), ("", "")]);
+    assert_eq!(out.path_and_query(), "/Patient?_id=p2&_id=p1&=");
+}
+
+#[test]
+fn path_and_query_round_trips_through_form_decoding() {
+    let params = [
+        ("code", "a|b c&d=e+f,g\\h"),
+        ("k y", "v%20"),
+        ("\u{1f600}", "\u{e9}"),
+    ];
+    let out = outbound("/Observation", &params);
+    let pq = out.path_and_query();
+    let query = pq.split_once('?').unwrap().1;
+    let decoded: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(decoded, pairs(&params));
+}
+
+#[test]
+fn path_and_query_of_rewritten_search() {
+    let t = patient_token("patient/Observation.rs?code=http://loinc.org%7C1234-5");
+    let out = ok(&t, "/Observation?value-string=a%20b");
+    assert_eq!(
+        out.path_and_query(),
+        "/Patient/p1/Observation?value-string=a+b&code=http%3A%2F%2Floinc.org%7C1234-5"
+    );
+}

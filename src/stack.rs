@@ -1,0 +1,285 @@
+//! THE one place that orders the layers. Read top to bottom: request order.
+//!
+//! ```text
+//! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
+//! ResolveTenant     stage 0: TenantCtx + FhirRequest
+//! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
+//! ValidateToken     stage 1: VerifiedToken
+//! CheckScope        stage 2: ScopeGrant
+//! Authorize         stage 3: Permit
+//! RewriteSearch     stage 4: OutboundRequest (narrowed)
+//! Forward           stage 5: upstream call, response checks, URL rewriting
+//! ```
+//! Every stage but the last is a [`Stage`]: an async function over the request that
+//! either continues (having written its extension) or answers. [`StageLayer`] is the
+//! single thin tower adapter for all of them.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+use crate::audit::AuditSlot;
+use crate::authz::Authorize;
+use crate::discovery::ServeDiscovery;
+use crate::error::ProxyError;
+use crate::fhir::OperationOutcome;
+use crate::rewrite::RewriteSearch;
+use crate::scope::CheckScope;
+use crate::tenant::{ResolveTenant, TenantCtx, TenantRegistry};
+use crate::token::ValidateToken;
+use crate::upstream::{Forward, Upstream};
+
+pub type ProxyBody = Full<Bytes>;
+pub type ProxyResponse = Response<ProxyBody>;
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+
+/// What a stage decided.
+pub enum Flow {
+    /// Go on to the next stage.
+    Continue,
+    /// Answer now (discovery).
+    Respond(ProxyResponse),
+}
+
+/// One pipeline stage.
+pub trait Stage: Send + Sync + 'static {
+    fn run(
+        &self,
+        req: &mut Request<Bytes>,
+    ) -> impl Future<Output = Result<Flow, ProxyError>> + Send;
+}
+
+/// The tower adapter around a [`Stage`].
+pub struct StageLayer<St>(Arc<St>);
+
+impl<St> StageLayer<St> {
+    pub fn new(stage: St) -> Self {
+        StageLayer(Arc::new(stage))
+    }
+}
+
+impl<St, S> Layer<S> for StageLayer<St> {
+    type Service = StageService<St, S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        StageService {
+            stage: Arc::clone(&self.0),
+            inner,
+        }
+    }
+}
+
+pub struct StageService<St, S> {
+    stage: Arc<St>,
+    inner: S,
+}
+
+impl<St, S: Clone> Clone for StageService<St, S> {
+    fn clone(&self) -> Self {
+        StageService {
+            stage: Arc::clone(&self.stage),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<St, S> Service<Request<Bytes>> for StageService<St, S>
+where
+    St: Stage,
+    S: Service<Request<Bytes>, Response = ProxyResponse, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        let stage = Arc::clone(&self.stage);
+        // The readied service goes into the future; a fresh clone stays for next time.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            match stage.run(&mut req).await? {
+                Flow::Continue => inner.call(req).await,
+                Flow::Respond(resp) => Ok(resp),
+            }
+        })
+    }
+}
+
+/// Outermost layer: the one place a `ProxyError` becomes an OperationOutcome, and the
+/// one place the audit record is emitted.
+#[derive(Clone)]
+pub struct RenderErrorsLayer;
+
+impl<S> Layer<S> for RenderErrorsLayer {
+    type Service = RenderErrors<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RenderErrors { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RenderErrors<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Bytes>> for RenderErrors<S>
+where
+    S: Service<Request<Bytes>, Response = ProxyResponse, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = ProxyResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<ProxyResponse, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        let audit = AuditSlot::default();
+        req.extensions_mut().insert(audit.clone());
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.oneshot(req).await {
+                Ok(resp) => {
+                    let reason = resp
+                        .extensions()
+                        .get::<Decision>()
+                        .map(|d| d.0)
+                        .unwrap_or("allowed");
+                    audit.emit(resp.status().as_u16(), "allow", reason);
+                    Ok(resp)
+                }
+                Err(e) => Ok(render_error(&e, Some(&audit), None)),
+            }
+        })
+    }
+}
+
+/// Reason id attached to successful responses for the audit record.
+#[derive(Clone, Copy, Debug)]
+pub struct Decision(pub &'static str);
+
+/// Renders an error as an OperationOutcome response. Used by [`RenderErrors`] and by
+/// the server for failures before the stack (e.g. an oversized body).
+pub fn render_error(
+    e: &ProxyError,
+    audit: Option<&AuditSlot>,
+    realm: Option<&str>,
+) -> ProxyResponse {
+    let status = e.status();
+    if status.is_server_error() {
+        tracing::warn!(error = ?e, authz.reason = e.reason(), "request failed");
+    } else {
+        tracing::debug!(error = %e, authz.reason = e.reason(), "request refused");
+    }
+    if let Some(a) = audit {
+        a.emit(status.as_u16(), "deny", e.reason());
+    }
+    let body =
+        OperationOutcome::error(e.issue_code(), e.client_reason(), e.client_message()).to_json();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(FHIR_JSON),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    if let Some(v) = e
+        .www_authenticate(realm)
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        h.insert(http::header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// A ready-to-serve proxy service.
+pub type App = tower::util::BoxCloneSyncService<Request<Bytes>, ProxyResponse, Infallible>;
+
+/// Builds the stack. The order below is the request order.
+pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
+    let svc = ServiceBuilder::new()
+        .layer(RenderErrorsLayer)
+        .layer(StageLayer::new(ResolveTenant::new(registry)))
+        .layer(StageLayer::new(ServeDiscovery::new(
+            shared.upstream.clone(),
+        )))
+        .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
+        .layer(StageLayer::new(CheckScope))
+        .layer(StageLayer::new(Authorize))
+        .layer(StageLayer::new(RewriteSearch))
+        .service(Forward::new(shared.upstream));
+    tower::util::BoxCloneSyncService::new(svc)
+}
+
+/// Process-wide resources shared by every tenant.
+#[derive(Clone)]
+pub struct Shared {
+    pub tokens: crate::token::SharedVerifier,
+    pub upstream: Upstream,
+}
+
+impl Shared {
+    pub fn new() -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("cannot build http client: {e}"))?;
+        Ok(Shared {
+            tokens: Arc::new(crate::token::TokenVerifier::new(http.clone())),
+            upstream: Upstream::new(http)?,
+        })
+    }
+}
+
+/// Reads a stage's extension; a missing one is a broken invariant, never a pass.
+pub fn ext<'a, T: Send + Sync + 'static>(
+    req: &'a Request<Bytes>,
+    what: &'static str,
+) -> Result<&'a T, ProxyError> {
+    req.extensions()
+        .get::<T>()
+        .ok_or(ProxyError::Internal(what))
+}
+
+/// The tenant of a request (written by stage 0).
+pub fn tenant_of(req: &Request<Bytes>) -> Result<&TenantCtx, ProxyError> {
+    ext::<TenantCtx>(req, "missing TenantCtx")
+}
+
+/// A plain JSON response with the FHIR media type.
+pub fn fhir_json(status: StatusCode, body: Bytes) -> ProxyResponse {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(FHIR_JSON),
+    );
+    resp
+}

@@ -1,0 +1,371 @@
+//! Stage 1: bearer token validation.
+//!
+//! Sits after the tenant stage (which provides `TenantCtx`) and before scopes. It
+//! guarantees that a request carrying a [`VerifiedToken`] extension presented a JWT
+//! that: is signed by a key from the tenant's JWKS with an algorithm the tenant
+//! accepts (never `none`; HMAC only when a shared secret is configured); has an `iss`
+//! the tenant trusts, an `aud` equal to the tenant's audience (exact string match, no
+//! prefix), an `exp` in the future, and `nbf`/`iat` not in the future (with leeway);
+//! and, where the tenant configures RFC 7662 introspection, is still active.
+//! The token itself is never logged, stored in audit records, or forwarded upstream.
+
+pub mod introspect;
+pub mod jwks;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::config::TokenConfig;
+use crate::fhir::{ResourceId, ResourceType};
+use crate::scope::{ScopeSet, parse_scopes};
+use jwks::{JwksKeySource, JwksPolicy};
+
+/// Longest bearer token accepted (bytes).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The principal a request acts for, proven by a valid token.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub issuer: String,
+    pub subject: Option<String>,
+    pub client_id: Option<String>,
+    pub scopes: ScopeSet,
+    /// The `patient` launch context, when present and a valid FHIR id.
+    pub patient: Option<ResourceId>,
+    /// The `fhirUser` claim, when it names a FHIR resource.
+    pub fhir_user: Option<FhirUser>,
+    pub expires_at: u64,
+}
+
+/// A `fhirUser` claim: `Practitioner/pr1` or an absolute URL ending in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FhirUser {
+    pub resource_type: ResourceType,
+    pub id: ResourceId,
+}
+
+impl FhirUser {
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.trim_end_matches('/').rsplit('/');
+        let id = ResourceId::parse(parts.next()?)?;
+        let resource_type = ResourceType::parse(parts.next()?)?;
+        Some(FhirUser { resource_type, id })
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("no bearer token")]
+    Missing,
+    #[error("the authorization header is not a single bearer token")]
+    MalformedHeader,
+    #[error("token is not a well-formed jwt")]
+    Malformed,
+    #[error("token signing algorithm is not accepted")]
+    AlgorithmNotAccepted,
+    #[error("token signing key is unknown")]
+    UnknownKey,
+    #[error("token signature is invalid")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token has no expiry")]
+    MissingExpiry,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token issuer is not trusted")]
+    WrongIssuer,
+    #[error("token audience does not match")]
+    WrongAudience,
+    #[error("token claims are malformed")]
+    BadClaims,
+    #[error("token is not active")]
+    Inactive,
+    #[error("token keys are unavailable")]
+    JwksUnavailable,
+    #[error("token introspection is unavailable")]
+    IntrospectionUnavailable,
+}
+
+impl TokenError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "token_missing",
+            TokenError::MalformedHeader => "token_header_malformed",
+            TokenError::Malformed => "token_malformed",
+            TokenError::AlgorithmNotAccepted => "token_algorithm",
+            TokenError::UnknownKey => "token_unknown_key",
+            TokenError::BadSignature => "token_signature",
+            TokenError::Expired => "token_expired",
+            TokenError::MissingExpiry => "token_missing_exp",
+            TokenError::NotYetValid => "token_not_yet_valid",
+            TokenError::WrongIssuer => "token_issuer",
+            TokenError::WrongAudience => "token_audience",
+            TokenError::BadClaims => "token_claims",
+            TokenError::Inactive => "token_inactive",
+            TokenError::JwksUnavailable => "jwks_unavailable",
+            TokenError::IntrospectionUnavailable => "introspection_unavailable",
+        }
+    }
+
+    /// Whether the failure lies with the proxy's dependencies rather than the token.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            TokenError::JwksUnavailable | TokenError::IntrospectionUnavailable
+        )
+    }
+}
+
+/// Extracts the token from the `Authorization` header values of a request.
+pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, TokenError> {
+    let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(TokenError::Missing);
+    };
+    if values.next().is_some() {
+        return Err(TokenError::MalformedHeader);
+    }
+    let value = value.to_str().map_err(|_| TokenError::MalformedHeader)?;
+    let (scheme, token) = value.split_once(' ').ok_or(TokenError::MalformedHeader)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::MalformedHeader);
+    }
+    let token = token.trim();
+    if token.is_empty() || token.len() > MAX_TOKEN_BYTES || token.contains(' ') {
+        return Err(TokenError::MalformedHeader);
+    }
+    Ok(token)
+}
+
+/// Everything token validation needs from the process: the shared key cache and the
+/// control-plane HTTP client.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    keys: JwksKeySource,
+    introspection: introspect::Introspector,
+}
+
+impl TokenVerifier {
+    pub fn new(http: reqwest::Client) -> Self {
+        TokenVerifier {
+            keys: JwksKeySource::new(http.clone()),
+            introspection: introspect::Introspector::new(http),
+        }
+    }
+
+    /// Verifies `token` for the tenant whose token settings are `cfg`.
+    pub async fn verify(
+        &self,
+        tenant_id: &str,
+        cfg: &TokenConfig,
+        token: &str,
+    ) -> Result<VerifiedToken, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if !cfg.algorithms.contains(&header.alg) {
+            return Err(TokenError::AlgorithmNotAccepted);
+        }
+        let verified = if is_hmac(header.alg) {
+            let secret = cfg
+                .hmac_secret
+                .as_deref()
+                .ok_or(TokenError::AlgorithmNotAccepted)?;
+            verify_with_key(cfg, header.alg, &DecodingKey::from_secret(secret), token)?
+        } else {
+            let policy = JwksPolicy {
+                ttl: cfg.jwks_cache,
+                min_refresh: cfg.jwks_min_refresh,
+                timeout: cfg.jwks_timeout,
+            };
+            let set = self.keys.key_set(&cfg.jwks_uri, policy).await?;
+            let kid = header.kid.as_deref();
+            match set.find(kid, header.alg) {
+                Some(k) => verify_with_key(cfg, header.alg, &k.key, token)?,
+                None => {
+                    let fresh = self
+                        .keys
+                        .refresh_for_unknown_kid(&cfg.jwks_uri, &set, policy)
+                        .await?
+                        .ok_or(TokenError::UnknownKey)?;
+                    let k = fresh.find(kid, header.alg).ok_or(TokenError::UnknownKey)?;
+                    verify_with_key(cfg, header.alg, &k.key, token)?
+                }
+            }
+        };
+        if let Some(intro) = &cfg.introspection {
+            self.introspection
+                .check_active(tenant_id, intro, token, verified.expires_at)
+                .await?;
+        }
+        Ok(verified)
+    }
+}
+
+/// The synchronous core: signature, registered claims and SMART claims, given the
+/// key. `alg` must already be one the tenant accepts (checked against the header).
+pub fn verify_with_key(
+    cfg: &TokenConfig,
+    alg: Algorithm,
+    key: &DecodingKey,
+    token: &str,
+) -> Result<VerifiedToken, TokenError> {
+    let claims = decode(token, key, &validation_for(cfg, alg))?;
+    check_iat(&claims, cfg)?;
+    claims_to_token(cfg, &claims)
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn validation_for(cfg: &TokenConfig, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.leeway = cfg.leeway.as_secs();
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v.validate_aud = true;
+    v.set_audience(&[cfg.audience.as_str()]);
+    v.set_issuer(&cfg.issuers);
+    v.set_required_spec_claims(&["exp", "iss", "aud"]);
+    v
+}
+
+fn decode(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<serde_json::Map<String, Value>, TokenError> {
+    use jsonwebtoken::errors::ErrorKind;
+    jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, validation)
+        .map(|d| d.claims)
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => TokenError::BadSignature,
+            ErrorKind::ExpiredSignature => TokenError::Expired,
+            ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+            ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+            ErrorKind::InvalidAudience => TokenError::WrongAudience,
+            ErrorKind::MissingRequiredClaim(c) if c == "exp" => TokenError::MissingExpiry,
+            ErrorKind::MissingRequiredClaim(c) if c == "iss" => TokenError::WrongIssuer,
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" => TokenError::WrongAudience,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                TokenError::AlgorithmNotAccepted
+            }
+            ErrorKind::InvalidKeyFormat
+            | ErrorKind::InvalidRsaKey(_)
+            | ErrorKind::InvalidEcdsaKey => TokenError::UnknownKey,
+            _ => TokenError::Malformed,
+        })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `iat` in the future (beyond leeway) means a clock or issuer problem: refuse.
+fn check_iat(claims: &serde_json::Map<String, Value>, cfg: &TokenConfig) -> Result<(), TokenError> {
+    match claims.get("iat") {
+        None => Ok(()),
+        Some(v) => {
+            let iat = v.as_f64().ok_or(TokenError::BadClaims)?;
+            if iat > (now_secs() + cfg.leeway.as_secs()) as f64 {
+                Err(TokenError::NotYetValid)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn claims_to_token(
+    cfg: &TokenConfig,
+    claims: &serde_json::Map<String, Value>,
+) -> Result<VerifiedToken, TokenError> {
+    let names = &cfg.claims;
+    let str_claim = |name: &str| -> Result<Option<String>, TokenError> {
+        match claims.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(TokenError::BadClaims),
+        }
+    };
+    let scopes = match claims.get(&names.scope) {
+        None | Some(Value::Null) => ScopeSet::default(),
+        Some(Value::String(s)) => parse_scopes(s),
+        Some(Value::Array(items)) => {
+            let mut strings = Vec::with_capacity(items.len());
+            for item in items {
+                strings.push(item.as_str().ok_or(TokenError::BadClaims)?);
+            }
+            ScopeSet::from_list(strings)
+        }
+        Some(_) => return Err(TokenError::BadClaims),
+    };
+    let patient = match str_claim(&names.patient)? {
+        None => None,
+        Some(p) => Some(ResourceId::parse(&p).ok_or(TokenError::BadClaims)?),
+    };
+    let fhir_user = str_claim(&names.fhir_user)?.and_then(|u| FhirUser::parse(&u));
+    let client_id = match str_claim(&names.client_id)? {
+        Some(c) => Some(c),
+        None => str_claim("azp")?,
+    };
+    let issuer = str_claim("iss")?.ok_or(TokenError::WrongIssuer)?;
+    let expires_at = claims
+        .get("exp")
+        .and_then(Value::as_f64)
+        .ok_or(TokenError::MissingExpiry)? as u64;
+    Ok(VerifiedToken {
+        issuer,
+        subject: str_claim("sub")?,
+        client_id,
+        scopes,
+        patient,
+        fhir_user,
+        expires_at,
+    })
+}
+
+/// A shared handle used by the layer.
+pub type SharedVerifier = Arc<TokenVerifier>;
+
+#[cfg(test)]
+mod tests;
+
+/// The stage: verifies the bearer token and writes [`VerifiedToken`].
+pub struct ValidateToken {
+    verifier: SharedVerifier,
+}
+
+impl ValidateToken {
+    pub fn new(verifier: SharedVerifier) -> Self {
+        ValidateToken { verifier }
+    }
+}
+
+impl crate::stack::Stage for ValidateToken {
+    async fn run(
+        &self,
+        req: &mut http::Request<bytes::Bytes>,
+    ) -> Result<crate::stack::Flow, crate::error::ProxyError> {
+        let tenant = Arc::clone(&crate::stack::tenant_of(req)?.0);
+        let token = bearer_token(req.headers())?;
+        let verified = self
+            .verifier
+            .verify(tenant.id(), &tenant.config.token, token)
+            .await?;
+        if let Some(audit) = req.extensions().get::<crate::audit::AuditSlot>() {
+            audit.set_principal(&verified);
+        }
+        // Defence in depth: nothing after this stage can forward the client's token.
+        req.headers_mut().remove(http::header::AUTHORIZATION);
+        req.extensions_mut().insert(verified);
+        Ok(crate::stack::Flow::Continue)
+    }
+}

@@ -1,0 +1,1033 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, LazyLock};
+
+use http::{HeaderValue, Method};
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::authz::{Checker, CompartmentIndex, Permit, authorize};
+use crate::fhir::{ResourceId, parse_request};
+use crate::scope::{ScopeContext, ScopeGrant, TokenContext, check_scopes, parse_scopes};
+use crate::token::{FhirUser, VerifiedToken};
+
+const PUBLIC: &str = "https://proxy.example/t1";
+const UPSTREAM: &str = "http://127.0.0.1:8081/fhir";
+const FHIR_JSON: &str = "application/fhir+json";
+
+static INDEX: LazyLock<Arc<CompartmentIndex>> =
+    LazyLock::new(|| Arc::new(CompartmentIndex::official().unwrap()));
+
+/// A request that passed the scope and authz stages.
+struct Fixture {
+    request: FhirRequest,
+    token: VerifiedToken,
+    grant: ScopeGrant,
+    permit: Permit,
+}
+
+impl Fixture {
+    fn new(scopes: &str, patient: Option<&str>, user: Option<&str>, target: &str) -> Fixture {
+        Fixture::with_status(scopes, patient, user, target, StatusCode::NOT_FOUND)
+    }
+
+    fn with_status(
+        scopes: &str,
+        patient: Option<&str>,
+        user: Option<&str>,
+        target: &str,
+        denied: StatusCode,
+    ) -> Fixture {
+        let token = VerifiedToken {
+            issuer: "https://issuer.example".to_owned(),
+            subject: None,
+            client_id: None,
+            scopes: parse_scopes(scopes),
+            patient: patient.map(|p| ResourceId::parse(p).unwrap()),
+            fhir_user: user.map(|u| FhirUser::parse(u).unwrap()),
+            expires_at: u64::MAX,
+        };
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let request = parse_request(&Method::GET, path, query, None).unwrap();
+        let grant = check_scopes(
+            &token.scopes,
+            &request,
+            TokenContext {
+                has_patient: token.patient.is_some(),
+            },
+        )
+        .unwrap();
+        let checker = Checker::for_test(Arc::clone(&INDEX), denied);
+        let permit = authorize(&checker, &request, &token, &grant).unwrap();
+        Fixture {
+            request,
+            token,
+            grant,
+            permit,
+        }
+    }
+
+    /// A `patient/` token for patient p1.
+    fn patient(scopes: &str, target: &str) -> Fixture {
+        Fixture::new(scopes, Some("p1"), None, target)
+    }
+
+    /// A `system/` token.
+    fn system(scopes: &str, target: &str) -> Fixture {
+        Fixture::new(scopes, None, None, target)
+    }
+
+    fn check_with(
+        &self,
+        status: u16,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Checked, ProxyError> {
+        let ctx = CheckCtx {
+            request: &self.request,
+            records: ReleaseCtx {
+                permit: &self.permit,
+                grant: &self.grant,
+                token: &self.token,
+                index: &INDEX,
+                bases: [PUBLIC, UPSTREAM],
+            },
+        };
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = content_type {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        }
+        check_answer(
+            &ctx,
+            StatusCode::from_u16(status).unwrap(),
+            &headers,
+            Bytes::copy_from_slice(body),
+        )
+    }
+
+    fn check(&self, status: u16, body: &str) -> Result<Checked, ProxyError> {
+        self.check_with(status, Some(FHIR_JSON), body.as_bytes())
+    }
+}
+
+fn is_bad_response(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Upstream(UpstreamError::BadResponse(_)))
+}
+
+fn is_hidden(e: &ProxyError, status: StatusCode) -> bool {
+    matches!(e, ProxyError::Authz(AuthzError::Hidden { status: s }) if *s == status)
+        && e.status() == status
+}
+
+fn is_not_found(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Upstream(UpstreamError::NotFound))
+        && e.status() == StatusCode::NOT_FOUND
+}
+
+fn obs(id: &str, subject: &str) -> serde_json::Value {
+    json!({"resourceType": "Observation", "id": id, "subject": {"reference": subject}})
+}
+
+fn search_entry(resource: serde_json::Value, mode: &str) -> serde_json::Value {
+    json!({
+        "fullUrl": format!("{PUBLIC}/{}/{}", resource["resourceType"].as_str().unwrap(),
+                           resource["id"].as_str().unwrap_or("x")),
+        "resource": resource,
+        "search": {"mode": mode}
+    })
+}
+
+fn bundle(entries: Vec<serde_json::Value>) -> String {
+    json!({
+        "resourceType": "Bundle",
+        "id": "b1",
+        "type": "searchset",
+        "total": entries.len(),
+        "link": [{"relation": "self", "url": format!("{PUBLIC}/Observation")}],
+        "entry": entries
+    })
+    .to_string()
+}
+
+fn parsed(c: &Checked) -> serde_json::Value {
+    serde_json::from_slice(&c.body).unwrap()
+}
+
+fn entry_ids(c: &Checked) -> Vec<String> {
+    parsed(c)["entry"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap_or("-"),
+                        e["resource"]["id"].as_str().unwrap_or("-")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------
+// Reads
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn read_of_allowed_record_passes_bytes_unchanged() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    // Odd spacing, key order and escapes must survive untouched.
+    let body = "{ \"subject\" : {\"reference\":\"Patient/p1\"},\n  \"resourceType\":\"Observation\",\
+                \"id\":\"o1\", \"note\":[{\"text\":\"caf\\u00e9 \\\"x\\\"\"}], \"valueQuantity\":{\"value\":1.50}}";
+    let c = fx.check(200, body).unwrap();
+    assert_eq!(c.body, body.as_bytes());
+    assert_eq!(c.dropped, 0);
+    assert_eq!(c.reason, "record_allowed");
+}
+
+#[test]
+fn read_of_own_patient() {
+    let fx = Fixture::patient("patient/Patient.r", "/Patient/p1");
+    let c = fx
+        .check(200, r#"{"resourceType":"Patient","id":"p1"}"#)
+        .unwrap();
+    assert_eq!(c.reason, "record_allowed");
+}
+
+#[test]
+fn read_of_other_patients_record_is_hidden() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let err = fx
+        .check(200, &obs("o1", "Patient/p2").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+#[test]
+fn read_denied_uses_tenant_status() {
+    let fx = Fixture::with_status(
+        "patient/Observation.rs",
+        Some("p1"),
+        None,
+        "/Observation/o1",
+        StatusCode::FORBIDDEN,
+    );
+    let err = fx
+        .check(200, &obs("o1", "Patient/p10").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::FORBIDDEN), "{err:?}");
+    assert_eq!(err.reason(), "record_denied");
+}
+
+#[test]
+fn read_of_type_outside_compartment_is_hidden() {
+    let fx = Fixture::patient("patient/Medication.r", "/Medication/m1");
+    let err = fx
+        .check(200, r#"{"resourceType":"Medication","id":"m1"}"#)
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+#[test]
+fn read_by_system_token_passes() {
+    let fx = Fixture::system("system/Observation.r", "/Observation/o1");
+    let body = obs("o1", "Patient/p2").to_string();
+    assert_eq!(fx.check(200, &body).unwrap().body, body.as_bytes());
+}
+
+#[test]
+fn read_answered_with_another_record_is_bad_response() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    for body in [
+        obs("o2", "Patient/p1").to_string(),
+        obs("o10", "Patient/p1").to_string(),
+        json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}).to_string(),
+        json!({"resourceType": "Observation", "id": 1}).to_string(),
+        // Same id, other type.
+        json!({"resourceType": "Condition", "id": "o1",
+               "subject": {"reference": "Patient/p1"}})
+        .to_string(),
+        // A Bundle instead of the record.
+        bundle(vec![search_entry(obs("o1", "Patient/p1"), "match")]),
+    ] {
+        let err = fx.check(200, &body).unwrap_err();
+        assert!(is_bad_response(&err), "{body}: {err:?}");
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    }
+}
+
+#[test]
+fn vread_is_checked_like_read() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1/_history/2");
+    assert!(fx.check(200, &obs("o1", "Patient/p1").to_string()).is_ok());
+    let err = fx
+        .check(200, &obs("o1", "Patient/p2").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND));
+    let err = fx
+        .check(200, &obs("o2", "Patient/p1").to_string())
+        .unwrap_err();
+    assert!(is_bad_response(&err));
+}
+
+#[test]
+fn not_found_and_gone_on_single_record_requests() {
+    let outcome = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"not-found","diagnostics":"Resource Observation/o1 is not known"}]}"#;
+    for (scopes, target) in [
+        ("patient/Observation.rs", "/Observation/o1"),
+        ("patient/Observation.rs", "/Observation/o1/_history/2"),
+        ("patient/Observation.rs", "/Observation/o1/_history"),
+        ("patient/*.rs", "/Patient/p1/$everything"),
+    ] {
+        let fx = Fixture::patient(scopes, target);
+        for status in [404, 410] {
+            for body in [outcome, "", "<html>gone</html>"] {
+                let err = fx.check(status, body).unwrap_err();
+                assert!(is_not_found(&err), "{target} {status}: {err:?}");
+                assert_eq!(err.reason(), "resource_not_found");
+            }
+        }
+    }
+}
+
+#[test]
+fn denied_read_is_indistinguishable_from_missing_record() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let denied = fx
+        .check(200, &obs("o1", "Patient/p2").to_string())
+        .unwrap_err();
+    let missing = fx.check(404, "").unwrap_err();
+    // What `stack::render_error` puts on the wire.
+    let wire = |e: &ProxyError| {
+        (
+            e.status(),
+            e.issue_code(),
+            e.client_reason(),
+            e.client_message(),
+        )
+    };
+    assert_eq!(wire(&denied), wire(&missing));
+    // The audit record still says the truth.
+    assert_eq!(denied.reason(), "record_denied");
+    assert_eq!(missing.reason(), "resource_not_found");
+}
+
+// ---------------------------------------------------------------------------------
+// Non-2xx answers
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn error_operation_outcome_passes_through() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"Unknown search parameter \"foo\""}]}"#;
+    for status in [400, 404, 410, 422, 500, 503] {
+        for ct in [
+            FHIR_JSON,
+            "application/json",
+            "application/fhir+json;charset=utf-8",
+        ] {
+            let c = fx.check_with(status, Some(ct), body.as_bytes()).unwrap();
+            assert_eq!(c.body, body.as_bytes());
+            assert_eq!(c.reason, "upstream_outcome");
+            assert_eq!(c.dropped, 0);
+        }
+    }
+}
+
+#[test]
+fn error_operation_outcome_on_read_passes_through_except_not_found() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let body = r#"{"resourceType":"OperationOutcome","issue":[]}"#;
+    assert_eq!(fx.check(400, body).unwrap().reason, "upstream_outcome");
+    assert!(is_not_found(&fx.check(404, body).unwrap_err()));
+}
+
+#[test]
+fn error_without_outcome_is_status() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    for (status, ct, body, shown) in [
+        (500, Some("text/html"), "<h1>oops</h1>", 502),
+        (400, Some("text/plain"), "bad", 400),
+        (404, None, "", 404),
+        (503, Some(FHIR_JSON), "not json", 502),
+        // JSON, but not an OperationOutcome: never passed on.
+        (
+            400,
+            Some(FHIR_JSON),
+            r#"{"resourceType":"Patient","id":"p2","name":[{"family":"Secret"}]}"#,
+            400,
+        ),
+        (400, Some(FHIR_JSON), r#"{"issue":[]}"#, 400),
+        // An OperationOutcome body labelled as XML is not passed on either.
+        (
+            400,
+            Some("application/fhir+xml"),
+            r#"{"resourceType":"OperationOutcome"}"#,
+            400,
+        ),
+    ] {
+        let err = fx.check_with(status, ct, body.as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, ProxyError::Upstream(UpstreamError::Status(s)) if s.as_u16() == status),
+            "{status} {body}: {err:?}"
+        );
+        assert_eq!(err.status().as_u16(), shown, "{status} {body}");
+        assert_eq!(err.reason(), "upstream_status");
+    }
+}
+
+#[test]
+fn not_modified_has_an_empty_body() {
+    let fx = Fixture::system("system/Observation.r", "/Observation/o1");
+    let c = fx.check_with(304, None, b"ignored").unwrap();
+    assert!(c.body.is_empty());
+    assert_eq!(c.reason, "not_modified");
+}
+
+#[test]
+fn not_modified_for_restricted_read_is_not_released() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o-of-p2");
+    assert!(fx.check_with(304, None, b"").is_err());
+}
+
+// ---------------------------------------------------------------------------------
+// Content type and malformed bodies
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn json_content_types_are_accepted() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let body = obs("o1", "Patient/p1").to_string();
+    for ct in [
+        FHIR_JSON,
+        "application/json",
+        "application/json+fhir",
+        "Application/FHIR+JSON",
+        "application/fhir+json; charset=UTF-8",
+        " application/fhir+json ;fhirVersion=4.0",
+    ] {
+        assert!(
+            fx.check_with(200, Some(ct), body.as_bytes()).is_ok(),
+            "{ct}"
+        );
+    }
+}
+
+#[test]
+fn non_json_content_type_on_success_is_bad_response() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let body = obs("o1", "Patient/p1").to_string();
+    for ct in [
+        Some("application/fhir+xml"),
+        Some("application/xml"),
+        Some("text/html"),
+        Some("text/json"),
+        Some("application/fhir+jsonx"),
+        Some(""),
+        None,
+    ] {
+        let err = fx.check_with(200, ct, body.as_bytes()).unwrap_err();
+        assert!(is_bad_response(&err), "{ct:?}: {err:?}");
+    }
+}
+
+#[test]
+fn content_type_that_is_not_visible_ascii_is_bad_response() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    let ctx = CheckCtx {
+        request: &fx.request,
+        records: ReleaseCtx {
+            permit: &fx.permit,
+            grant: &fx.grant,
+            token: &fx.token,
+            index: &INDEX,
+            bases: [PUBLIC, UPSTREAM],
+        },
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_bytes(b"application/fhir+json\xff").unwrap(),
+    );
+    let err = check_answer(
+        &ctx,
+        StatusCode::OK,
+        &headers,
+        Bytes::from(obs("o1", "Patient/p1").to_string()),
+    )
+    .unwrap_err();
+    assert!(is_bad_response(&err));
+}
+
+#[test]
+fn broken_json_is_bad_response() {
+    for (scopes, target) in [
+        ("patient/Observation.rs", "/Observation/o1"),
+        ("patient/Observation.rs", "/Observation?code=a"),
+        ("patient/*.rs", "/Patient/p1/$everything"),
+    ] {
+        let fx = Fixture::patient(scopes, target);
+        for body in [
+            "",
+            "{",
+            "null",
+            "[]",
+            "\"Bundle\"",
+            "{\"resourceType\":\"Observation\"",
+            "{\"resourceType\":1}",
+            "{\"resourceType\":null}",
+            "{\"resourceType\":\"observation\"}",
+            "{\"resourceType\":\"NotAType\"}",
+            "{\"id\":\"o1\"}",
+            "{\"resourceType\":\"Bundle\"} trailing",
+            "\u{feff}{\"resourceType\":\"Observation\",\"id\":\"o1\"}",
+        ] {
+            let err = fx.check(200, body).unwrap_err();
+            assert!(is_bad_response(&err), "{target} {body:?}: {err:?}");
+        }
+    }
+}
+
+#[test]
+fn deeply_nested_json_is_bad_response_not_a_crash() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let deep = format!(
+        "{{\"resourceType\":\"Bundle\",\"entry\":[{{\"resource\":{}1{}}}]}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert!(is_bad_response(&fx.check(200, &deep).unwrap_err()));
+}
+
+// ---------------------------------------------------------------------------------
+// Bundles
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn bundle_drops_other_patients_entries() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+        search_entry(obs("o3", "Patient/p10"), "match"),
+        search_entry(obs("o4", &format!("{PUBLIC}/Patient/p1")), "match"),
+        search_entry(obs("o5", "https://elsewhere.example/Patient/p1"), "match"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1", "Observation/o4"]);
+    assert_eq!(c.dropped, 3);
+    assert_eq!(c.reason, "entries_filtered");
+}
+
+#[test]
+fn bundle_drops_included_records_the_token_may_not_see() {
+    let fx = Fixture::patient(
+        "patient/Observation.rs patient/Patient.r",
+        "/Observation?_include=Observation:subject&_include=Observation:performer",
+    );
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(json!({"resourceType": "Patient", "id": "p1"}), "include"),
+        search_entry(json!({"resourceType": "Patient", "id": "p2"}), "include"),
+        search_entry(
+            json!({"resourceType": "Practitioner", "id": "pr1"}),
+            "include",
+        ),
+        search_entry(json!({"resourceType": "Medication", "id": "m1"}), "include"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1", "Patient/p1"]);
+    assert_eq!(c.dropped, 3);
+}
+
+#[test]
+fn bundle_include_without_scope_dropped_even_if_in_compartment() {
+    let fx = Fixture::patient(
+        "patient/Observation.rs",
+        "/Observation?_include=Observation:subject",
+    );
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(json!({"resourceType": "Patient", "id": "p1"}), "include"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+}
+
+#[test]
+fn bundle_match_entry_of_other_type_needs_its_own_scope() {
+    // An upstream that answers an Observation search with a Patient "match".
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = bundle(vec![search_entry(
+        json!({"resourceType": "Patient", "id": "p1"}),
+        "match",
+    )]);
+    let c = fx.check(200, &body).unwrap();
+    assert!(entry_ids(&c).is_empty());
+    assert_eq!(c.dropped, 1);
+}
+
+#[test]
+fn bundle_total_removed_only_when_something_was_dropped() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let all_mine = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p1"), "match"),
+    ]);
+    let c = fx.check(200, &all_mine).unwrap();
+    assert_eq!(parsed(&c)["total"], 2);
+    assert_eq!(c.dropped, 0);
+    assert_eq!(c.reason, "entries_allowed");
+
+    let mixed = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+    ]);
+    let c = fx.check(200, &mixed).unwrap();
+    assert!(parsed(&c).get("total").is_none());
+    assert_eq!(c.dropped, 1);
+}
+
+#[test]
+fn bundle_keeps_link_and_other_keys_in_order() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = format!(
+        r#"{{"resourceType":"Bundle","id":"b1","meta":{{"lastUpdated":"2024-01-01T00:00:00Z"}},"type":"searchset","total":2,"link":[{{"relation":"self","url":"{PUBLIC}/Observation?code=a"}},{{"relation":"next","url":"{PUBLIC}?_getpages=x"}}],"entry":[{},{}],"signature":{{"type":[]}}}}"#,
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+    );
+    let c = fx.check(200, &body).unwrap();
+    let out = parsed(&c);
+    let keys: Vec<&str> = out
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "resourceType",
+            "id",
+            "meta",
+            "type",
+            "link",
+            "entry",
+            "signature"
+        ]
+    );
+    let input: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(out["link"], input["link"]);
+    assert_eq!(out["meta"], input["meta"]);
+}
+
+#[test]
+fn bundle_all_dropped_removes_entry_key() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = bundle(vec![search_entry(obs("o2", "Patient/p2"), "match")]);
+    let c = fx.check(200, &body).unwrap();
+    let out = parsed(&c);
+    assert!(out.get("entry").is_none(), "{out}");
+    assert!(out.get("total").is_none(), "{out}");
+    assert_eq!(out["resourceType"], "Bundle");
+    assert_eq!(out["link"][0]["relation"], "self");
+}
+
+#[test]
+fn bundle_without_entries_is_kept() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    for body in [
+        r#"{"resourceType":"Bundle","type":"searchset","total":0}"#,
+        r#"{"resourceType":"Bundle","type":"searchset","total":0,"entry":[]}"#,
+    ] {
+        let c = fx.check(200, body).unwrap();
+        assert_eq!(c.dropped, 0);
+        let out = parsed(&c);
+        assert_eq!(out["total"], 0);
+        assert!(out.get("entry").is_none());
+    }
+}
+
+#[test]
+fn bundle_keeps_outcome_entries() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let outcome = json!({"resourceType": "OperationOutcome",
+                         "issue": [{"severity": "warning", "code": "processing"}]});
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        json!({"resource": outcome, "search": {"mode": "outcome"}}),
+        // An OperationOutcome posing as a match needs a scope on OperationOutcome.
+        json!({"resource": outcome, "search": {"mode": "match"}}),
+        json!({"resource": outcome}),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    let out = parsed(&c);
+    let entries = out["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1]["search"]["mode"], "outcome");
+    assert_eq!(c.dropped, 2);
+}
+
+#[test]
+fn bundle_entries_without_resource_only_for_unrestricted() {
+    let history = |fx: &Fixture| {
+        let body = json!({
+            "resourceType": "Bundle", "type": "history",
+            "entry": [
+                {"fullUrl": format!("{PUBLIC}/Observation/o1"),
+                 "resource": obs("o1", "Patient/p1"),
+                 "request": {"method": "PUT", "url": "Observation/o1"},
+                 "response": {"status": "200"}},
+                {"request": {"method": "DELETE", "url": "Observation/o9"},
+                 "response": {"status": "204"}},
+                {"resource": null,
+                 "request": {"method": "DELETE", "url": "Observation/o8"}}
+            ]
+        })
+        .to_string();
+        fx.check(200, &body).unwrap()
+    };
+    let restricted = history(&Fixture::patient(
+        "patient/Observation.rs",
+        "/Observation/o1/_history",
+    ));
+    assert_eq!(restricted.dropped, 2);
+    assert_eq!(parsed(&restricted)["entry"].as_array().unwrap().len(), 1);
+
+    let unrestricted = history(&Fixture::system(
+        "system/Observation.rs",
+        "/Observation/_history",
+    ));
+    assert_eq!(unrestricted.dropped, 0);
+    assert_eq!(parsed(&unrestricted)["entry"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn history_instance_of_other_patients_record_is_hidden() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o2/_history");
+    let body = json!({
+        "resourceType": "Bundle", "type": "history", "total": 2,
+        "entry": [
+            {"resource": obs("o2", "Patient/p2")},
+            {"resource": json!({"resourceType": "Observation", "id": "o2",
+                                "meta": {"versionId": "1"},
+                                "subject": {"reference": "Patient/p2"}})}
+        ]
+    })
+    .to_string();
+    let err = fx.check(200, &body).unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+#[test]
+fn bundle_kept_entries_are_byte_identical() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let e1 = r#"{ "fullUrl" : "https://proxy.example/t1/Observation/o1",
+        "resource":{"resourceType":"Observation","id":"o1","valueQuantity":{"value":1.50,"unit":"mg"},
+        "subject":{"reference":"Patient/p1"},"note":[{"text":"caf\u00e9 \"q\" \/"}]},"search":{"mode":"match","score":1.0}}"#;
+    let e2 = r#"{"resource":{"resourceType":"Observation","id":"o2","subject":{"reference":"Patient/p2"}},"search":{"mode":"match"}}"#;
+    let e3 = r#"{"resource":{"subject":{"reference":"Patient/p1"},"id":"o3","resourceType":"Observation","valueInteger":10000000000000000000001}}"#;
+    let body = format!(
+        "{{\n  \"resourceType\": \"Bundle\",\n  \"type\": \"searchset\",\n  \"entry\": [ {e1} ,\n {e2}, {e3} ]\n}}"
+    );
+    let c = fx.check(200, &body).unwrap();
+    let out = std::str::from_utf8(&c.body).unwrap();
+    assert!(out.contains(e1), "{out}");
+    assert!(out.contains(e3), "{out}");
+    assert!(!out.contains("o2"), "{out}");
+    assert_eq!(
+        out,
+        format!(r#"{{"resourceType":"Bundle","type":"searchset","entry":[{e1},{e3}]}}"#)
+    );
+}
+
+#[test]
+fn bundle_unknown_or_missing_entry_type_is_dropped() {
+    let fx = Fixture::system("system/*.rs", "/?_type=Observation");
+    let body = bundle(vec![
+        json!({"resource": {"resourceType": "NotAType", "id": "x"}}),
+        json!({"resource": {"id": "x"}}),
+        json!({"resource": {"resourceType": 7}}),
+        json!({"resource": "Observation/o1"}),
+        search_entry(obs("o1", "Patient/p2"), "match"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+    assert_eq!(c.dropped, 4);
+}
+
+#[test]
+fn bundle_malformed_entries_are_bad_response() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    for body in [
+        r#"{"resourceType":"Bundle","entry":{}}"#,
+        r#"{"resourceType":"Bundle","entry":null}"#,
+        r#"{"resourceType":"Bundle","entry":"x"}"#,
+        r#"{"resourceType":"Bundle","entry":[1]}"#,
+        r#"{"resourceType":"Bundle","entry":[[]]}"#,
+        r#"{"resourceType":"Bundle","entry":[{"search":{"mode":1},"resource":{"resourceType":"Observation"}}]}"#,
+        r#"{"resourceType":"Bundle","entry":[{"search":"match","resource":{"resourceType":"Observation"}}]}"#,
+        // Duplicate keys inside an entry are ambiguous: refused, never guessed.
+        r#"{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}},"resource":{"resourceType":"Observation","id":"o2","subject":{"reference":"Patient/p2"}}}]}"#,
+    ] {
+        let err = fx.check(200, body).unwrap_err();
+        assert!(is_bad_response(&err), "{body}: {err:?}");
+    }
+}
+
+#[test]
+fn bundle_duplicate_top_level_entry_never_leaks_unchecked_entries() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let mine = search_entry(obs("o1", "Patient/p1"), "match");
+    let theirs = search_entry(obs("o2", "Patient/p2"), "match");
+    for body in [
+        format!(r#"{{"resourceType":"Bundle","entry":[{theirs}],"entry":[{mine}]}}"#),
+        format!(r#"{{"resourceType":"Bundle","entry":[{mine}],"entry":[{theirs}]}}"#),
+    ] {
+        let c = fx.check(200, &body).unwrap();
+        let out = std::str::from_utf8(&c.body).unwrap();
+        assert!(!out.contains("Patient/p2"), "{out}");
+        assert!(out.matches("\"entry\"").count() <= 1, "{out}");
+    }
+}
+
+#[test]
+fn bundle_everything_filters_by_scope_and_compartment() {
+    let fx = Fixture::patient(
+        "patient/Patient.r patient/Observation.r",
+        "/Patient/p1/$everything",
+    );
+    let body = bundle(vec![
+        json!({"resource": {"resourceType": "Patient", "id": "p1"}}),
+        json!({"resource": obs("o1", "Patient/p1")}),
+        json!({"resource": obs("o2", "Patient/p2")}),
+        json!({"resource": {"resourceType": "Encounter", "id": "e1",
+                            "subject": {"reference": "Patient/p1"}}}),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Patient/p1", "Observation/o1"]);
+    assert_eq!(c.dropped, 2);
+}
+
+#[test]
+fn bundle_for_system_token_keeps_everything() {
+    let fx = Fixture::system("system/Observation.rs", "/Observation?code=a");
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(c.dropped, 0);
+    assert_eq!(parsed(&c)["total"], 2);
+    assert_eq!(
+        parsed(&c),
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    );
+}
+
+#[test]
+fn bundle_user_practitioner() {
+    let fx = Fixture::new(
+        "user/Observation.rs",
+        None,
+        Some("Practitioner/pr1"),
+        "/Observation",
+    );
+    let mut by_me = obs("o1", "Patient/p1");
+    by_me["performer"] = json!([{"reference": "Practitioner/pr1"}]);
+    let mut by_other = obs("o2", "Patient/p1");
+    by_other["performer"] = json!([{"reference": "Practitioner/pr2"}]);
+    let body = bundle(vec![
+        search_entry(by_me, "match"),
+        search_entry(by_other, "match"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+}
+
+// ---------------------------------------------------------------------------------
+// Other 2xx answers
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn success_operation_outcome_passes_through() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]}"#;
+    let c = fx.check(200, body).unwrap();
+    assert_eq!(c.body, body.as_bytes());
+    assert_eq!(c.reason, "upstream_outcome");
+}
+
+#[test]
+fn single_resource_answer_to_search_must_be_releasable() {
+    let fx = Fixture::patient("patient/Patient.rs", "/Patient/$match");
+    let c = fx
+        .check(200, r#"{"resourceType":"Patient","id":"p1"}"#)
+        .unwrap();
+    assert_eq!(c.reason, "record_allowed");
+    let err = fx
+        .check(200, r#"{"resourceType":"Patient","id":"p2"}"#)
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND));
+    // A type without a scope of its own.
+    let err = fx
+        .check(200, &obs("o1", "Patient/p1").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND));
+}
+
+#[test]
+fn permit_contexts_are_the_releasing_ones() {
+    // The union: a patient/ token with a system/ scope on the same type sees both.
+    let fx = Fixture::patient(
+        "patient/Observation.rs system/Observation.rs",
+        "/Observation?code=a",
+    );
+    assert!(fx.permit.is_unrestricted());
+    assert!(
+        fx.permit
+            .reaches
+            .iter()
+            .any(|(c, _)| *c == ScopeContext::System)
+    );
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+    ]);
+    assert_eq!(fx.check(200, &body).unwrap().dropped, 0);
+}
+
+// ---------------------------------------------------------------------------------
+// Never panics
+// ---------------------------------------------------------------------------------
+
+fn fixtures() -> Vec<Fixture> {
+    vec![
+        Fixture::patient("patient/Observation.rs", "/Observation/o1"),
+        Fixture::patient(
+            "patient/Observation.rs patient/Patient.r",
+            "/Observation?code=a",
+        ),
+        Fixture::patient("patient/*.rs", "/Patient/p1/$everything"),
+        Fixture::patient("patient/Observation.rs", "/Observation/o1/_history"),
+        Fixture::system("system/*.rs", "/_history"),
+    ]
+}
+
+static FIXTURES: LazyLock<Vec<Fixture>> = LazyLock::new(fixtures);
+
+/// JSON-ish text built from FHIR-looking fragments, so the filter's deeper paths
+/// are reached far more often than with random bytes.
+fn jsonish() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"resourceType\"",
+        "\"Bundle\"",
+        "\"Observation\"",
+        "\"Patient\"",
+        "\"OperationOutcome\"",
+        "\"entry\"",
+        "\"resource\"",
+        "\"search\"",
+        "\"mode\"",
+        "\"include\"",
+        "\"outcome\"",
+        "\"match\"",
+        "\"total\"",
+        "\"id\"",
+        "\"o1\"",
+        "\"p1\"",
+        "\"subject\"",
+        "\"reference\"",
+        "\"Patient/p1\"",
+        "\"#p1\"",
+        "null",
+        "1",
+        "-0.5e9",
+        "true",
+        "\"\\u0000\"",
+        "\"\\ud800\"",
+        " ",
+        "\"",
+        "\\",
+    ]);
+    prop::collection::vec(atoms, 0..64).prop_map(|parts| parts.concat())
+}
+
+fn wrapped_bundle() -> impl Strategy<Value = String> {
+    jsonish().prop_map(|inner| {
+        format!(r#"{{"resourceType":"Bundle","entry":[{{"resource":{inner}}}],"total":1}}"#)
+    })
+}
+
+fn status() -> impl Strategy<Value = u16> {
+    prop::sample::select(vec![200u16, 201, 204, 304, 400, 404, 410, 500])
+}
+
+fn content_type() -> impl Strategy<Value = Option<&'static str>> {
+    prop::sample::select(vec![
+        Some(FHIR_JSON),
+        Some("application/json; charset=utf-8"),
+        Some("application/fhir+xml"),
+        None,
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn check_answer_never_panics_on_bytes(
+        body in prop::collection::vec(any::<u8>(), 0..512),
+        status in status(),
+        ct in content_type(),
+        which in 0usize..5,
+    ) {
+        let _ = FIXTURES[which].check_with(status, ct, &body);
+    }
+
+    #[test]
+    fn check_answer_never_panics_on_jsonish(
+        body in prop_oneof![jsonish(), wrapped_bundle()],
+        status in status(),
+        ct in content_type(),
+        which in 0usize..5,
+    ) {
+        let _ = FIXTURES[which].check_with(status, ct, body.as_bytes());
+    }
+
+    #[test]
+    fn filtered_bundle_is_valid_json_with_only_allowed_entries(
+        subjects in prop::collection::vec(
+            prop::sample::select(vec!["Patient/p1", "Patient/p2", "Patient/p10", "#p1", "Group/p1"]),
+            0..12,
+        ),
+    ) {
+        let fx = &FIXTURES[1];
+        let entries: Vec<_> = subjects
+            .iter()
+            .enumerate()
+            .map(|(i, s)| search_entry(obs(&format!("o{i}"), s), "match"))
+            .collect();
+        let c = fx.check(200, &bundle(entries)).unwrap();
+        let out = parsed(&c);
+        let kept = out.get("entry").and_then(|e| e.as_array()).map_or(0, Vec::len);
+        let expected = subjects.iter().filter(|s| **s == "Patient/p1").count();
+        prop_assert_eq!(kept, expected);
+        prop_assert_eq!(c.dropped, subjects.len() - expected);
+        prop_assert_eq!(out.get("total").is_some(), c.dropped == 0);
+        for e in out.get("entry").and_then(|e| e.as_array()).into_iter().flatten() {
+            prop_assert_eq!(&e["resource"]["subject"]["reference"], "Patient/p1");
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Stage 5: forwarding to the tenant's upstream FHIR server, and checking what comes
+//! back.
+//!
+//! Guarantees: the client's credentials and hop-by-hop headers never reach the
+//! upstream (requests are built from scratch: method, rebuilt path, allow-listed
+//! headers, the tenant's own upstream credentials); every resource in a 2xx answer is
+//! checked against the request's [`Permit`] before the client sees it (a read of a
+//! record outside the permit becomes the tenant's "denied" status; Bundle entries that
+//! fail are dropped); upstream base URLs in headers and bodies are rewritten to the
+//! tenant's public base; the whole exchange is bounded in time and size.
+
+pub mod filter;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use moka::future::Cache;
+
+use crate::authz::{Permit, ReleaseCtx};
+use crate::config::{TenantConfig, UpstreamAuth, UpstreamConfig};
+use crate::error::ProxyError;
+use crate::fhir::FhirRequest;
+use crate::rewrite::OutboundRequest;
+use crate::scope::ScopeGrant;
+use crate::stack::{BoxFuture, Decision, FHIR_JSON, ProxyResponse, ext, tenant_of};
+use crate::token::VerifiedToken;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+type HyperClient = Client<HttpsConnector, Full<Bytes>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream server is unreachable")]
+    Unreachable,
+    #[error("upstream server timed out")]
+    Timeout,
+    #[error("upstream answer could not be checked")]
+    BadResponse(&'static str),
+    #[error("upstream answer is too large")]
+    TooLarge,
+    /// A non-FHIR error status from the upstream, passed on.
+    #[error("upstream server answered with an error")]
+    Status(StatusCode),
+    /// The upstream has no such record. Rendered exactly like a denied record so the
+    /// two cannot be told apart.
+    #[error("resource not found")]
+    NotFound,
+    #[error("upstream credentials are unavailable")]
+    Credentials,
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Unreachable
+            | UpstreamError::BadResponse(_)
+            | UpstreamError::TooLarge
+            | UpstreamError::Credentials => StatusCode::BAD_GATEWAY,
+            UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Status(s) if s.is_client_error() => *s,
+            UpstreamError::Status(_) => StatusCode::BAD_GATEWAY,
+            UpstreamError::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable => "upstream_unreachable",
+            UpstreamError::Timeout => "upstream_timeout",
+            UpstreamError::BadResponse(_) => "upstream_bad_response",
+            UpstreamError::TooLarge => "upstream_too_large",
+            UpstreamError::Status(_) => "upstream_status",
+            UpstreamError::NotFound => "resource_not_found",
+            UpstreamError::Credentials => "upstream_credentials",
+        }
+    }
+}
+
+/// Headers a client may send that are passed on to the upstream.
+const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 1] = [header::ACCEPT_LANGUAGE];
+
+/// Conditional-read headers: passed on only for unrestricted permits, since a `304`
+/// cannot be checked and would tell a restricted token that a record exists.
+const CONDITIONAL_REQUEST_HEADERS: [header::HeaderName; 2] =
+    [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
+
+/// Response headers passed back to the client (URL-bearing ones rewritten).
+const FORWARDED_RESPONSE_HEADERS: [header::HeaderName; 4] = [
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::LOCATION,
+    header::CONTENT_LOCATION,
+];
+
+/// The process-wide upstream client: one connection pool, plus a cache of upstream
+/// access tokens for tenants using client credentials.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HyperClient,
+    http: reqwest::Client,
+    tokens: Cache<String, Arc<HeaderValue>>,
+}
+
+/// A fetched upstream answer.
+pub struct Fetched {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Upstream {
+    pub fn new(http: reqwest::Client) -> Result<Self, String> {
+        let mut http_connector = HttpConnector::new();
+        http_connector.enforce_http(false);
+        http_connector.set_nodelay(true);
+        http_connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("cannot load TLS roots: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(tls);
+        Ok(Upstream {
+            client,
+            http,
+            tokens: Cache::builder().max_capacity(1_000).build(),
+        })
+    }
+
+    /// Sends `out` to the tenant's upstream and reads the whole answer, bounded by the
+    /// tenant's timeout and size limit.
+    pub async fn fetch(
+        &self,
+        cfg: &TenantConfig,
+        out: &OutboundRequest,
+        client_headers: &HeaderMap,
+    ) -> Result<Fetched, UpstreamError> {
+        let up = &cfg.upstream;
+        let uri: http::Uri = format!("{}{}", up.base, out.path_and_query())
+            .parse()
+            .map_err(|_| UpstreamError::BadResponse("outbound uri"))?;
+        let mut builder = Request::builder()
+            .method(out.method.clone())
+            .uri(uri)
+            .header(header::ACCEPT, FHIR_JSON)
+            // Unknown search parameters must fail, not be silently ignored: a
+            // narrowing parameter the upstream does not know would otherwise widen
+            // the search.
+            .header("prefer", "handling=strict")
+            .header(
+                header::USER_AGENT,
+                concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")),
+            );
+        for name in FORWARDED_REQUEST_HEADERS {
+            for v in client_headers.get_all(&name) {
+                builder = builder.header(&name, v);
+            }
+        }
+        if out.conditional {
+            for name in CONDITIONAL_REQUEST_HEADERS {
+                for v in client_headers.get_all(&name) {
+                    builder = builder.header(&name, v);
+                }
+            }
+        }
+        match &up.auth {
+            UpstreamAuth::None => {}
+            UpstreamAuth::Header { name, value } => builder = builder.header(name, value),
+            UpstreamAuth::ClientCredentials { .. } => {
+                let bearer = self.upstream_token(cfg).await?;
+                builder = builder.header(header::AUTHORIZATION, bearer.as_ref());
+            }
+        }
+        let body = match &out.body {
+            Some(b) => {
+                builder = builder.header(header::CONTENT_TYPE, FHIR_JSON);
+                Full::new(b.clone())
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = builder
+            .body(body)
+            .map_err(|_| UpstreamError::BadResponse("outbound request"))?;
+        let exchange = async {
+            let resp = self.client.request(request).await.map_err(|e| {
+                tracing::warn!(tenant.id = %cfg.id, error = %e, "upstream request failed");
+                if e.is_connect() {
+                    UpstreamError::Unreachable
+                } else {
+                    UpstreamError::BadResponse("connection")
+                }
+            })?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, up.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        UpstreamError::TooLarge
+                    } else {
+                        UpstreamError::BadResponse("body")
+                    }
+                })?
+                .to_bytes();
+            Ok::<_, UpstreamError>(Fetched {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(up.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// A cached upstream access token from the tenant's client-credentials grant.
+    async fn upstream_token(&self, cfg: &TenantConfig) -> Result<Arc<HeaderValue>, UpstreamError> {
+        let UpstreamAuth::ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        } = &cfg.upstream.auth
+        else {
+            return Err(UpstreamError::Credentials);
+        };
+        if let Some(v) = self.tokens.get(&cfg.id).await {
+            return Ok(v);
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            access_token: String,
+            expires_in: Option<u64>,
+        }
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(s) = scope {
+            form.push(("scope", s.as_str()));
+        }
+        let resp = self
+            .http
+            .post(token_url.clone())
+            .timeout(cfg.upstream.timeout)
+            .basic_auth(client_id, Some(client_secret))
+            .form(&form)
+            .send()
+            .await
+            .map_err(|_| UpstreamError::Credentials)?;
+        if !resp.status().is_success() {
+            tracing::warn!(tenant.id = %cfg.id, status = %resp.status(), "upstream token request failed");
+            return Err(UpstreamError::Credentials);
+        }
+        let t: TokenResponse = resp.json().await.map_err(|_| UpstreamError::Credentials)?;
+        let value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
+            .map_err(|_| UpstreamError::Credentials)?;
+        let value = Arc::new(value);
+        let lifetime = t.expires_in.unwrap_or(300).saturating_sub(30);
+        if lifetime > 0 {
+            // Entries expire by themselves after the cache's own TTL; store with a
+            // per-tenant key so a reload with new credentials takes effect at once.
+            self.tokens.insert(cfg.id.clone(), Arc::clone(&value)).await;
+            let tokens = self.tokens.clone();
+            let key = cfg.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(lifetime)).await;
+                tokens.invalidate(&key).await;
+            });
+        }
+        Ok(value)
+    }
+}
+
+/// Replaces every occurrence of the upstream base with the public base.
+pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -> Bytes {
+    let from = upstream.base.as_bytes();
+    if from.is_empty() || !contains(body, from) {
+        return Bytes::copy_from_slice(body);
+    }
+    let to = public_base.as_bytes();
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut rest = body;
+    while let Some(pos) = find(rest, from) {
+        out.extend_from_slice(rest.get(..pos).unwrap_or_default());
+        out.extend_from_slice(to);
+        rest = rest.get(pos + from.len()..).unwrap_or_default();
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+fn rewrite_header(
+    v: &HeaderValue,
+    upstream: &UpstreamConfig,
+    public_base: &str,
+) -> Option<HeaderValue> {
+    let s = v.to_str().ok()?;
+    let rewritten = match s.strip_prefix(upstream.base.as_str()) {
+        Some(rest) => format!("{public_base}{rest}"),
+        // A relative Location is relative to the upstream base; keep it relative.
+        None if !s.contains("://") => s.to_owned(),
+        // An absolute URL to somewhere else must not leak.
+        None => return None,
+    };
+    HeaderValue::from_str(&rewritten).ok()
+}
+
+/// The innermost service.
+#[derive(Clone)]
+pub struct Forward {
+    upstream: Upstream,
+}
+
+impl Forward {
+    pub fn new(upstream: Upstream) -> Self {
+        Forward { upstream }
+    }
+}
+
+impl tower::Service<Request<Bytes>> for Forward {
+    type Response = ProxyResponse;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let upstream = self.upstream.clone();
+        Box::pin(async move { forward(&upstream, &req).await })
+    }
+}
+
+async fn forward(upstream: &Upstream, req: &Request<Bytes>) -> Result<ProxyResponse, ProxyError> {
+    let tenant = &tenant_of(req)?.0;
+    let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+    let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
+    let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
+    let permit = ext::<Permit>(req, "missing Permit")?;
+    let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
+    let cfg = &tenant.config;
+
+    let fetched = upstream.fetch(cfg, out, req.headers()).await?;
+    let body = rewrite_base(&fetched.body, &cfg.upstream, &cfg.public_base);
+    let ctx = filter::CheckCtx {
+        request: fhir,
+        records: ReleaseCtx {
+            permit,
+            grant,
+            token,
+            index: tenant.checker.index(),
+            bases: [cfg.public_base.as_str(), cfg.upstream.base.as_str()],
+        },
+    };
+    let checked = filter::check_answer(&ctx, fetched.status, &fetched.headers, body)?;
+    if let (true, Some(audit)) = (
+        checked.dropped > 0,
+        req.extensions().get::<crate::audit::AuditSlot>(),
+    ) {
+        audit.note(format!("entries.dropped={}", checked.dropped));
+    }
+    let mut resp = Response::new(Full::new(checked.body));
+    *resp.status_mut() = fetched.status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for name in FORWARDED_RESPONSE_HEADERS {
+        if let Some(v) = fetched.headers.get(&name) {
+            let v = if name == header::LOCATION || name == header::CONTENT_LOCATION {
+                rewrite_header(v, &cfg.upstream, &cfg.public_base)
+            } else {
+                Some(v.clone())
+            };
+            if let Some(v) = v {
+                headers.insert(name, v);
+            }
+        }
+    }
+    resp.extensions_mut().insert(Decision(checked.reason));
+    if fhir.method == Method::HEAD {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    Ok(resp)
+}

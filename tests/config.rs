@@ -1,0 +1,202 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `check-config` and start-up validation, through the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smart-fhir-proxy"))
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tenants.example.json")
+}
+
+/// The example's secrets come from these variables.
+fn with_example_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("DEMO2_UPSTREAM_API_KEY", "example-key")
+        .env("DEMO2_INTROSPECTION_SECRET", "example-secret")
+        .env("PARTNER_UPSTREAM_CLIENT_SECRET", "example-secret")
+        .env(
+            "PARTNER_HMAC_SECRET",
+            "an-example-shared-secret-of-32-bytes-or-more",
+        )
+}
+
+fn check(path: &Path, envs: &[(&str, &str)]) -> Output {
+    let mut cmd = bin();
+    with_example_env(&mut cmd);
+    cmd.arg("check-config").arg("--tenants").arg(path);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run binary")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn example_file_is_valid_and_explained() {
+    let out = check(&example(), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for needle in [
+        "3 tenant(s), valid",
+        "- demo at http://127.0.0.1:8080/demo",
+        "- demo2",
+        "- partner",
+        "permission-v2",
+    ] {
+        assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
+    }
+}
+
+#[test]
+fn missing_secret_env_is_refused_naming_tenant_and_key() {
+    let mut cmd = bin();
+    let out = cmd
+        .arg("check-config")
+        .arg("--tenants")
+        .arg(example())
+        .env_remove("DEMO2_UPSTREAM_API_KEY")
+        .env("DEMO2_INTROSPECTION_SECRET", "x")
+        .env("PARTNER_UPSTREAM_CLIENT_SECRET", "x")
+        .env(
+            "PARTNER_HMAC_SECRET",
+            "an-example-shared-secret-of-32-bytes-or-more",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("tenant `demo2`") && t.contains("upstream.auth.value"),
+        "{t}"
+    );
+}
+
+fn write(dir: &tempfile::TempDir, body: &serde_json::Value) -> PathBuf {
+    let p = dir.path().join("tenants.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(body).unwrap()).unwrap();
+    p
+}
+
+fn example_json() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(example()).unwrap()).unwrap()
+}
+
+#[test]
+fn invalid_files_exit_64_with_a_precise_message() {
+    let dir = tempfile::tempdir().unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let cases: Vec<(Edit, &[&str])> = vec![
+        (
+            |v| v["tenants"]["demo"]["token"]["surprise"] = true.into(),
+            &["surprise"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["token"]["algorithms"] = serde_json::json!(["none"]),
+            &["demo", "token.algorithms", "none"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["token"]["algorithms"] = serde_json::json!(["HS256"]),
+            &["demo", "hmac_secret_env"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["upstream"]["base_url"] = "ftp://x".into(),
+            &["demo", "upstream.base_url"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["public_base_url"] = "http://127.0.0.1:8080/other".into(),
+            &["demo", "public_base_url"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["authorization"] = serde_json::json!({"mode": "magic"}),
+            &["magic"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["authorization"]["denied_read_status"] = 418.into(),
+            &["demo", "denied_read_status"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["token"]["issuers"] = serde_json::json!([]),
+            &["demo", "token.issuers"],
+        ),
+        (|v| v["tenants"] = serde_json::json!({}), &["no tenants"]),
+        (
+            |v| {
+                let t = v["tenants"]["demo"].clone();
+                v["tenants"]["_x"] = t;
+            },
+            &["`_x`", "id"],
+        ),
+    ];
+    for (edit, needles) in cases {
+        let mut v = example_json();
+        edit(&mut v);
+        let p = write(&dir, &v);
+        let out = check(&p, &[]);
+        let t = text(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "expected exit 64 for {needles:?}:\n{t}"
+        );
+        for n in needles {
+            assert!(t.contains(n), "missing `{n}` in:\n{t}");
+        }
+    }
+}
+
+#[test]
+fn environment_overrides_file_values() {
+    // A bad value injected through the environment is seen (and refused) ...
+    let out = check(
+        &example(),
+        &[("SFP__TENANTS__DEMO__UPSTREAM__BASE_URL", "not a url")],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("upstream.base_url"));
+    // ... and a good one replaces the file's.
+    let out = check(
+        &example(),
+        &[(
+            "SFP__TENANTS__DEMO__UPSTREAM__BASE_URL",
+            "http://10.1.2.3:9999/r4",
+        )],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("http://10.1.2.3:9999/r4"));
+}
+
+#[test]
+fn serve_refuses_invalid_config_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = example_json();
+    v["tenants"]["demo"]["token"]["audience"] = "".into();
+    let p = write(&dir, &v);
+    let mut cmd = bin();
+    with_example_env(&mut cmd);
+    let out = cmd
+        .arg("--tenants")
+        .arg(&p)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("token.audience"));
+}
+
+#[test]
+fn missing_file_is_a_config_error() {
+    let out = check(Path::new("/nonexistent/tenants.json"), &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out).contains("no such file"));
+}
