@@ -5,12 +5,14 @@
 # client credentials; `source .stack/demo/env` to use them). Stop with scripts/demo-down.sh.
 #
 # Usage: scripts/demo-up.sh
+# Installs what is missing (scripts/install.sh) and builds the proxy first.
 # Fixed ports instead of free ones: DEMO_FHIR_PORT, DEMO_ISSUER_PORT, DEMO_PROXY_PORT.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 demo=$STACK_DIR/demo
+"$SCRIPTS_DIR/install.sh" >&2
 require_installed
 if [[ -f $demo/env ]]; then
   die "a demo seems to be running ($demo/env exists): run scripts/demo-down.sh first"
@@ -115,23 +117,77 @@ token() {
 token demo-backend:demo-backend-secret "system/*.rs" "$tenant1_aud" >/dev/null
 token demo2-backend:demo2-backend-secret "system/*.read" "$tenant2_aud" >/dev/null
 
-# PROXY: ---------------------------------------------------------------------------------
-# PROXY: start smart-fhir-proxy on 127.0.0.1:$proxy_port with tenants `demo` (audience
-# PROXY: $tenant1_aud) and `demo2` (audience $tenant2_aud), both in front of $fhir_base,
-# PROXY: trusting $issuer_url (JWKS $issuer_url/jwks); write its pid to $demo/proxy.pid
-# PROXY: and its log to $demo/proxy.log; wait for it with lib/wait-http.sh.
-# PROXY:
-# PROXY: tour (curl calls), e.g.:
-# PROXY:   t=$(token demo-patient-app:demo-patient-secret "patient/Observation.rs" "$tenant1_aud")
-# PROXY:   curl -H "Authorization: Bearer $t" "$tenant1_aud/Observation?category=laboratory"
-# PROXY: ---------------------------------------------------------------------------------
+# --- the proxy -----------------------------------------------------------------------------
+log "building smart-fhir-proxy (release)"
+(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy)
+proxy_bin=$REPO_ROOT/target/release/smart-fhir-proxy
+tenant_json() { # ID AUDIENCE DENIED_STATUS
+  cat <<JSON
+    "$1": {
+      "public_base_url": "$2",
+      "upstream": { "base_url": "$fhir_base" },
+      "token": {
+        "issuers": ["$issuer_url"],
+        "jwks_uri": "$issuer_url/jwks",
+        "audience": "$2",
+        "algorithms": ["RS256", "ES256"]
+      },
+      "smart": {
+        "authorization_endpoint": "$issuer_url/auth",
+        "token_endpoint": "$issuer_url/token",
+        "introspection_endpoint": "$issuer_url/token/introspection",
+        "revocation_endpoint": "$issuer_url/token/revocation"
+      },
+      "authorization": { "mode": "compartment", "denied_read_status": $3 }
+    }
+JSON
+}
+{
+  echo '{ "tenants": {'
+  tenant_json demo "$tenant1_aud" 404
+  echo ','
+  tenant_json demo2 "$tenant2_aud" 403
+  echo '} }'
+} >"$demo/tenants.json"
+"$proxy_bin" check-config --tenants "$demo/tenants.json" >"$demo/check-config.txt"
+nohup "$proxy_bin" --tenants "$demo/tenants.json" --listen "127.0.0.1:$proxy_port" \
+  </dev/null >"$demo/proxy.log" 2>&1 &
+echo $! >"$demo/proxy.pid"
+"$SCRIPTS_DIR/lib/wait-http.sh" "http://127.0.0.1:$proxy_port/_health" 20 "$(<"$demo/proxy.pid")" >/dev/null \
+  || die "proxy did not start; see $demo/proxy.log"
 
+# --- the tour ------------------------------------------------------------------------------
+show() { # TITLE, then the curl arguments
+  local title=$1
+  shift
+  printf '\n\033[1m%s\033[0m\n$ curl %s\n' "$title" "$(printf '%q ' "$@" | sed -E 's/Bearer(\\ | )[A-Za-z0-9._-]+/Bearer\1$TOKEN/')"
+  curl -sS -o "$demo/last.json" -w '%{http_code}' "$@" >"$demo/last.status"
+  printf 'HTTP %s\n' "$(<"$demo/last.status")"
+}
+say() { "$VENV/bin/python" "$SCRIPTS_DIR/lib/summarize.py" "$demo/last.json"; }
+
+patient_token=$(token demo-patient-app:demo-patient-secret "launch/patient patient/Patient.rs patient/Observation.rs" "$tenant1_aud")
+backend_token=$(token demo-backend:demo-backend-secret "system/Observation.rs" "$tenant1_aud")
+
+show "1. Discovery, no token needed" "$tenant1_aud/.well-known/smart-configuration"; say
+show "2. Allowed read: the patient app (patient p1) reads its own Patient record" \
+  -H "Authorization: Bearer $patient_token" "$tenant1_aud/Patient/p1"; say
+show "3. Denied read: the same app asks for patient p2 (looks exactly like a missing record)" \
+  -H "Authorization: Bearer $patient_token" "$tenant1_aud/Patient/p2"; say
+show "4. Narrowed search: the patient app searches all Observations and gets only p1's" \
+  -H "Authorization: Bearer $patient_token" "$tenant1_aud/Observation?_count=200"; say
+show "   ... while a backend service with system/Observation.rs sees every patient's" \
+  -H "Authorization: Bearer $backend_token" "$tenant1_aud/Observation?_count=200"; say
+show "5. No token: 401 with a Bearer challenge" "$tenant1_aud/Patient/p1"; say
+echo
+
+trap - ERR
 trap - ERR
 log "demo up in $((SECONDS - started))s"
 cat <<EOF
 FHIR server  $fhir_base   (pid $(<"$demo/fhir/server.pid"), log $demo/fhir/server.log)
 Issuer       $issuer_url   (pid $(<"$demo/issuer.pid"), log $demo/issuer.log)
-Proxy port   $proxy_port   tenants $tenant1_aud and $tenant2_aud
+Proxy        $tenant1_aud and $tenant2_aud   (pid $(<"$demo/proxy.pid"), log $demo/proxy.log)
 State        $demo/env
 Stop         scripts/demo-down.sh
 EOF

@@ -1,0 +1,315 @@
+//! Forwarding: URL rewriting, malformed input, tenant isolation, upstream faults,
+//! configuration reload.
+
+use serde_json::json;
+
+use crate::harness::{
+    self, Fault, FaultServer, Proxy, get, shared, tenant, tenants, token, write_json,
+};
+use crate::support;
+
+#[tokio::test]
+async fn upstream_urls_are_rewritten_to_the_proxy() {
+    let t = token("backend", "system/Observation.rs", "demo").await;
+    let base = shared().base("demo");
+    let a = get(&format!("{base}/Observation?_count=2"), Some(&t)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let upstream = support::fhir_server().base_url();
+    assert!(
+        !a.text.contains(upstream),
+        "upstream base leaked: {}",
+        a.text
+    );
+    let v = a.json();
+    for e in v["entry"].as_array().unwrap() {
+        assert!(
+            e["fullUrl"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{base}/Observation/")),
+            "{e}"
+        );
+    }
+    let next = v["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .expect("next link");
+    let next = next["url"].as_str().unwrap();
+    assert!(next.starts_with(&format!("{base}/")), "{next}");
+    // The next page works through the proxy and is checked like any request.
+    let page2 = get(next, Some(&t)).await;
+    assert_eq!(page2.status, 200, "{}", page2.text);
+    assert_eq!(page2.entry_ids().len(), 2);
+    // An absolute reference to the upstream inside a resource is rewritten too.
+    let a = get(&format!("{base}/Observation/obs-p1-absolute-ref"), Some(&t)).await;
+    assert_eq!(
+        a.json()["subject"]["reference"],
+        format!("{base}/Patient/p1")
+    );
+}
+
+#[tokio::test]
+async fn malformed_paths_are_refused_before_forwarding() {
+    let t = token("backend", "system/*.rs", "demo").await;
+    let base = shared().base("demo");
+    let before = support::fhir_server().requests().len();
+    for (path, reason) in [
+        ("Patient%2Fp1", "path_encoded_slash"),
+        ("Patient/p1%2F..%2Fp2", "path_encoded_slash"),
+        ("Patient/%2e%2e/p2", "path_dot_segment"),
+        ("patient/p1", "unknown_resource_type"),
+        ("Patient/p1%00", "path_percent_encoded"),
+        ("Patient/a_b", "invalid_id"),
+        ("Patient/p1/_history/", "path_empty_segment"),
+        ("Observation?code=%ff", "param_invalid_encoding"),
+        ("Foo/1", "unknown_resource_type"),
+    ] {
+        // reqwest normalizes `..`; send the raw path with a manual request line.
+        let a = raw_get(shared().port, &format!("/demo/{path}"), &t).await;
+        assert_eq!(a.0, 400, "{path}: {}", a.1);
+        let v: serde_json::Value = serde_json::from_str(&a.1).unwrap();
+        assert_eq!(
+            v["issue"][0]["details"]["coding"][0]["code"], reason,
+            "{path}: {}",
+            a.1
+        );
+    }
+    let a = raw_get(shared().port, "/demo/Patient/../Observation", &t).await;
+    assert_eq!(a.0, 400, "{}", a.1);
+    // Nothing of this reached the upstream.
+    let after = support::fhir_server().requests();
+    let new: Vec<_> = after[before..]
+        .iter()
+        .filter(|r| r.contains("Patient/p1%2F") || r.contains("..") || r.contains("/patient/"))
+        .collect();
+    assert!(new.is_empty(), "{new:?}");
+    let _ = base;
+}
+
+/// A GET with a verbatim request target.
+async fn raw_get(port: u16, target: &str, token: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "GET {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let t2 = token("backend", "system/*.rs", "demo2").await;
+    let a = get(&format!("{}/Patient/p1", shared().base("demo")), Some(&t2)).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.reason(), "token_audience");
+    assert_eq!(
+        get(&format!("{}/Patient/p1", shared().base("demo2")), Some(&t2))
+            .await
+            .status,
+        200
+    );
+    let a = get(&format!("{}/Patient/p1", shared().base("nope")), Some(&t2)).await;
+    assert_eq!(a.status, 404);
+    assert_eq!(a.reason(), "tenant_unknown");
+}
+
+#[tokio::test]
+async fn writes_are_not_forwarded_yet() {
+    let t = token("backend", "system/*.cruds", "demo").await;
+    let a = harness::answer(
+        support::http_client()
+            .post(format!("{}/Observation", shared().base("demo")))
+            .bearer_auth(&t)
+            .header("content-type", "application/fhir+json")
+            .body(r#"{"resourceType":"Observation","status":"final"}"#),
+    )
+    .await;
+    assert_eq!(a.status, 405, "{}", a.text);
+    assert_eq!(a.reason(), "interaction_not_supported");
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = token("backend", "system/*.rs", "demo").await;
+    let limit = 1024 * 1024;
+    // Declared too large: refused from the headers alone, before any body is read.
+    // Sent chunked: refused once the limit is crossed. Raw requests, so the client never
+    // races the early answer with its own upload.
+    let declared = format!(
+        "POST /demo/Observation/_search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        2 * limit
+    );
+    let chunk = "a".repeat(limit + 10);
+    let chunked = format!(
+        "POST /demo/Observation/_search HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {t}\r\n\
+         content-type: application/x-www-form-urlencoded\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         {:x}\r\n{chunk}\r\n",
+        chunk.len()
+    );
+    for request in [declared, chunked] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", shared().port))
+            .await
+            .unwrap();
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "{}",
+            &text[..text.len().min(300)]
+        );
+        assert!(text.contains("body_too_large"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_slow_or_broken() {
+    let issuer = support::issuer();
+    let slow = FaultServer::start(Fault::Stall);
+    let broken = FaultServer::start(Fault::BrokenJson);
+    let dead = support::free_port();
+    let proxy = Proxy::start(|port| {
+        let mut down = tenant(
+            "down",
+            port,
+            &format!("http://127.0.0.1:{dead}/fhir"),
+            issuer,
+        );
+        down["upstream"]["connect_timeout_ms"] = json!(500);
+        let mut s = tenant("slow", port, &slow.base(), issuer);
+        s["upstream"]["timeout_ms"] = json!(300);
+        let b = tenant("broken", port, &broken.base(), issuer);
+        tenants(vec![("down", down), ("slow", s), ("broken", b)])
+    });
+    for (tenant_id, status, reason) in [
+        ("down", 502, "upstream_unreachable"),
+        ("slow", 504, "upstream_timeout"),
+        ("broken", 502, "upstream_bad_response"),
+    ] {
+        let t = support::token("backend", "system/*.rs", &proxy.base(tenant_id)).await;
+        let a = get(&format!("{}/Patient/p1", proxy.base(tenant_id)), Some(&t)).await;
+        assert_eq!(a.status, status, "{tenant_id}: {}", a.text);
+        assert_eq!(a.reason(), reason, "{tenant_id}");
+        assert_eq!(a.header("content-type"), "application/fhir+json");
+    }
+    // The process is still healthy.
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{}/_health", proxy.port), None)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn tenants_file_changes_apply_without_restart_and_bad_files_are_refused() {
+    let fhir = support::fhir_server();
+    let issuer = support::issuer();
+    let proxy =
+        Proxy::start(|port| tenants(vec![("one", tenant("one", port, fhir.base_url(), issuer))]));
+    let t1 = support::token("backend", "system/*.rs", &proxy.base("one")).await;
+    let t2 = support::token("backend", "system/*.rs", &proxy.base("two")).await;
+    assert_eq!(
+        get(&format!("{}/Patient/p1", proxy.base("one")), Some(&t1))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(&format!("{}/Patient/p1", proxy.base("two")), Some(&t2))
+            .await
+            .status,
+        404
+    );
+
+    let port = proxy.port;
+    write_json(
+        &proxy.tenants_path(),
+        &tenants(vec![
+            ("one", tenant("one", port, fhir.base_url(), issuer)),
+            ("two", tenant("two", port, fhir.base_url(), issuer)),
+        ]),
+    );
+    wait_for(|| async {
+        get(&format!("{}/Patient/p1", proxy.base("two")), Some(&t2))
+            .await
+            .status
+            == 200
+    })
+    .await;
+
+    // A broken file is refused; the running configuration stays.
+    std::fs::write(
+        proxy.tenants_path(),
+        b"{\"tenants\": {\"one\": {\"oops\": 1}}}",
+    )
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        get(&format!("{}/Patient/p1", proxy.base("two")), Some(&t2))
+            .await
+            .status,
+        200
+    );
+    assert!(
+        proxy.log().contains("configuration reload refused"),
+        "{}",
+        proxy.log()
+    );
+}
+
+async fn wait_for<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("condition not met in time");
+}
+
+#[tokio::test]
+async fn every_decision_is_audited_without_the_token() {
+    let t = token("patient-p1", "patient/Observation.rs", "demo").await;
+    let base = shared().base("demo");
+    let _ = get(&format!("{base}/Observation/obs-p1-glucose"), Some(&t)).await;
+    let _ = get(&format!("{base}/Condition/cond-p1-diabetes"), Some(&t)).await;
+    let audit = shared().audit_records();
+    let allowed = audit
+        .iter()
+        .find(|r| r["fhir.resource_id"] == "obs-p1-glucose" && r["authz.decision"] == "allow")
+        .unwrap_or_else(|| panic!("{audit:?}"));
+    assert_eq!(allowed["client.id"], "patient-p1");
+    assert_eq!(allowed["tenant.id"], "demo");
+    assert_eq!(allowed["fhir.interaction"], "read");
+    assert_eq!(allowed["patient"], "p1");
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["fhir.resource_id"] == "cond-p1-diabetes"
+                && r["authz.decision"] == "deny"
+                && r["authz.reason"] == "scope_insufficient")
+    );
+    assert!(!shared().log().contains(&t));
+}

@@ -1,0 +1,15 @@
+//! End-to-end tests: the proxy binary against the real upstream FHIR server
+//! (sekmet-fhir) and the real token issuer (oidc-provider), all on 127.0.0.1.
+//! Data: `tests/fixtures/base-bundle.json` (see its README for ids and compartments).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod harness;
+
+mod discovery;
+mod forwarding;
+mod records;
+mod scopes;
+mod tokens;

@@ -1,0 +1,256 @@
+//! Record-level checks on what the upstream returns, and search narrowing.
+
+use crate::harness::{Answer, get, post_form, shared, token};
+use crate::support;
+
+async fn p1(scope: &str, path: &str) -> Answer {
+    let t = token("patient-p1", scope, "demo").await;
+    get(&format!("{}/{path}", shared().base("demo")), Some(&t)).await
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+const P1_OBS: [&str; 6] = [
+    "Observation/obs-p1-absolute-ref",
+    "Observation/obs-p1-glucose",
+    "Observation/obs-p1-hba1c",
+    "Observation/obs-p1-heart-rate",
+    "Observation/obs-p1-home-bp",
+    "Observation/obs-p1-versioned-ref",
+];
+
+#[tokio::test]
+async fn denied_read_looks_exactly_like_a_missing_record() {
+    let denied = p1("patient/Observation.rs", "Observation/obs-p2-glucose").await;
+    let missing = p1("patient/Observation.rs", "Observation/no-such-observation").await;
+    assert_eq!(denied.status, 404, "{}", denied.text);
+    assert_eq!(
+        (denied.status, denied.text.clone()),
+        (missing.status, missing.text.clone())
+    );
+    // Prefix trap: p10's records are not p1's.
+    assert_eq!(
+        p1("patient/Observation.rs", "Observation/obs-p10-glucose")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(p1("patient/Patient.rs", "Patient/p10").await.status, 404);
+    assert_eq!(p1("patient/Patient.rs", "Patient/p1").await.status, 200);
+    // The audit record says the truth.
+    let audit = shared().audit_records();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["fhir.resource_id"] == "obs-p2-glucose"
+                && r["authz.reason"] == "record_denied"
+                && r["patient"] == "p1"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn searches_are_narrowed_to_the_patient() {
+    let a = p1(
+        "patient/Observation.rs",
+        "Observation?_count=100&_total=accurate",
+    )
+    .await;
+    assert_eq!(sorted(a.entry_ids()), P1_OBS);
+    // Narrowed upstream, not filtered afterwards: nothing was dropped, so the
+    // upstream's total survives and counts only p1's records.
+    assert_eq!(a.json()["total"], 6, "{}", a.text);
+    // Asking for another patient narrows to nothing instead of widening.
+    for q in [
+        "Observation?patient=p2",
+        "Observation?subject=Patient/p2",
+        "Observation?patient=p1,p2&_count=100",
+        "Observation?patient=p1&patient=p2",
+    ] {
+        let a = p1("patient/Observation.rs", q).await;
+        assert_eq!(a.status, 200, "{q}: {}", a.text);
+        assert!(
+            a.entry_ids().iter().all(|id| P1_OBS.contains(&id.as_str())),
+            "{q}: {:?}",
+            a.entry_ids()
+        );
+    }
+    let a = p1("patient/Patient.rs", "Patient?_id=p1,p2").await;
+    assert_eq!(a.entry_ids(), ["Patient/p1"]);
+    // The upstream saw the compartment form, not the client's query.
+    let seen = support::fhir_server().requests();
+    assert!(
+        seen.iter()
+            .any(|r| r.contains("/fhir/Patient/p1/Observation")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn post_search_body_is_narrowed_too() {
+    let t = token("patient-p1", "patient/Observation.rs", "demo").await;
+    let a = post_form(
+        &format!("{}/Observation/_search", shared().base("demo")),
+        &t,
+        &[("patient", "p2"), ("_count", "100")],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(a.entry_ids().is_empty(), "{:?}", a.entry_ids());
+    let a = post_form(
+        &format!("{}/Observation/_search", shared().base("demo")),
+        &t,
+        &[("category", "vital-signs")],
+    )
+    .await;
+    assert_eq!(
+        sorted(a.entry_ids()),
+        [
+            "Observation/obs-p1-heart-rate",
+            "Observation/obs-p1-home-bp",
+            "Observation/obs-p1-versioned-ref"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn included_records_are_checked_too() {
+    // Medication is outside every compartment: without a Medication scope it is dropped;
+    // Practitioners likewise.
+    let a = p1(
+        "patient/MedicationRequest.rs",
+        "MedicationRequest?_include=MedicationRequest:medication",
+    )
+    .await;
+    assert_eq!(a.entry_ids(), ["MedicationRequest/medreq-p1-metformin"]);
+    assert!(
+        a.json().get("total").is_none(),
+        "total must not count dropped entries: {}",
+        a.text
+    );
+    let a = p1(
+        "patient/Observation.rs",
+        "Observation?_id=obs-p1-glucose&_include=Observation:performer",
+    )
+    .await;
+    assert_eq!(a.entry_ids(), ["Observation/obs-p1-glucose"]);
+    // A _revinclude reaching a Provenance outside p1's compartment is dropped.
+    let a = p1(
+        "patient/Observation.rs patient/Provenance.rs",
+        "Observation?_id=obs-p1-glucose&_revinclude=Provenance:target",
+    )
+    .await;
+    assert_eq!(a.entry_ids(), ["Observation/obs-p1-glucose"]);
+}
+
+#[tokio::test]
+async fn reference_forms_are_matched_strictly() {
+    // Absolute (same server) and versioned references count; contained ones never do.
+    assert_eq!(
+        p1("patient/Observation.rs", "Observation/obs-p1-absolute-ref")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        p1("patient/Observation.rs", "Observation/obs-p1-versioned-ref")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        p1(
+            "patient/Observation.rs",
+            "Observation/obs-contained-patient"
+        )
+        .await
+        .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn compartment_search_and_everything_only_for_the_own_patient() {
+    let a = p1(
+        "patient/Observation.rs",
+        "Patient/p1/Observation?_count=100",
+    )
+    .await;
+    assert_eq!(sorted(a.entry_ids()), P1_OBS);
+    for path in [
+        "Patient/p2/Observation",
+        "Patient/p10/Observation",
+        "Patient/p2/*",
+    ] {
+        let a = p1("patient/Observation.rs", path).await;
+        assert_eq!(a.status, 404, "{path}: {}", a.text);
+    }
+    let a = p1("patient/*.rs", "Patient/p2/$everything").await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    // $everything with only Patient and Observation scopes: nothing of other types.
+    let a = p1(
+        "patient/Patient.rs patient/Observation.rs",
+        "Patient/p1/$everything",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let ids = a.entry_ids();
+    assert!(ids.contains(&"Patient/p1".to_owned()), "{ids:?}");
+    assert!(
+        ids.iter()
+            .all(|id| id == "Patient/p1" || P1_OBS.contains(&id.as_str())),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn types_outside_the_compartment_are_refused_for_patient_tokens() {
+    let a = p1("patient/*.rs", "Medication").await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    assert_eq!(a.reason(), "outside_compartment");
+    let a = p1("patient/*.rs", "Observation/_history").await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    assert_eq!(a.reason(), "search_not_narrowable");
+}
+
+#[tokio::test]
+async fn vread_and_instance_history_are_checked() {
+    let a = p1(
+        "patient/Observation.rs",
+        "Observation/obs-p1-glucose/_history",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let version = a.json()["entry"][0]["resource"]["meta"]["versionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let a = p1(
+        "patient/Observation.rs",
+        &format!("Observation/obs-p1-glucose/_history/{version}"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let other = p1(
+        "patient/Observation.rs",
+        "Observation/obs-p2-glucose/_history",
+    )
+    .await;
+    assert_eq!(other.status, 404, "{}", other.text);
+    let other = p1(
+        "patient/Observation.rs",
+        "Observation/obs-p2-glucose/_history/1",
+    )
+    .await;
+    assert_eq!(other.status, 404, "{}", other.text);
+}
+
+#[tokio::test]
+async fn related_person_sees_only_its_own_compartment() {
+    let t = token("related-rp1", "user/Observation.rs", "demo").await;
+    let a = get(&format!("{}/Observation", shared().base("demo")), Some(&t)).await;
+    assert_eq!(a.entry_ids(), ["Observation/obs-p1-home-bp"]);
+}
