@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use smart_fhir_proxy::config::{ClaimNames, TokenConfig};
 use smart_fhir_proxy::fhir::parse_request;
 use smart_fhir_proxy::scope::{TokenContext, check_scopes, parse_scopes};
-use smart_fhir_proxy::token::verify_with_key;
+use smart_fhir_proxy::token::{TokenVerifier, verify_with_key};
 
 const SCOPES: &str = "openid fhirUser launch/patient offline_access patient/Patient.rs \
     patient/Observation.rs patient/Condition.rs patient/MedicationRequest.rs \
@@ -90,6 +90,29 @@ fn bench_tokens(c: &mut Criterion) {
     });
 }
 
+/// The verifier as the proxy uses it: a repeated token is served from the
+/// verified-token cache (HS256 here, so no JWKS is needed; the cache does not depend
+/// on the algorithm).
+fn bench_cached(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let secret = b"0123456789abcdef0123456789abcdef-bench-only";
+    let mut cfg = cfg(Algorithm::HS256);
+    cfg.hmac_secret = Some(secret.to_vec());
+    let token = token(Algorithm::HS256, &EncodingKey::from_secret(secret));
+    let verifier = TokenVerifier::new(reqwest::Client::new());
+    rt.block_on(verifier.verify(0, "bench", &cfg, &token))
+        .expect("valid");
+    c.bench_function("token/verify_cached_hit", |b| {
+        b.iter(|| {
+            rt.block_on(verifier.verify(0, "bench", &cfg, black_box(&token)))
+                .expect("valid")
+        })
+    });
+}
+
 fn bench_scopes(c: &mut Criterion) {
     c.bench_function("scope/parse_14_scopes", |b| {
         b.iter(|| parse_scopes(black_box(SCOPES)))
@@ -132,6 +155,6 @@ fn bench_scopes(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = bench_tokens, bench_scopes
+    targets = bench_tokens, bench_cached, bench_scopes
 }
 criterion_main!(benches);

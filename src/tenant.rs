@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -30,6 +31,9 @@ use crate::stack::{Flow, Stage};
 pub struct Tenant {
     pub config: TenantConfig,
     pub checker: Checker,
+    /// Which configuration snapshot this tenant came from (unique per load), so caches
+    /// keyed by it never outlive a reload.
+    pub generation: u64,
 }
 
 impl Tenant {
@@ -175,11 +179,18 @@ fn build(
     tenants: Vec<TenantConfig>,
     compartments: &Arc<CompartmentIndex>,
 ) -> HashMap<String, Arc<Tenant>> {
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
     tenants
         .into_iter()
         .map(|config| {
             let checker = Checker::for_tenant(&config, compartments);
-            (config.id.clone(), Arc::new(Tenant { config, checker }))
+            let tenant = Tenant {
+                config,
+                checker,
+                generation,
+            };
+            (tenant.config.id.clone(), Arc::new(tenant))
         })
         .collect()
 }

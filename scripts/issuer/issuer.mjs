@@ -28,12 +28,21 @@
 // `.`, `*`, `?`, `=`, `|` pass through unchanged). Without `scope=` the token carries
 // no `scope` claim.
 //
+// RFC 7662 for JWT access tokens: oidc-provider refuses to introspect its own structured
+// (JWT) access tokens ("Structured JWT Tokens cannot be introspected"), so this wrapper
+// adds `POST /rfc7662/introspect` and `POST /rfc7662/revoke` (client_secret_basic of any
+// configured client, form field `token`). Introspection verifies the JWT with the
+// issuer's own keys and issuer, checks expiry, and reports `active: false` for tokens
+// whose `jti` was revoked through `/rfc7662/revoke`. oidc-provider's own
+// `/token/introspection` and `/token/revocation` stay for opaque tokens.
+//
 // With --parent-pid N the issuer exits once process N is gone (checked every second),
 // so processes started by tests never outlive the test run.
 
 import { readFileSync } from 'node:fs';
 import process from 'node:process';
 
+import { createLocalJWKSet, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
 import { generatePrivateJwks } from './genkeys.mjs';
@@ -200,6 +209,58 @@ async function main() {
       ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? defaultTtl,
     },
     clientBasedCORS: () => true,
+  });
+
+  // --- RFC 7662 for JWT access tokens (see the header comment) ---------------------------
+  const publicJwks = {
+    keys: jwks.keys.map(({ d, p, q, dp, dq, qi, ...pub }) => pub),
+  };
+  const localKeys = createLocalJWKSet(publicJwks);
+  const revoked = new Set();
+  const readForm = (req) => new Promise((resolve, reject) => {
+    let body = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk) => {
+      body += chunk;
+      if (body.length > 65536) reject(new Error('body too large'));
+    });
+    req.on('end', () => resolve(new URLSearchParams(body)));
+    req.on('error', reject);
+  });
+  const authenticated = (ctx) => {
+    const [scheme, value] = (ctx.get('authorization') || '').split(' ');
+    if (scheme?.toLowerCase() !== 'basic' || !value) return false;
+    const decoded = Buffer.from(value, 'base64').toString('utf8');
+    const sep = decoded.indexOf(':');
+    const id = decodeURIComponent(decoded.slice(0, sep));
+    const secret = decodeURIComponent(decoded.slice(sep + 1));
+    return cfg.clients.some((c) => c.client_id === id && c.client_secret === secret);
+  };
+  provider.use(async (ctx, next) => {
+    const route = ctx.method === 'POST' && ({ '/rfc7662/introspect': 'introspect', '/rfc7662/revoke': 'revoke' })[ctx.path];
+    if (!route) return next();
+    if (!authenticated(ctx)) {
+      ctx.status = 401;
+      ctx.body = { error: 'invalid_client' };
+      return undefined;
+    }
+    const form = await readForm(ctx.req);
+    let payload;
+    try {
+      ({ payload } = await jwtVerify(form.get('token') ?? '', localKeys, { issuer: cfg.issuer }));
+    } catch {
+      payload = undefined;
+    }
+    if (route === 'revoke') {
+      if (payload?.jti) revoked.add(payload.jti);
+      ctx.status = 200;
+      ctx.body = {};
+      return undefined;
+    }
+    ctx.body = payload && !revoked.has(payload.jti)
+      ? { ...payload, active: true, token_type: 'Bearer' }
+      : { active: false };
+    return undefined;
   });
 
   provider.on('server_error', (ctx, err) => {

@@ -13,7 +13,9 @@ pub mod introspect;
 pub mod jwks;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moka::future::Cache;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
@@ -147,20 +149,85 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<&str, TokenError> {
 pub struct TokenVerifier {
     keys: JwksKeySource,
     introspection: introspect::Introspector,
+    /// Tokens whose signature and claims were verified, keyed by tenant configuration
+    /// generation, tenant and token text. An entry lives at most until the token
+    /// expires and never longer than the tenant's JWKS cache lifetime, so a removed
+    /// signing key stops being honoured on the same schedule as without the cache.
+    /// Expiry is re-checked on every hit; introspection is never skipped.
+    verified: Cache<String, Arc<CachedToken>>,
 }
+
+struct CachedToken {
+    token: VerifiedToken,
+    ttl: Duration,
+}
+
+struct CachedTokenExpiry;
+
+impl moka::Expiry<String, Arc<CachedToken>> for CachedTokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Arc<CachedToken>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// Largest number of verified tokens kept.
+const VERIFIED_CACHE_CAPACITY: u64 = 100_000;
 
 impl TokenVerifier {
     pub fn new(http: reqwest::Client) -> Self {
         TokenVerifier {
             keys: JwksKeySource::new(http.clone()),
             introspection: introspect::Introspector::new(http),
+            verified: Cache::builder()
+                .max_capacity(VERIFIED_CACHE_CAPACITY)
+                .expire_after(CachedTokenExpiry)
+                .build(),
         }
     }
 
-    /// Verifies `token` for the tenant whose token settings are `cfg`.
+    /// Verifies `token` for a tenant. `generation` identifies the tenant configuration
+    /// snapshot, so a reload never reuses a verification made under other settings.
     pub async fn verify(
         &self,
+        generation: u64,
         tenant_id: &str,
+        cfg: &TokenConfig,
+        token: &str,
+    ) -> Result<VerifiedToken, TokenError> {
+        let key = format!("{generation}\u{0}{tenant_id}\u{0}{token}");
+        let now = now_secs();
+        let leeway = cfg.leeway.as_secs();
+        let verified = match self.verified.get(&key).await {
+            Some(hit) if hit.token.expires_at.saturating_add(leeway) >= now => hit.token.clone(),
+            _ => {
+                let fresh = self.verify_signature_and_claims(cfg, token).await?;
+                let remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
+                let ttl = Duration::from_secs(remaining).min(cfg.jwks_cache);
+                if !ttl.is_zero() {
+                    let cached = CachedToken {
+                        token: fresh.clone(),
+                        ttl,
+                    };
+                    self.verified.insert(key, Arc::new(cached)).await;
+                }
+                fresh
+            }
+        };
+        if let Some(intro) = &cfg.introspection {
+            self.introspection
+                .check_active(tenant_id, intro, token, verified.expires_at)
+                .await?;
+        }
+        Ok(verified)
+    }
+
+    async fn verify_signature_and_claims(
+        &self,
         cfg: &TokenConfig,
         token: &str,
     ) -> Result<VerifiedToken, TokenError> {
@@ -195,11 +262,6 @@ impl TokenVerifier {
                 }
             }
         };
-        if let Some(intro) = &cfg.introspection {
-            self.introspection
-                .check_active(tenant_id, intro, token, verified.expires_at)
-                .await?;
-        }
         Ok(verified)
     }
 }
@@ -358,7 +420,7 @@ impl crate::stack::Stage for ValidateToken {
         let token = bearer_token(req.headers())?;
         let verified = self
             .verifier
-            .verify(tenant.id(), &tenant.config.token, token)
+            .verify(tenant.generation, tenant.id(), &tenant.config.token, token)
             .await?;
         if let Some(audit) = req.extensions().get::<crate::audit::AuditSlot>() {
             audit.set_principal(&verified);

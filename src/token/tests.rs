@@ -66,7 +66,7 @@ fn without(mut claims: serde_json::Value, key: &str) -> serde_json::Value {
 
 async fn verify(token: &str) -> Result<VerifiedToken, TokenError> {
     let v = TokenVerifier::new(reqwest::Client::new());
-    v.verify("demo", &cfg(), token).await
+    v.verify(0, "demo", &cfg(), token).await
 }
 
 #[tokio::test]
@@ -235,7 +235,7 @@ async fn algorithm_must_be_accepted_and_none_never_is() {
     rs_only.algorithms = vec![Algorithm::RS256];
     rs_only.hmac_secret = None;
     let v = TokenVerifier::new(reqwest::Client::new());
-    let r = v.verify("demo", &rs_only, &sign(good_claims())).await;
+    let r = v.verify(0, "demo", &rs_only, &sign(good_claims())).await;
     assert!(matches!(r, Err(TokenError::AlgorithmNotAccepted)));
 }
 
@@ -253,7 +253,7 @@ async fn unreachable_jwks_is_unavailable_not_invalid() {
         b64("sig")
     );
     let v = TokenVerifier::new(reqwest::Client::new());
-    let err = v.verify("demo", &rs, &token).await.unwrap_err();
+    let err = v.verify(0, "demo", &rs, &token).await.unwrap_err();
     assert!(matches!(err, TokenError::JwksUnavailable), "{err:?}");
     assert!(err.is_unavailable());
 }
@@ -309,4 +309,29 @@ fn fhir_user_parsing() {
     ] {
         assert!(FhirUser::parse(bad).is_none(), "{bad}");
     }
+}
+
+#[tokio::test]
+async fn cached_verifications_still_expire_and_never_cross_configurations() {
+    let v = TokenVerifier::new(reqwest::Client::new());
+    let mut strict = cfg();
+    strict.leeway = Duration::from_secs(0);
+    let token = sign(with(good_claims(), "exp", json!(now_secs() + 1)));
+    assert!(v.verify(7, "demo", &strict, &token).await.is_ok());
+    assert!(
+        v.verify(7, "demo", &strict, &token).await.is_ok(),
+        "cache hit"
+    );
+    // Another configuration generation re-verifies: here the audience changed.
+    let mut other = strict.clone();
+    other.audience = "https://proxy.test/other".into();
+    assert!(matches!(
+        v.verify(8, "demo", &other, &token).await,
+        Err(TokenError::WrongAudience)
+    ));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(matches!(
+        v.verify(7, "demo", &strict, &token).await,
+        Err(TokenError::Expired)
+    ));
 }

@@ -313,3 +313,87 @@ async fn every_decision_is_audited_without_the_token() {
     );
     assert!(!shared().log().contains(&t));
 }
+
+#[tokio::test]
+async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
+    // The test FHIR server has no `$match`; a loopback server answers in its place so
+    // the forwarding and the filtering of the result can be observed.
+    let answer = json!({
+        "resourceType": "Bundle", "type": "searchset", "total": 3,
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p1", "generalPractitioner": [{"reference": "Practitioner/pr1"}]}, "search": {"mode": "match", "score": 0.9}},
+            {"resource": {"resourceType": "Patient", "id": "p2", "generalPractitioner": [{"reference": "Practitioner/pr2"}]}, "search": {"mode": "match", "score": 0.8}},
+            {"resource": {"resourceType": "Patient", "id": "p10", "generalPractitioner": [{"reference": "Practitioner/pr1"}]}, "search": {"mode": "match", "score": 0.7}}
+        ]
+    });
+    let upstream = FaultServer::start(Fault::Respond(answer.to_string()));
+    let issuer = support::issuer();
+    let proxy =
+        Proxy::start(|port| tenants(vec![("mpi", tenant("mpi", port, &upstream.base(), issuer))]));
+    let params = r#"{"resourceType":"Parameters","parameter":[{"name":"resource","resource":{"resourceType":"Patient","name":[{"family":"Doe"}]}}]}"#;
+    let url = format!("{}/Patient/$match", proxy.base("mpi"));
+
+    let t = support::token("practitioner-pr1", "user/Patient.rs", &proxy.base("mpi")).await;
+    let a = harness::answer(
+        support::http_client()
+            .post(&url)
+            .bearer_auth(&t)
+            .header("content-type", "application/fhir+json")
+            .body(params),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.entry_ids(), ["Patient/p1", "Patient/p10"]);
+    assert!(a.json().get("total").is_none());
+    let seen = upstream.requests.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.starts_with("POST /fhir/Patient/$match "), "{seen}");
+    assert!(seen.ends_with(params), "body not forwarded: {seen}");
+
+    // `$match` is a search: `r` alone does not permit it.
+    let t = support::token("backend", "system/Patient.r", &proxy.base("mpi")).await;
+    let a = harness::answer(
+        support::http_client()
+            .post(&url)
+            .bearer_auth(&t)
+            .header("content-type", "application/fhir+json")
+            .body(params),
+    )
+    .await;
+    assert_eq!(a.status, 403, "{}", a.text);
+}
+
+#[tokio::test]
+async fn upstream_client_credentials_are_obtained_and_used() {
+    let capture = FaultServer::start(Fault::Capture);
+    let issuer = support::issuer();
+    let proxy = Proxy::start_with_env(
+        |port| {
+            let mut t = tenant("cc", port, &capture.base(), issuer);
+            t["upstream"]["auth"] = json!({
+                "type": "client_credentials", "token_url": issuer.token_endpoint(),
+                "client_id": "backend", "client_secret_env": "CC_UPSTREAM_SECRET", "scope": "system/*.rs"
+            });
+            tenants(vec![("cc", t)])
+        },
+        &[("CC_UPSTREAM_SECRET", support::TEST_SECRET)],
+    );
+    let t = support::token("patient-p1", "patient/Patient.rs", &proxy.base("cc")).await;
+    for _ in 0..2 {
+        let a = get(&format!("{}/Patient/p1", proxy.base("cc")), Some(&t)).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    let seen = capture.requests.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let bearer = |r: &str| {
+        r.lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("authorization: bearer ")
+                    .then(|| l[22..].trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no upstream credentials: {r}"))
+    };
+    let (first, second) = (bearer(&seen[0]), bearer(&seen[1]));
+    assert_ne!(first, t, "the client's token was forwarded");
+    assert_eq!(first, second, "the upstream token is cached");
+}

@@ -259,7 +259,7 @@ pub fn now() -> u64 {
 }
 
 /// What a fault server does with each connection.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum Fault {
     /// Reads the request, never answers.
     Stall,
@@ -267,6 +267,8 @@ pub enum Fault {
     BrokenJson,
     /// Answers 200 with a Patient and records the raw request.
     Capture,
+    /// Answers 200 with this FHIR JSON body and records the raw request.
+    Respond(String),
 }
 
 /// A loopback TCP server that misbehaves on purpose. Stops when dropped.
@@ -298,7 +300,7 @@ impl FaultServer {
                         reqs.lock()
                             .unwrap()
                             .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                        match fault {
+                        match &fault {
                             Fault::Stall => held.push(s),
                             Fault::BrokenJson => {
                                 let body = "{\"resourceType\": \"Patient\", \"id\": ";
@@ -308,8 +310,11 @@ impl FaultServer {
                                     body.len()
                                 );
                             }
-                            Fault::Capture => {
-                                let body = r#"{"resourceType":"Patient","id":"p1"}"#;
+                            Fault::Capture | Fault::Respond(_) => {
+                                let body = match &fault {
+                                    Fault::Respond(b) => b.as_str(),
+                                    _ => r#"{"resourceType":"Patient","id":"p1"}"#,
+                                };
                                 let _ = write!(
                                     s,
                                     "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -332,6 +337,34 @@ impl FaultServer {
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}/fhir", self.port)
     }
+}
+
+/// Reads one request (headers and a `content-length` body) as text.
+fn read_request(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = s.read(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 impl Drop for FaultServer {

@@ -283,3 +283,40 @@ async fn tokens_never_reach_the_upstream_or_the_logs() {
         "token signature logged"
     );
 }
+
+#[tokio::test]
+async fn introspection_stops_revoked_tokens_before_they_expire() {
+    let fhir = support::fhir_server();
+    let issuer = support::issuer();
+    let proxy = Proxy::start_with_env(
+        |port| {
+            let mut t = tenant("intro", port, fhir.base_url(), issuer);
+            t["token"]["introspection"] = json!({
+                "endpoint": format!("{}/rfc7662/introspect", issuer.url()),
+                "client_id": "backend",
+                "client_secret_env": "INTRO_SECRET",
+                "cache_seconds": 1
+            });
+            tenants(vec![("intro", t)])
+        },
+        &[("INTRO_SECRET", TEST_SECRET)],
+    );
+    let url = format!("{}/{OWN_OBS}", proxy.base("intro"));
+    let t = support::token("patient-p1", "patient/Observation.rs", &proxy.base("intro")).await;
+    let a = get(&url, Some(&t)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+
+    let revoked = support::http_client()
+        .post(format!("{}/rfc7662/revoke", issuer.url()))
+        .basic_auth("patient-p1", Some(TEST_SECRET))
+        .form(&[("token", t.as_str()), ("token_type_hint", "access_token")])
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.status().is_success(), "{}", revoked.status());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_invalid_token(&get(&url, Some(&t)).await, "token_inactive");
+    // Another, unrevoked token of the same client still works.
+    let t2 = support::token("patient-p1", "patient/Observation.rs", &proxy.base("intro")).await;
+    assert_eq!(get(&url, Some(&t2)).await.status, 200);
+}
