@@ -29,6 +29,9 @@ pub struct VerificationKey {
 /// A fetched JWK Set, ready for verification.
 pub struct KeySet {
     pub keys: Vec<VerificationKey>,
+    /// Unique per fetch: lets a cached verification tell whether the key set it was
+    /// made with is still the current one.
+    pub serial: u64,
     fetched_at: Instant,
     ttl: Duration,
 }
@@ -48,8 +51,10 @@ impl KeySet {
                 })
             })
             .collect();
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         KeySet {
             keys,
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             fetched_at: Instant::now(),
             ttl,
         }
@@ -149,6 +154,11 @@ impl JwksKeySource {
             })
             .await
             .map_err(|e: Arc<TokenError>| (*e).clone())
+    }
+
+    /// The serial of the cached key set for `uri`, without fetching.
+    pub async fn current_serial(&self, uri: &url::Url) -> Option<u64> {
+        self.cache.get(uri.as_str()).await.map(|k| k.serial)
     }
 
     /// Called when a token names a `kid` the cached set lacks: refetches once, unless

@@ -151,14 +151,17 @@ pub struct TokenVerifier {
     introspection: introspect::Introspector,
     /// Tokens whose signature and claims were verified, keyed by tenant configuration
     /// generation, tenant and token text. An entry lives at most until the token
-    /// expires and never longer than the tenant's JWKS cache lifetime, so a removed
-    /// signing key stops being honoured on the same schedule as without the cache.
-    /// Expiry is re-checked on every hit; introspection is never skipped.
+    /// expires and never longer than the tenant's JWKS cache lifetime; it is honoured
+    /// only while the JWKS key set it was verified with is still the current one, so a
+    /// key rotation takes effect exactly as without the cache. Expiry is re-checked on
+    /// every hit; introspection is never skipped.
     verified: Cache<String, Arc<CachedToken>>,
 }
 
 struct CachedToken {
     token: VerifiedToken,
+    /// The serial of the JWKS key set the signature was checked with (`None` for HMAC).
+    key_serial: Option<u64>,
     ttl: Duration,
 }
 
@@ -202,15 +205,28 @@ impl TokenVerifier {
         let key = format!("{generation}\u{0}{tenant_id}\u{0}{token}");
         let now = now_secs();
         let leeway = cfg.leeway.as_secs();
-        let verified = match self.verified.get(&key).await {
-            Some(hit) if hit.token.expires_at.saturating_add(leeway) >= now => hit.token.clone(),
-            _ => {
-                let fresh = self.verify_signature_and_claims(cfg, token).await?;
+        let hit = match self.verified.get(&key).await {
+            Some(hit) if hit.token.expires_at.saturating_add(leeway) >= now => {
+                // INVARIANT: a hit is honoured only while the key set it was verified
+                // with is still the current one; a refresh (rotation) re-verifies.
+                let keys_current = match hit.key_serial {
+                    None => true,
+                    Some(serial) => self.keys.current_serial(&cfg.jwks_uri).await == Some(serial),
+                };
+                keys_current.then(|| hit.token.clone())
+            }
+            _ => None,
+        };
+        let verified = match hit {
+            Some(token) => token,
+            None => {
+                let (fresh, key_serial) = self.verify_signature_and_claims(cfg, token).await?;
                 let remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
                 let ttl = Duration::from_secs(remaining).min(cfg.jwks_cache);
                 if !ttl.is_zero() {
                     let cached = CachedToken {
                         token: fresh.clone(),
+                        key_serial,
                         ttl,
                     };
                     self.verified.insert(key, Arc::new(cached)).await;
@@ -226,11 +242,12 @@ impl TokenVerifier {
         Ok(verified)
     }
 
+    /// Verifies signature and claims; also returns the serial of the JWKS key set used.
     async fn verify_signature_and_claims(
         &self,
         cfg: &TokenConfig,
         token: &str,
-    ) -> Result<VerifiedToken, TokenError> {
+    ) -> Result<(VerifiedToken, Option<u64>), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         if !cfg.algorithms.contains(&header.alg) {
             return Err(TokenError::AlgorithmNotAccepted);
@@ -240,7 +257,8 @@ impl TokenVerifier {
                 .hmac_secret
                 .as_deref()
                 .ok_or(TokenError::AlgorithmNotAccepted)?;
-            verify_with_key(cfg, header.alg, &DecodingKey::from_secret(secret), token)?
+            let key = DecodingKey::from_secret(secret);
+            (verify_with_key(cfg, header.alg, &key, token)?, None)
         } else {
             let policy = JwksPolicy {
                 ttl: cfg.jwks_cache,
@@ -250,7 +268,10 @@ impl TokenVerifier {
             let set = self.keys.key_set(&cfg.jwks_uri, policy).await?;
             let kid = header.kid.as_deref();
             match set.find(kid, header.alg) {
-                Some(k) => verify_with_key(cfg, header.alg, &k.key, token)?,
+                Some(k) => (
+                    verify_with_key(cfg, header.alg, &k.key, token)?,
+                    Some(set.serial),
+                ),
                 None => {
                     let fresh = self
                         .keys
@@ -258,7 +279,10 @@ impl TokenVerifier {
                         .await?
                         .ok_or(TokenError::UnknownKey)?;
                     let k = fresh.find(kid, header.alg).ok_or(TokenError::UnknownKey)?;
-                    verify_with_key(cfg, header.alg, &k.key, token)?
+                    (
+                        verify_with_key(cfg, header.alg, &k.key, token)?,
+                        Some(fresh.serial),
+                    )
                 }
             }
         };

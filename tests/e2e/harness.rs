@@ -295,11 +295,8 @@ impl FaultServer {
                         s.set_nonblocking(false).unwrap();
                         s.set_read_timeout(Some(Duration::from_millis(500)))
                             .unwrap();
-                        let mut buf = vec![0u8; 65536];
-                        let n = s.read(&mut buf).unwrap_or(0);
-                        reqs.lock()
-                            .unwrap()
-                            .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                        let request = read_request(&mut s);
+                        reqs.lock().unwrap().push(request);
                         match &fault {
                             Fault::Stall => held.push(s),
                             Fault::BrokenJson => {
