@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates compartments/ from the official FHIR R4 examples package on the npm
 # registry (hl7.fhir.r4.examples@4.0.1, CC0-1.0): the five CompartmentDefinitions and
-# the SearchParameters they reference (reduced). See compartments/README.md.
+# the SearchParameters they reference (reduced), and every core R4 SearchParameter
+# (reduced, for scope constraints). See compartments/README.md.
 #
 # Usage: scripts/update-compartments.sh
 set -euo pipefail

@@ -180,6 +180,11 @@ pub enum RawAuthorization {
         /// from a missing record) or 403.
         #[serde(default = "default_denied_status")]
         denied_read_status: u16,
+        /// Non-patient resource types (outside every Patient compartment, e.g.
+        /// `Organization`, `Location`, `Medication`) that `patient/` tokens with a
+        /// matching scope may read and search wholesale.
+        #[serde(default)]
+        public_types: Vec<String>,
     },
 }
 
@@ -372,6 +377,7 @@ pub struct RawSmartOwned {
 pub enum AuthorizationConfig {
     Compartment {
         denied_read_status: http::StatusCode,
+        public_types: Vec<crate::fhir::ResourceType>,
     },
 }
 
@@ -642,7 +648,10 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
     };
 
     let authorization = match t.authorization {
-        RawAuthorization::Compartment { denied_read_status } => {
+        RawAuthorization::Compartment {
+            denied_read_status,
+            public_types,
+        } => {
             let status = match denied_read_status {
                 403 => http::StatusCode::FORBIDDEN,
                 404 => http::StatusCode::NOT_FOUND,
@@ -653,8 +662,31 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
                     ));
                 }
             };
+            let mut types = Vec::with_capacity(public_types.len());
+            for name in &public_types {
+                let rt = crate::fhir::ResourceType::parse(name).ok_or_else(|| {
+                    bad(
+                        "authorization.public_types",
+                        format!("`{name}` is not an R4 resource type"),
+                    )
+                })?;
+                // Patient data can never be public: it would bypass compartments.
+                let patient_data = crate::authz::CompartmentIndex::official_shared()
+                    .map(|index| index.is_patient_data(rt))
+                    .unwrap_or(true);
+                if patient_data {
+                    return Err(bad(
+                        "authorization.public_types",
+                        format!(
+                            "`{name}` is patient data (in the Patient compartment) and cannot be public"
+                        ),
+                    ));
+                }
+                types.push(rt);
+            }
             AuthorizationConfig::Compartment {
                 denied_read_status: status,
+                public_types: types,
             }
         }
     };

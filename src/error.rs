@@ -7,6 +7,7 @@
 use http::StatusCode;
 
 use crate::authz::AuthzError;
+use crate::cursor::CursorError;
 use crate::fhir::RequestError;
 use crate::scope::ScopeError;
 use crate::tenant::TenantError;
@@ -27,6 +28,8 @@ pub enum ProxyError {
     Authz(#[from] AuthzError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
     /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
@@ -44,6 +47,7 @@ impl ProxyError {
             ProxyError::Scope(_) => StatusCode::FORBIDDEN,
             ProxyError::Authz(e) => e.status(),
             ProxyError::Upstream(e) => e.status(),
+            ProxyError::Cursor(e) => e.status(),
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +76,7 @@ impl ProxyError {
             ProxyError::Scope(e) => e.reason(),
             ProxyError::Authz(e) => e.reason(),
             ProxyError::Upstream(e) => e.reason(),
+            ProxyError::Cursor(e) => e.reason(),
             ProxyError::Internal(_) => "internal",
         }
     }

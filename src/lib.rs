@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod authz;
 pub mod config;
+pub mod cursor;
 pub mod discovery;
 pub mod error;
 pub mod fhir;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use smart_fhir_proxy::authz::CompartmentIndex;
+use smart_fhir_proxy::cursor::{self, CursorKey};
 use smart_fhir_proxy::server::{self, Limits};
 use smart_fhir_proxy::stack::{self, Shared};
 use smart_fhir_proxy::tenant::TenantRegistry;
@@ -53,6 +54,14 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SFP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Name of the environment variable holding the paging-cursor key (base64, at least
+    /// 32 bytes). Unset: a random key per process, so cursors do not survive a restart
+    /// and are not accepted by other instances.
+    #[arg(long, env = "SFP_CURSOR_KEY_ENV", default_value = "SFP_CURSOR_KEY")]
+    cursor_key_env: String,
+    /// Lifetime of paging cursors, in seconds.
+    #[arg(long, env = "SFP_CURSOR_TTL_SECONDS", default_value_t = cursor::DEFAULT_TTL_SECONDS)]
+    cursor_ttl_seconds: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +143,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let cursors = match cursor_key(&args) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            tracing::error!(error = %e, "invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -146,7 +163,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let shared = match Shared::new() {
-            Ok(s) => s,
+            Ok(s) => Shared { cursors, ..s },
             Err(e) => {
                 tracing::error!(error = %e, "start-up failed");
                 return ExitCode::FAILURE;
@@ -180,6 +197,26 @@ fn serve(args: ServeArgs) -> ExitCode {
         .await;
         ExitCode::SUCCESS
     })
+}
+
+/// The paging-cursor key from the environment variable `--cursor-key-env` names, or a
+/// random one when it is unset.
+fn cursor_key(args: &ServeArgs) -> Result<CursorKey, String> {
+    let name = &args.cursor_key_env;
+    let ttl = args.cursor_ttl_seconds;
+    match std::env::var(name) {
+        Ok(text) => CursorKey::from_base64(&text, ttl).map_err(|e| format!("`{name}`: {e}")),
+        Err(std::env::VarError::NotPresent) => {
+            tracing::warn!(
+                cursor.key_env = %name,
+                "no paging-cursor key configured; using a random one (cursors do not survive a restart and are not accepted by other instances)"
+            );
+            CursorKey::generate(ttl)
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("`{name}`: the cursor key is not valid base64"))
+        }
+    }
 }
 
 async fn shutdown_signal() {

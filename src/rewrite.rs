@@ -54,6 +54,15 @@ pub fn rewrite_request(
     index: &CompartmentIndex,
     body: &Bytes,
 ) -> Result<OutboundRequest, AuthzError> {
+    // ---- paging cursors (see `crate::cursor`) ----
+    // A `_cursor` request is answered from its verified cursor by `RewriteSearch`
+    // before this function; one that gets here was not, and is never forwarded.
+    if req.params.iter().any(|(k, _)| k == crate::cursor::PARAM) {
+        return Err(AuthzError::NotNarrowable {
+            interaction: req.interaction.name(),
+        });
+    }
+    // ---- end paging cursors ----
     let t = req.resource_type.map(|t| t.as_str()).unwrap_or("");
     let id = req.id.as_ref().map(|i| i.as_str()).unwrap_or("");
     // `_format` would let the client ask for XML, which the proxy cannot check: the
@@ -89,7 +98,13 @@ pub fn rewrite_request(
                 interaction: req.interaction.name(),
             })?;
             add_constraint(&mut params, constraint(grant, t)?, t)?;
-            if permit.is_unrestricted() {
+            // Inference-prone parameters are refused for every restricted token, even
+            // where it reaches the whole type: `Practitioner?_has:Observation:...` would
+            // reveal facts about patients it cannot see.
+            if !permit.is_unrestricted() {
+                refuse_inference_params(&params)?;
+            }
+            if permit.is_unrestricted() || permit.reaches_whole_type(rt, index) {
                 format!("/{t}")
             } else {
                 let mut compartments: Vec<_> = permit.compartments().collect();
@@ -129,11 +144,17 @@ pub fn rewrite_request(
             if req.resource_type.is_some() {
                 add_constraint(&mut params, constraint(grant, t)?, t)?;
             }
+            if !permit.is_unrestricted() {
+                refuse_inference_params(&params)?;
+            }
             let target = req.resource_type.map(|t| t.as_str()).unwrap_or("*");
             format!("/{}/{}/{target}", c.owner, c.id)
         }
         Interaction::Operation(op, level) => {
             use crate::fhir::OperationLevel;
+            if !permit.is_unrestricted() {
+                refuse_inference_params(&params)?;
+            }
             if req.method == Method::POST {
                 method = Method::POST;
                 out_body = Some(body.clone());
@@ -156,6 +177,9 @@ pub fn rewrite_request(
             });
         }
     };
+    if !permit.is_unrestricted() {
+        widen_elements(&mut params, permit, req.resource_type, index);
+    }
     Ok(OutboundRequest {
         method,
         path,
@@ -163,6 +187,60 @@ pub fn rewrite_request(
         body: out_body,
         conditional: permit.is_unrestricted(),
     })
+}
+
+/// `_elements` may strip the references that prove a record is in the token's
+/// compartment, and the answer check would then drop every entry. For restricted
+/// tokens the linking elements are added (FHIR lets a server return more elements than
+/// asked for), so the check can see them.
+fn widen_elements(
+    params: &mut [(String, String)],
+    permit: &Permit,
+    rt: Option<crate::fhir::ResourceType>,
+    index: &CompartmentIndex,
+) {
+    let Some(rt) = rt else { return };
+    let mut roots: Vec<&str> = permit
+        .compartments()
+        .flat_map(|c| index.link_roots(c.owner, rt))
+        .collect();
+    roots.sort_unstable();
+    roots.dedup();
+    for (_, value) in params.iter_mut().filter(|(n, _)| n == "_elements") {
+        let present: Vec<&str> = value.split(',').map(str::trim).collect();
+        let missing: Vec<&str> = roots
+            .iter()
+            .copied()
+            .filter(|r| !present.contains(r))
+            .collect();
+        if !missing.is_empty() {
+            *value = format!("{value},{}", missing.join(","));
+        }
+    }
+}
+
+/// Refuses parameters that make the upstream look at records beyond those it returns,
+/// so a narrowed search could reveal facts about records outside the token's reach by
+/// inference: chained parameters (`subject:Patient.name=`), reverse chains (`_has`),
+/// and the free-form or container parameters `_filter`, `_query`, `_contained`,
+/// `_containedType`. Used for compartment-bound tokens only.
+fn refuse_inference_params(params: &[(String, String)]) -> Result<(), AuthzError> {
+    for (name, _) in params {
+        let base = name.split(':').next().unwrap_or(name);
+        let refused = name.contains('.')
+            || matches!(
+                base,
+                "_has" | "_filter" | "_query" | "_contained" | "_containedType"
+            );
+        if refused {
+            let mut shown: String = name.chars().take(64).collect();
+            if shown.len() < name.len() {
+                shown.push_str("...");
+            }
+            return Err(AuthzError::ParameterNotAllowed { name: shown });
+        }
+    }
+    Ok(())
 }
 
 /// The one constraint that applies to every context's results. Contexts with
@@ -228,10 +306,34 @@ fn add_constraint(
 }
 
 /// The stage.
-pub struct RewriteSearch;
+pub struct RewriteSearch {
+    cursors: crate::cursor::CursorKey,
+}
+
+impl RewriteSearch {
+    pub fn new(cursors: crate::cursor::CursorKey) -> Self {
+        RewriteSearch { cursors }
+    }
+}
 
 impl Stage for RewriteSearch {
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+        // ---- paging cursors (see `crate::cursor`) ----
+        // A `_cursor` request: verified, re-authorized and built from its cursor; no
+        // other client parameter is used.
+        let resumed = crate::cursor::resume(
+            &self.cursors,
+            &tenant_of(req)?.0,
+            ext::<crate::token::VerifiedToken>(req, "missing VerifiedToken")?,
+            ext::<FhirRequest>(req, "missing FhirRequest")?,
+            crate::cursor::now(),
+        )?;
+        if let Some((out, resumed)) = resumed {
+            req.extensions_mut().insert(out);
+            req.extensions_mut().insert(resumed);
+            return Ok(Flow::Continue);
+        }
+        // ---- end paging cursors ----
         let tenant = tenant_of(req)?;
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;

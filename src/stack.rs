@@ -232,8 +232,8 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
         .layer(StageLayer::new(CheckScope))
         .layer(StageLayer::new(Authorize))
-        .layer(StageLayer::new(RewriteSearch))
-        .service(Forward::new(shared.upstream));
+        .layer(StageLayer::new(RewriteSearch::new(shared.cursors.clone())))
+        .service(Forward::new(shared.upstream, shared.cursors));
     tower::util::BoxCloneSyncService::new(svc)
 }
 
@@ -242,6 +242,10 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
 pub struct Shared {
     pub tokens: crate::token::SharedVerifier,
     pub upstream: Upstream,
+    /// Signs and verifies paging cursors. [`Shared::new`] makes a random key; a
+    /// deployment of several instances must set one (`main` does, from the
+    /// environment).
+    pub cursors: crate::cursor::CursorKey,
 }
 
 impl Shared {
@@ -254,6 +258,7 @@ impl Shared {
         Ok(Shared {
             tokens: Arc::new(crate::token::TokenVerifier::new(http.clone())),
             upstream: Upstream::new(http)?,
+            cursors: crate::cursor::CursorKey::generate(crate::cursor::DEFAULT_TTL_SECONDS)?,
         })
     }
 }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use super::constraint::SearchParamIndex;
 use crate::fhir::{CompartmentRef, ResourceType};
 
 const DEFINITIONS: [&str; 5] = [
@@ -37,6 +38,9 @@ pub struct CompartmentIndex {
     /// (compartment type, resource type) -> the search parameter names that link them,
     /// as the CompartmentDefinition lists them (used to narrow searches).
     params: HashMap<(ResourceType, ResourceType), Vec<String>>,
+    /// Every R4 SearchParameter, for evaluating scope constraints on records. Empty
+    /// (every constraint unsupported, i.e. granting nothing) unless built by `official`.
+    search_params: SearchParamIndex,
 }
 
 impl CompartmentIndex {
@@ -51,7 +55,24 @@ impl CompartmentIndex {
                 serde_json::from_str::<Value>(d).map_err(|e| format!("compartment definition: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Self::from_json(&defs, &sps)
+        let mut index = Self::from_json(&defs, &sps)?;
+        index.search_params = SearchParamIndex::official()?;
+        Ok(index)
+    }
+
+    /// The search parameters scope constraints are evaluated with.
+    pub fn search_params(&self) -> &SearchParamIndex {
+        &self.search_params
+    }
+
+    /// The official index, built once per process.
+    pub fn official_shared() -> Result<&'static CompartmentIndex, String> {
+        static OFFICIAL: std::sync::OnceLock<Result<CompartmentIndex, String>> =
+            std::sync::OnceLock::new();
+        OFFICIAL
+            .get_or_init(CompartmentIndex::official)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     pub fn from_json(definitions: &[Value], search_parameters: &Value) -> Result<Self, String> {
@@ -136,6 +157,29 @@ impl CompartmentIndex {
     /// (the compartment's own type always can).
     pub fn links_type(&self, owner: ResourceType, rt: ResourceType) -> bool {
         owner == rt || self.links.get(&(owner, rt)).is_some_and(|p| !p.is_empty())
+    }
+
+    /// The top-level elements of `rt` whose references link it into compartments of
+    /// type `owner` (`subject`, `performer`, ...), for widening `_elements`.
+    pub fn link_roots(&self, owner: ResourceType, rt: ResourceType) -> Vec<&str> {
+        let mut roots: Vec<&str> = self
+            .links
+            .get(&(owner, rt))
+            .into_iter()
+            .flatten()
+            .filter_map(|path| path.first().map(String::as_str))
+            .collect();
+        roots.sort_unstable();
+        roots.dedup();
+        roots
+    }
+
+    /// Whether resources of type `rt` are patient data: the Patient itself, or a type
+    /// the Patient CompartmentDefinition links to patients. Everything else
+    /// (Practitioner, Organization, Location, Medication, terminology, ...) is
+    /// administrative data outside every patient's compartment.
+    pub fn is_patient_data(&self, rt: ResourceType) -> bool {
+        self.links_type(ResourceType::PATIENT, rt)
     }
 
     /// Whether `resource` (of type `rt`) is in compartment `c`. `bases` are the absolute

@@ -13,6 +13,7 @@
 //! `Compartment` is the coarse-grained checker.
 
 pub mod compartment;
+pub mod constraint;
 
 use std::sync::Arc;
 
@@ -44,12 +45,14 @@ pub enum Checker {
 impl Checker {
     pub fn for_tenant(cfg: &TenantConfig, index: &Arc<CompartmentIndex>) -> Checker {
         match cfg.authorization {
-            AuthorizationConfig::Compartment { denied_read_status } => {
-                Checker::Compartment(CompartmentChecker {
-                    index: Arc::clone(index),
-                    denied_status: denied_read_status,
-                })
-            }
+            AuthorizationConfig::Compartment {
+                denied_read_status,
+                ref public_types,
+            } => Checker::Compartment(CompartmentChecker {
+                index: Arc::clone(index),
+                denied_status: denied_read_status,
+                public_types: public_types.clone().into(),
+            }),
         }
     }
 
@@ -59,6 +62,23 @@ impl Checker {
         Checker::Compartment(CompartmentChecker {
             index,
             denied_status,
+            public_types: Arc::from([]),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn for_test_public(
+        index: Arc<CompartmentIndex>,
+        denied_status: StatusCode,
+        public: &[&str],
+    ) -> Checker {
+        Checker::Compartment(CompartmentChecker {
+            index,
+            denied_status,
+            public_types: public
+                .iter()
+                .filter_map(|t| ResourceType::parse(t))
+                .collect(),
         })
     }
 
@@ -73,12 +93,20 @@ impl Checker {
             Checker::Compartment(c) => c.denied_status,
         }
     }
+
+    fn public_types(&self) -> Arc<[ResourceType]> {
+        match self {
+            Checker::Compartment(c) => Arc::clone(&c.public_types),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct CompartmentChecker {
     index: Arc<CompartmentIndex>,
     denied_status: StatusCode,
+    /// Non-patient types `patient/` tokens may read without further check.
+    public_types: Arc<[ResourceType]>,
 }
 
 /// How far one scope context reaches.
@@ -124,6 +152,20 @@ pub struct Permit {
     pub reaches: Vec<(ScopeContext, Reach)>,
     pub denied_status: StatusCode,
     pub token: TokenContext,
+    /// Non-patient types `patient/` tokens may read wholesale (tenant setting).
+    pub public_types: Arc<[ResourceType]>,
+}
+
+/// How far a compartment-bound context reaches into resources of one type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TypeReach {
+    /// Patient data: only the records in the context's compartment.
+    Compartment,
+    /// Non-patient data the context may read wholesale (`user/`, or a public type).
+    Whole,
+    /// Non-patient data a `patient/` context may see only where its own released
+    /// records reference it (`_include`d alongside them).
+    IfReferenced,
 }
 
 /// The outcome of checking one returned record.
@@ -131,6 +173,9 @@ pub struct Permit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Release {
     Allowed(ScopeContext),
+    /// Non-patient data a `patient/` context may see only if a record released in the
+    /// same answer references it; never on its own.
+    AllowedIfReferenced(ScopeContext),
     /// Its type is not covered by any usable scope.
     DeniedType,
     /// It lies outside every compartment the token reaches.
@@ -141,6 +186,32 @@ impl Permit {
     /// True if every record of the permitted types is reachable.
     pub fn is_unrestricted(&self) -> bool {
         self.reaches.iter().any(|(_, r)| *r == Reach::All)
+    }
+
+    /// How a compartment-bound `context` reaches resources of type `rt`.
+    pub fn type_reach(
+        &self,
+        context: ScopeContext,
+        rt: ResourceType,
+        index: &CompartmentIndex,
+    ) -> TypeReach {
+        if index.is_patient_data(rt) {
+            TypeReach::Compartment
+        } else if context != ScopeContext::Patient || self.public_types.contains(&rt) {
+            TypeReach::Whole
+        } else {
+            TypeReach::IfReferenced
+        }
+    }
+
+    /// True if a search of `rt` may go upstream unnarrowed: some permitting context
+    /// reaches every record of that type (entries are still checked one by one).
+    pub fn reaches_whole_type(&self, rt: ResourceType, index: &CompartmentIndex) -> bool {
+        self.reaches.iter().any(|(context, reach)| match reach {
+            Reach::All => true,
+            Reach::Compartment(_) => self.type_reach(*context, rt, index) == TypeReach::Whole,
+            Reach::Nothing => false,
+        })
     }
 
     /// The compartments reachable (empty when unrestricted or nothing).
@@ -167,12 +238,14 @@ impl ReleaseCtx<'_> {
     ///
     /// `primary` records are what the request asked for (the read target, search
     /// matches); their types were checked by the scope stage, which the grant records.
-    /// Other records (`_include`, `$everything`) need a usable unconstrained `r`/`s`
-    /// scope of their own type. Either way the record must lie within the reach of a
-    /// context that covers its type.
+    /// Other records (`_include`, `$everything`) need a usable `r`/`s` scope of their
+    /// own type. Either way the record must satisfy the constraints of a scope of that
+    /// context (`ReleaseCtx::constraints_hold`) and lie within the reach of a context
+    /// that covers its type.
     pub fn release(&self, rt: ResourceType, resource: &Value, primary: bool) -> Release {
         let side_contexts = self.token.scopes.read_contexts(rt, self.permit.token);
         let mut type_ok = false;
+        let mut if_referenced = None;
         for context in ScopeContext::ALL {
             let covered = (primary && self.grant.covers_type(Some(context), rt))
                 || side_contexts.contains(context);
@@ -180,20 +253,83 @@ impl ReleaseCtx<'_> {
                 continue;
             }
             type_ok = true;
+            if !self.constraints_hold(context, rt, resource, primary) {
+                continue;
+            }
             let inside = match Reach::of(context, self.token) {
                 Reach::All => true,
-                Reach::Compartment(c) => self.index.contains(&c, rt, resource, &self.bases),
+                Reach::Compartment(c) => match self.permit.type_reach(context, rt, self.index) {
+                    TypeReach::Compartment => self.index.contains(&c, rt, resource, &self.bases),
+                    TypeReach::Whole => true,
+                    TypeReach::IfReferenced => {
+                        if_referenced.get_or_insert(context);
+                        false
+                    }
+                },
                 Reach::Nothing => false,
             };
             if inside {
                 return Release::Allowed(context);
             }
         }
+        if let Some(context) = if_referenced {
+            return Release::AllowedIfReferenced(context);
+        }
         if type_ok {
             Release::DeniedRecord
         } else {
             Release::DeniedType
         }
+    }
+}
+
+impl ReleaseCtx<'_> {
+    /// Whether `resource` satisfies the constraints of some scope of `context` that
+    /// would release it: for a primary record a scope that permitted the request (its
+    /// constraints were already added to a search's query; checked again here), or
+    /// else a side-read scope of its type ([`crate::scope::ScopeSet::read_scopes`]).
+    /// A scope counts if it is unconstrained or every one of its constraints is a
+    /// `Match`; `NoMatch` and `Unsupported` grant nothing (fail closed).
+    fn constraints_hold(
+        &self,
+        context: ScopeContext,
+        rt: ResourceType,
+        resource: &Value,
+        primary: bool,
+    ) -> bool {
+        let satisfied = |constraints: &[(String, String)]| {
+            let e = constraint::satisfies_all(
+                self.index.search_params(),
+                rt,
+                resource,
+                constraints,
+                &self.bases,
+            );
+            if e == constraint::Evaluation::Unsupported {
+                tracing::debug!(
+                    scope.context = %context,
+                    fhir.resource_type = %rt,
+                    "scope constraint cannot be evaluated; the scope grants nothing"
+                );
+            }
+            e == constraint::Evaluation::Match
+        };
+        let by_grant = primary
+            && self.grant.covers_type(Some(context), rt)
+            && match self.grant.constraint_for(context) {
+                None => false,
+                Some(crate::scope::SearchConstraint::None) => true,
+                Some(crate::scope::SearchConstraint::AnyOf(any)) => {
+                    any.iter().any(|all| satisfied(all))
+                }
+            };
+        by_grant
+            || self
+                .token
+                .scopes
+                .read_scopes(rt, self.permit.token)
+                .filter(|s| s.context == context)
+                .any(|s| satisfied(&s.constraints))
     }
 }
 
@@ -213,6 +349,10 @@ pub enum AuthzError {
     ConstraintNotNarrowable { resource_type: String },
     #[error("the token's `fhirUser` does not name a patient, practitioner or related person")]
     NoUserCompartment,
+    /// A search parameter that could reveal records outside the token's reach by
+    /// inference (chains, `_has`, `_filter`, ...), refused for compartment-bound tokens.
+    #[error("search parameter `{name}` is not allowed for this token")]
+    ParameterNotAllowed { name: String },
 }
 
 impl AuthzError {
@@ -226,6 +366,7 @@ impl AuthzError {
             AuthzError::NotNarrowable { .. } | AuthzError::ConstraintNotNarrowable { .. } => {
                 StatusCode::FORBIDDEN
             }
+            AuthzError::ParameterNotAllowed { .. } => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -237,6 +378,7 @@ impl AuthzError {
             AuthzError::NotNarrowable { .. } => "search_not_narrowable",
             AuthzError::ConstraintNotNarrowable { .. } => "scope_constraint_not_narrowable",
             AuthzError::NoUserCompartment => "no_user_compartment",
+            AuthzError::ParameterNotAllowed { .. } => "search_parameter_not_allowed",
         }
     }
 }
@@ -263,6 +405,7 @@ pub fn authorize(
         reaches,
         denied_status: checker.denied_status(),
         token: scope_token,
+        public_types: checker.public_types(),
     };
     match &req.interaction {
         Interaction::Create
@@ -303,9 +446,10 @@ pub fn authorize(
         Interaction::SearchType | Interaction::HistoryType
             if !permit.is_unrestricted()
                 && req.resource_type.is_some_and(|rt| {
-                    !permit
-                        .compartments()
-                        .any(|c| checker.index().links_type(c.owner, rt))
+                    !permit.reaches_whole_type(rt, checker.index())
+                        && !permit
+                            .compartments()
+                            .any(|c| checker.index().links_type(c.owner, rt))
                 }) =>
         {
             if let Some(rt) = req.resource_type {

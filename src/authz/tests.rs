@@ -428,8 +428,12 @@ fn type_search_outside_practitioner_compartment() {
     assert!(decide(&t, &get("/Observation")).is_ok());
     assert!(decide(&t, &get("/Patient")).is_ok());
     assert!(decide(&t, &get("/Practitioner")).is_ok());
+    // Non-patient data: user tokens read it wholesale.
+    assert!(decide(&t, &get("/Medication")).is_ok());
+    // Patient data outside the practitioner compartment's types stays refused.
+    let rp = token("user/*.rs", None, Some("RelatedPerson/rp1"));
     assert!(matches!(
-        decide(&t, &get("/Medication")),
+        decide(&rp, &get("/Immunization")),
         Err(AuthzError::OutsideCompartment { .. })
     ));
 }
@@ -719,13 +723,179 @@ fn release_include_with_scope_is_checked_against_compartment() {
 }
 
 #[test]
-fn release_include_with_constrained_scope_is_denied_type() {
+fn release_include_with_constrained_scope_checks_the_constraint() {
     let p = Passed::new(
         patient_token("patient/Observation.rs patient/Condition.rs?category=problem-list-item"),
         &get("/Observation"),
     );
     let cond = json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"}});
-    assert_eq!(p.release(&cond, false), Release::DeniedType);
+    assert_eq!(p.release(&cond, false), Release::DeniedRecord);
+    let mut listed = cond.clone();
+    listed["category"] = json!([{"coding": [{"code": "problem-list-item"}]}]);
+    assert_eq!(
+        p.release(&listed, false),
+        Release::Allowed(ScopeContext::Patient)
+    );
+    // Still only inside the compartment.
+    listed["subject"] = json!({"reference": "Patient/p2"});
+    assert_eq!(p.release(&listed, false), Release::DeniedRecord);
+}
+
+// ---------------------------------------------------------------------------------
+// ReleaseCtx::release with scope constraints
+// ---------------------------------------------------------------------------------
+
+const CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+
+fn lab_scope() -> String {
+    format!("patient/Observation.rs?category={CATEGORY}|laboratory")
+}
+
+fn vitals_scope() -> String {
+    format!("patient/Observation.rs?category={CATEGORY}|vital-signs")
+}
+
+fn categorized(category: &str, subject: &str) -> Value {
+    json!({
+        "resourceType": "Observation", "id": "o1",
+        "category": [{"coding": [{"system": CATEGORY, "code": category}]}],
+        "subject": {"reference": subject}
+    })
+}
+
+#[test]
+fn release_read_with_constrained_scope_evaluates_the_constraint() {
+    for path in [
+        "/Observation/o1",
+        "/Observation/o1/_history/2",
+        "/Observation/o1/_history",
+    ] {
+        let p = Passed::new(patient_token(&lab_scope()), &get(path));
+        assert_eq!(
+            p.release(&categorized("laboratory", "Patient/p1"), true),
+            Release::Allowed(ScopeContext::Patient),
+            "{path}"
+        );
+        assert_eq!(
+            p.release(&categorized("vital-signs", "Patient/p1"), true),
+            Release::DeniedRecord,
+            "{path}"
+        );
+        assert_eq!(
+            p.release(&observation("Patient/p1"), true),
+            Release::DeniedRecord,
+            "{path}: no category"
+        );
+        // The constraint does not widen the compartment.
+        assert_eq!(
+            p.release(&categorized("laboratory", "Patient/p2"), true),
+            Release::DeniedRecord,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn release_search_matches_are_checked_again() {
+    // The constraint was added to the query; a record the upstream returned anyway is
+    // still dropped.
+    let p = Passed::new(patient_token(&lab_scope()), &get("/Observation"));
+    assert_eq!(
+        p.release(&categorized("laboratory", "Patient/p1"), true),
+        Release::Allowed(ScopeContext::Patient)
+    );
+    assert_eq!(
+        p.release(&categorized("vital-signs", "Patient/p1"), true),
+        Release::DeniedRecord
+    );
+}
+
+#[test]
+fn release_constrained_scopes_on_one_type_are_a_union() {
+    let both = format!("{} {}", lab_scope(), vitals_scope());
+    for path in ["/Observation/o1", "/Observation"] {
+        let p = Passed::new(patient_token(&both), &get(path));
+        for category in ["laboratory", "vital-signs"] {
+            assert_eq!(
+                p.release(&categorized(category, "Patient/p1"), true),
+                Release::Allowed(ScopeContext::Patient),
+                "{path} {category}"
+            );
+        }
+        assert_eq!(
+            p.release(&categorized("imaging", "Patient/p1"), true),
+            Release::DeniedRecord
+        );
+    }
+    // An unconstrained scope alongside lifts the constraint.
+    let p = Passed::new(
+        patient_token(&format!("{} patient/Observation.r", lab_scope())),
+        &get("/Observation/o1"),
+    );
+    assert_eq!(
+        p.release(&categorized("imaging", "Patient/p1"), true),
+        Release::Allowed(ScopeContext::Patient)
+    );
+}
+
+#[test]
+fn release_included_records_with_constrained_scopes() {
+    // `_include`d / `_revinclude`d Observations next to Encounters.
+    let p = Passed::new(
+        patient_token(&format!("patient/Encounter.rs {}", lab_scope())),
+        &get("/Encounter?_revinclude=Observation:encounter"),
+    );
+    assert_eq!(
+        p.release(&categorized("laboratory", "Patient/p1"), false),
+        Release::Allowed(ScopeContext::Patient)
+    );
+    assert_eq!(
+        p.release(&categorized("vital-signs", "Patient/p1"), false),
+        Release::DeniedRecord
+    );
+}
+
+#[test]
+fn release_constraints_are_per_context() {
+    // patient/: every Observation of p1; system/: only laboratory ones, of anyone.
+    let p = Passed::new(
+        token(
+            &format!("patient/Observation.rs system/Observation.rs?category={CATEGORY}|laboratory"),
+            Some("p1"),
+            None,
+        ),
+        &get("/Observation/o1"),
+    );
+    assert_eq!(
+        p.release(&categorized("vital-signs", "Patient/p1"), true),
+        Release::Allowed(ScopeContext::Patient)
+    );
+    assert_eq!(
+        p.release(&categorized("laboratory", "Patient/p2"), true),
+        Release::Allowed(ScopeContext::System)
+    );
+    assert_eq!(
+        p.release(&categorized("vital-signs", "Patient/p2"), true),
+        Release::DeniedRecord
+    );
+}
+
+#[test]
+fn release_with_unsupported_constraint_grants_nothing() {
+    for scope in [
+        "patient/Observation.rs?date=2024",
+        "patient/Observation.rs?category:not=laboratory",
+        "patient/Observation.rs?no-such-param=x",
+        // One undecidable constraint in a conjunction is enough.
+        "patient/Observation.rs?category=laboratory&date=2024",
+    ] {
+        let p = Passed::new(patient_token(scope), &get("/Observation/o1"));
+        assert_eq!(
+            p.release(&categorized("laboratory", "Patient/p1"), true),
+            Release::DeniedRecord,
+            "{scope}"
+        );
+    }
 }
 
 #[test]
@@ -753,14 +923,65 @@ fn release_type_outside_scope_is_denied_type() {
 }
 
 #[test]
-fn release_type_outside_compartment_is_denied_record() {
-    // In scope, but Medication is never in a Patient compartment.
+fn release_non_patient_data_to_patient_token_only_if_referenced() {
+    // In scope, but Medication is never in a Patient compartment: a patient token may
+    // see it only next to its own records that reference it.
     let p = Passed::new(
         patient_token("patient/Observation.rs patient/Medication.r"),
         &get("/Observation"),
     );
     let med = json!({"resourceType": "Medication", "id": "m1"});
-    assert_eq!(p.release(&med, false), Release::DeniedRecord);
+    assert_eq!(
+        p.release(&med, false),
+        Release::AllowedIfReferenced(ScopeContext::Patient)
+    );
+    // Without a Medication scope, not even that.
+    let p = Passed::new(
+        patient_token("patient/Observation.rs"),
+        &get("/Observation"),
+    );
+    assert_eq!(p.release(&med, false), Release::DeniedType);
+}
+
+#[test]
+fn release_non_patient_data_to_user_token_wholesale() {
+    let p = Passed::new(
+        token("user/*.rs", None, Some("Practitioner/pr1")),
+        &get("/Observation"),
+    );
+    let med = json!({"resourceType": "Medication", "id": "m1"});
+    assert_eq!(p.release(&med, false), Release::Allowed(ScopeContext::User));
+    let other_practitioner = json!({"resourceType": "Practitioner", "id": "pr2"});
+    assert_eq!(
+        p.release(&other_practitioner, false),
+        Release::Allowed(ScopeContext::User)
+    );
+    // Patient data still needs the practitioner's compartment.
+    assert_eq!(
+        p.release(&observation("Patient/p2"), true),
+        Release::DeniedRecord
+    );
+}
+
+#[test]
+fn public_types_are_wholesale_for_patient_tokens() {
+    let index = Arc::new(CompartmentIndex::official().unwrap());
+    let checker = Checker::for_test_public(index, StatusCode::NOT_FOUND, &["Medication"]);
+    let t = patient_token("patient/Medication.rs");
+    let req = get("/Medication");
+    let grant = check_scopes(&t.scopes, &req, TokenContext { has_patient: true }).unwrap();
+    let permit = authorize(&checker, &req, &t, &grant).unwrap();
+    assert!(permit.reaches_whole_type(rt("Medication"), checker.index()));
+    assert!(!permit.reaches_whole_type(rt("Observation"), checker.index()));
+    // Without the public list the same search is refused.
+    let plain = Checker::for_test(
+        Arc::new(CompartmentIndex::official().unwrap()),
+        StatusCode::NOT_FOUND,
+    );
+    assert!(matches!(
+        authorize(&plain, &req, &t, &grant),
+        Err(AuthzError::OutsideCompartment { .. })
+    ));
 }
 
 #[test]

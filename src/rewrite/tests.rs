@@ -194,10 +194,8 @@ fn user_practitioner_type_search() {
         ok(&t, "/Observation?status=final"),
         outbound("/Practitioner/pr1/Observation", &[("status", "final")])
     );
-    assert_eq!(
-        ok(&t, "/Practitioner"),
-        outbound("/Practitioner", &[("_id", "pr1")])
-    );
+    // Practitioners are not patient data: a user token searches them wholesale.
+    assert_eq!(ok(&t, "/Practitioner"), outbound("/Practitioner", &[]));
     assert_eq!(
         ok(&t, "/Patient"),
         outbound("/Practitioner/pr1/Patient", &[])
@@ -243,6 +241,7 @@ fn type_outside_compartment_is_refused_by_rewrite_too() {
     let req = get("/Medication");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        public_types: std::sync::Arc::from([]),
         reaches: vec![(
             ScopeContext::Patient,
             crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
@@ -457,6 +456,7 @@ fn history_system_restricted_is_not_narrowable_here_too() {
     let req = get("/_history");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        public_types: std::sync::Arc::from([]),
         reaches: vec![(ScopeContext::Patient, crate::authz::Reach::Nothing)],
         denied_status: StatusCode::NOT_FOUND,
         token: TokenContext { has_patient: true },
@@ -484,6 +484,7 @@ fn system_search_restricted_is_not_narrowable() {
     let req = get("/?_type=Observation");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        public_types: std::sync::Arc::from([]),
         reaches: vec![(
             ScopeContext::Patient,
             crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
@@ -637,12 +638,22 @@ fn reads_are_built_from_parsed_parts_only() {
 #[test]
 fn reads_keep_client_params_except_format() {
     let t = patient_token("patient/Observation.rs");
-    assert_eq!(
-        ok(&t, "/Observation/o1?_elements=id&_format=json&_pretty=true"),
-        outbound(
-            "/Observation/o1",
-            &[("_elements", "id"), ("_pretty", "true")]
-        )
+    let out = ok(&t, "/Observation/o1?_elements=id&_format=json&_pretty=true");
+    assert_eq!(out.path, "/Observation/o1");
+    assert!(
+        !out.params.iter().any(|(k, _)| k == "_format"),
+        "{:?}",
+        out.params
+    );
+    assert!(
+        out.params
+            .contains(&("_pretty".to_owned(), "true".to_owned()))
+    );
+    // `_elements` is kept, widened with the compartment-linking elements.
+    let elements = &out.params.iter().find(|(k, _)| k == "_elements").unwrap().1;
+    assert!(
+        elements.starts_with("id,") && elements.contains("subject"),
+        "{elements}"
     );
 }
 
@@ -651,6 +662,7 @@ fn unsupported_interactions() {
     let t = system_token("system/*.cruds");
     let grant = grant_for(&t, &get("/Observation/o1"));
     let permit = Permit {
+        public_types: std::sync::Arc::from([]),
         reaches: vec![(ScopeContext::System, crate::authz::Reach::All)],
         denied_status: StatusCode::NOT_FOUND,
         token: TokenContext::default(),
@@ -736,5 +748,59 @@ fn path_and_query_of_rewritten_search() {
     assert_eq!(
         out.path_and_query(),
         "/Patient/p1/Observation?value-string=a+b&code=http%3A%2F%2Floinc.org%7C1234-5"
+    );
+}
+
+#[test]
+fn inference_parameters_are_refused_for_compartment_bound_tokens() {
+    let t = patient_token("patient/*.rs");
+    for q in [
+        "/Observation?subject:Patient.name=Smith",
+        "/Observation?subject.name=Smith",
+        "/Patient?_has:Observation:patient:code=1234",
+        "/Observation?_filter=code%20eq%201234",
+        "/Observation?_query=custom",
+        "/Observation?_contained=true",
+        "/Patient/p1/Observation?performer:Practitioner.name=X",
+    ] {
+        let err = rewrite(&t, &get(q)).unwrap_err();
+        assert!(
+            matches!(err, AuthzError::ParameterNotAllowed { .. }),
+            "{q}: {err:?}"
+        );
+        assert_eq!(err.reason(), "search_parameter_not_allowed");
+        assert_eq!(err.status(), http::StatusCode::BAD_REQUEST);
+    }
+    // Unrestricted tokens may use them: nothing to infer beyond their reach.
+    let sys = system_token("system/*.rs");
+    assert!(rewrite(&sys, &get("/Observation?subject:Patient.name=Smith")).is_ok());
+    // Ordinary parameters with modifiers are fine.
+    assert!(
+        rewrite(
+            &t,
+            &get("/Observation?code:text=glucose&subject:identifier=x|1")
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn elements_are_widened_with_the_linking_elements_for_restricted_tokens() {
+    let t = patient_token("patient/Observation.rs");
+    let out = ok(&t, "/Observation?_elements=code");
+    let elements = &out.params.iter().find(|(k, _)| k == "_elements").unwrap().1;
+    let listed: Vec<&str> = elements.split(',').collect();
+    assert_eq!(listed[0], "code");
+    for needed in ["subject", "performer"] {
+        assert!(listed.contains(&needed), "{elements}");
+    }
+    // Already present elements are not repeated; unrestricted tokens are untouched.
+    let out = ok(&t, "/Observation?_elements=subject,code");
+    let elements = &out.params.iter().find(|(k, _)| k == "_elements").unwrap().1;
+    assert_eq!(elements.matches("subject").count(), 1, "{elements}");
+    let sys = system_token("system/Observation.rs");
+    assert_eq!(
+        ok(&sys, "/Observation?_elements=code").params,
+        pairs(&[("_elements", "code")])
     );
 }

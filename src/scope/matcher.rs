@@ -8,10 +8,12 @@
 //!
 //! Fail-closed rules worth knowing:
 //! - a `patient/` scope grants nothing when the token has no patient claim;
-//! - scope constraints (`?category=...`) are honoured only where they can be enforced
-//!   by adding search parameters: `search-type` and a compartment search of one type.
-//!   Everywhere else (read, history, `$match`, multi-type searches, writes) a
-//!   constrained scope grants nothing.
+//! - scope constraints (`?category=...`) are honoured only where they can be enforced:
+//!   on `search-type` and a compartment search of one type (added as search parameters,
+//!   and every match re-checked) and on read, vread and instance history (evaluated on
+//!   the returned record by `authz::constraint`). Everywhere else (type and system
+//!   history, `$match`, `$everything`, multi-type searches, writes) a constrained scope
+//!   grants nothing.
 
 use std::fmt;
 
@@ -371,7 +373,7 @@ pub fn check_scopes(
     };
     match &req.interaction {
         Interaction::Read | Interaction::Vread | Interaction::HistoryInstance => {
-            m.single(target()?, Permissions::READ, Constraints::Refuse)
+            m.single(target()?, Permissions::READ, Constraints::Honour)
         }
         Interaction::SearchType => m.single(target()?, Permissions::SEARCH, Constraints::Honour),
         Interaction::SearchCompartment => match req.resource_type {
@@ -414,7 +416,9 @@ pub fn check_scopes(
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Constraints {
-    /// The interaction is a search of one type: constraints become search parameters.
+    /// The interaction targets one type and its results can be checked: constraints
+    /// become search parameters (one-type searches) and are evaluated on every returned
+    /// record (all of them, reads included).
     Honour,
     /// Constraints cannot be enforced: a constrained scope grants nothing here.
     Refuse,
@@ -577,25 +581,31 @@ impl ScopeSet {
             .filter(move |s| context.is_none_or(|c| s.context == c) && s.grants(rt, perm))
     }
 
-    /// The contexts under which resources of type `rt` may be released as a side
-    /// result (an `_include`d resource, an `$everything` entry): an unconstrained,
-    /// usable scope on `rt` or `*` with `r` or `s`. Constrained scopes do not count,
-    /// since their constraints cannot be checked on resources already fetched.
-    pub fn read_contexts(&self, rt: ResourceType, token: TokenContext) -> ContextSet {
-        self.resource_scopes()
-            .iter()
-            .filter(|s| {
-                token.allows(s)
-                    && !s.is_constrained()
-                    && s.resource.matches(rt)
-                    && s.permissions
-                        .intersects(Permissions::READ | Permissions::SEARCH)
-            })
-            .map(|s| s.context)
-            .collect()
+    /// The scopes under which resources of type `rt` may be released as a side result
+    /// (an `_include`d resource, an `$everything` entry): usable scopes on `rt` or `*`
+    /// with `r` or `s`. Constrained scopes are included: a caller releasing a resource
+    /// under one of them must evaluate its constraints on that resource
+    /// (`authz::constraint`) and let it count only if all of them match.
+    pub fn read_scopes(
+        &self,
+        rt: ResourceType,
+        token: TokenContext,
+    ) -> impl Iterator<Item = &SmartScope> + '_ {
+        self.resource_scopes().iter().filter(move |s| {
+            token.allows(s)
+                && s.resource.matches(rt)
+                && s.permissions
+                    .intersects(Permissions::READ | Permissions::SEARCH)
+        })
     }
 
-    /// True if [`ScopeSet::read_contexts`] is not empty.
+    /// The contexts of [`ScopeSet::read_scopes`]. A context may be here only through
+    /// constrained scopes, whose constraints the caller still has to evaluate.
+    pub fn read_contexts(&self, rt: ResourceType, token: TokenContext) -> ContextSet {
+        self.read_scopes(rt, token).map(|s| s.context).collect()
+    }
+
+    /// True if [`ScopeSet::read_contexts`] is not empty (constraints not evaluated).
     pub fn permits_type_read(&self, rt: ResourceType, token: TokenContext) -> bool {
         !self.read_contexts(rt, token).is_empty()
     }

@@ -1090,10 +1090,17 @@ fn constraints_are_kept_per_context() {
 
 #[test]
 fn constrained_scopes_grant_nothing_where_constraints_cannot_be_enforced() {
+    // Searches of one type get the constraint added to the query; reads, vreads and
+    // instance history have it evaluated on the returned record. Type history, `$match`
+    // and writes cannot be checked record by record.
     for (req, needed) in single_type_interactions() {
         let honoured = matches!(
             req.interaction,
-            Interaction::SearchType | Interaction::SearchCompartment
+            Interaction::SearchType
+                | Interaction::SearchCompartment
+                | Interaction::Read
+                | Interaction::Vread
+                | Interaction::HistoryInstance
         );
         let scopes = "patient/Observation.cruds?category=lab";
         let result = check(scopes, &req);
@@ -1120,6 +1127,38 @@ fn constrained_scopes_grant_nothing_where_constraints_cannot_be_enforced() {
             req.interaction.name()
         );
     }
+}
+
+#[test]
+fn constrained_reads_carry_their_constraints_for_the_record_check() {
+    for req in [
+        read(),
+        request(Interaction::Vread, Some("Observation")),
+        request(Interaction::HistoryInstance, Some("Observation")),
+    ] {
+        let grant = check(&format!("{LAB} {VITALS}"), &req).unwrap();
+        assert_eq!(
+            grant.constraint_for(ScopeContext::Patient),
+            Some(&SearchConstraint::AnyOf(vec![lab(), vitals()])),
+            "{}",
+            req.interaction.name()
+        );
+        assert!(grant.covers_type(Some(ScopeContext::Patient), rt("Observation")));
+        // An unconstrained scope alongside lifts them.
+        let grant = check(&format!("{LAB} patient/Observation.r"), &req).unwrap();
+        assert_eq!(
+            grant.constraint_for(ScopeContext::Patient),
+            Some(&SearchConstraint::None)
+        );
+    }
+    // `$everything` is a Patient read whose other entries cannot be narrowed by a
+    // Patient constraint: still refused.
+    let err = check(
+        "patient/Patient.r?gender=female",
+        &op("everything", OperationLevel::Instance, Some("Patient")),
+    )
+    .unwrap_err();
+    assert_eq!(err.reason(), "scope_constraint_unenforceable");
 }
 
 #[test]
@@ -1526,7 +1565,8 @@ fn permits_type_read_for_included_resources() {
     assert!(set.permits_type_read(rt("Observation"), t));
     assert!(set.permits_type_read(rt("Condition"), t));
     assert!(!set.permits_type_read(rt("Encounter"), t), "write only");
-    assert!(!set.permits_type_read(rt("Patient"), t), "constrained");
+    // Constrained scopes count: their constraints are evaluated on each record.
+    assert!(set.permits_type_read(rt("Patient"), t), "constrained");
     assert!(set.permits_type_read(rt("Practitioner"), t));
     assert!(!set.permits_type_read(rt("Medication"), t));
     assert!(

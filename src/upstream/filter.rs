@@ -8,6 +8,8 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
+use std::collections::HashSet;
+
 use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::Value;
@@ -35,6 +37,8 @@ pub struct Checked {
 pub struct CheckCtx<'a> {
     pub request: &'a FhirRequest,
     pub records: ReleaseCtx<'a>,
+    /// Turns Bundle links into proxy links (`None`: every link is dropped).
+    pub paging: Option<crate::cursor::Pager<'a>>,
 }
 
 impl CheckCtx<'_> {
@@ -136,7 +140,10 @@ pub fn check_answer(
                 kept: 0,
                 reason: "record_allowed",
             }),
-            Release::DeniedType | Release::DeniedRecord => Err(denied()),
+            // Non-patient data a patient token may only see next to its own records.
+            Release::AllowedIfReferenced(_) | Release::DeniedType | Release::DeniedRecord => {
+                Err(denied())
+            }
         };
     }
     drop(resource);
@@ -145,11 +152,20 @@ pub fn check_answer(
         let checked = filter_bundle(ctx, &body)?;
         // The history of a record the token may not see must look like a missing
         // record, not like an empty history.
+        // The history of a record the token may not see must look like a missing
+        // record. An empty history says nothing either way (the upstream may answer
+        // a missing id, `_count=0` or `_since` in the future with an empty 200 and a
+        // `total`), so for restricted tokens an instance history with nothing
+        // releasable is answered exactly like a missing record.
         if ctx.request.interaction == Interaction::HistoryInstance
-            && checked.dropped > 0
+            && !ctx.records.permit.is_unrestricted()
             && checked.kept == 0
         {
-            return Err(denied());
+            return Err(if checked.dropped > 0 {
+                denied()
+            } else {
+                UpstreamError::NotFound.into()
+            });
         }
         return Ok(checked);
     }
@@ -185,6 +201,54 @@ fn resource_type_of(body: &[u8]) -> Option<&str> {
     serde_json::from_slice::<Head<'_>>(body).ok()?.resource_type
 }
 
+enum Decision {
+    Keep,
+    Drop,
+    /// Keep only if a kept entry references this `Type/id`.
+    IfReferenced(String),
+}
+
+/// Adds every local reference (`Type/id`, versions stripped, local absolute bases
+/// removed) found anywhere in `resource` to `out`. Contained (`#x`) and foreign
+/// references are ignored.
+fn collect_references(resource: &Value, bases: &[&str], out: &mut HashSet<String>) {
+    match resource {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("reference", Value::String(r)) => {
+                        if let Some(local) = local_reference(r, bases) {
+                            out.insert(local);
+                        }
+                    }
+                    _ => collect_references(value, bases, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_references(i, bases, out)),
+        _ => {}
+    }
+}
+
+fn local_reference(reference: &str, bases: &[&str]) -> Option<String> {
+    let local = if reference.contains("://") {
+        bases
+            .iter()
+            .find_map(|b| reference.strip_prefix(*b).and_then(|r| r.strip_prefix('/')))?
+    } else {
+        reference
+    };
+    let mut parts = local.split('/');
+    let (t, id) = (parts.next()?, parts.next()?);
+    match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) | (Some("_history"), Some(_), None) => {}
+        _ => return None,
+    }
+    ResourceType::parse(t)?;
+    crate::fhir::ResourceId::parse(id)?;
+    Some(format!("{t}/{id}"))
+}
+
 #[derive(Deserialize)]
 struct EntryView {
     resource: Option<Value>,
@@ -204,15 +268,18 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
             .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?,
         None => Vec::new(),
     };
-    let mut kept: Vec<&RawValue> = Vec::with_capacity(entries.len());
-    let mut dropped = 0usize;
+    // First pass: decide each entry on its own. Non-patient data that a patient token
+    // may only see next to its own records waits for the second pass.
+    let mut decisions: Vec<(&RawValue, Decision)> = Vec::with_capacity(entries.len());
+    let mut referenced: HashSet<String> = HashSet::new();
     for raw in &entries {
         let entry: EntryView = serde_json::from_str(raw.get())
             .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?;
-        let keep = match &entry.resource {
+        let decision = match &entry.resource {
             // History entries of deletions carry no resource: only for unrestricted
             // tokens, since their request URL names the record.
-            None => ctx.records.permit.is_unrestricted(),
+            None if ctx.records.permit.is_unrestricted() => Decision::Keep,
+            None => Decision::Drop,
             Some(resource) => {
                 let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
                 match resource
@@ -223,15 +290,35 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
                     Some(rt)
                         if rt == ResourceType::OPERATION_OUTCOME && mode == Some("outcome") =>
                     {
-                        true
+                        Decision::Keep
                     }
-                    Some(rt) => matches!(
-                        ctx.release(rt, resource, mode != Some("include")),
-                        Release::Allowed(_)
-                    ),
-                    None => false,
+                    Some(rt) => match ctx.release(rt, resource, mode != Some("include")) {
+                        Release::Allowed(_) => {
+                            collect_references(resource, &ctx.records.bases, &mut referenced);
+                            Decision::Keep
+                        }
+                        Release::AllowedIfReferenced(_) => {
+                            match resource.get("id").and_then(Value::as_str) {
+                                Some(id) => Decision::IfReferenced(format!("{rt}/{id}")),
+                                None => Decision::Drop,
+                            }
+                        }
+                        Release::DeniedType | Release::DeniedRecord => Decision::Drop,
+                    },
+                    None => Decision::Drop,
                 }
             }
+        };
+        decisions.push((raw, decision));
+    }
+    // Second pass: keep waiting entries that a released record references.
+    let mut kept: Vec<&RawValue> = Vec::with_capacity(decisions.len());
+    let mut dropped = 0usize;
+    for (raw, decision) in decisions {
+        let keep = match decision {
+            Decision::Keep => true,
+            Decision::Drop => false,
+            Decision::IfReferenced(local) => referenced.contains(&local),
         };
         if keep {
             kept.push(raw);
@@ -239,6 +326,7 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
             dropped += 1;
         }
     }
+    let top = rewrite_links(ctx, top)?;
     let mut out: Vec<u8> = Vec::with_capacity(body.len());
     out.push(b'{');
     let mut first = true;
@@ -283,6 +371,45 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
             "entries_allowed"
         },
     })
+}
+
+/// Bundle links: an upstream URL is never handed out. `self` becomes the client's own
+/// request (or a cursor for this page), the paging relations become cursor URLs
+/// ([`crate::cursor::Pager::link`]), and anything else, including links to anywhere but
+/// the tenant's public base, is dropped; with no link left the key goes too.
+fn rewrite_links(
+    ctx: &CheckCtx<'_>,
+    mut top: IndexMap<String, Box<RawValue>>,
+) -> Result<IndexMap<String, Box<RawValue>>, ProxyError> {
+    let Some(raw) = top.get("link") else {
+        return Ok(top);
+    };
+    let links: Vec<Value> = serde_json::from_str(raw.get()).unwrap_or_default();
+    let mut out: Vec<Value> = Vec::with_capacity(links.len());
+    if let Some(pager) = &ctx.paging {
+        for link in &links {
+            let relation = link.get("relation").and_then(Value::as_str);
+            let url = link.get("url").and_then(Value::as_str);
+            let (Some(relation), Some(url)) = (relation, url) else {
+                continue;
+            };
+            let proxied = pager
+                .link(relation, url)
+                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+            if let Some(url) = proxied {
+                out.push(serde_json::json!({ "relation": relation, "url": url }));
+            }
+        }
+    }
+    if out.is_empty() {
+        top.shift_remove("link");
+        return Ok(top);
+    }
+    let value = serde_json::value::to_raw_value(&out)
+        .map_err(|_| UpstreamError::BadResponse("bundle.link"))?;
+    // Replacing an existing key keeps its position.
+    top.insert("link".to_owned(), value);
+    Ok(top)
 }
 
 #[cfg(test)]

@@ -284,27 +284,21 @@ impl Upstream {
 /// Replaces every occurrence of the upstream base with the public base.
 pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -> Bytes {
     let from = upstream.base.as_bytes();
-    if from.is_empty() || !contains(body, from) {
+    let finder = memchr::memmem::Finder::new(from);
+    let mut matches = finder.find_iter(body).peekable();
+    if from.is_empty() || matches.peek().is_none() {
         return Bytes::copy_from_slice(body);
     }
     let to = public_base.as_bytes();
-    let mut out = Vec::with_capacity(body.len() + 64);
-    let mut rest = body;
-    while let Some(pos) = find(rest, from) {
-        out.extend_from_slice(rest.get(..pos).unwrap_or_default());
+    let mut out = Vec::with_capacity(body.len() + 256);
+    let mut last = 0;
+    for at in matches {
+        out.extend_from_slice(body.get(last..at).unwrap_or_default());
         out.extend_from_slice(to);
-        rest = rest.get(pos + from.len()..).unwrap_or_default();
+        last = at + from.len();
     }
-    out.extend_from_slice(rest);
+    out.extend_from_slice(body.get(last..).unwrap_or_default());
     Bytes::from(out)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    find(hay, needle).is_some()
 }
 
 fn rewrite_header(
@@ -327,11 +321,12 @@ fn rewrite_header(
 #[derive(Clone)]
 pub struct Forward {
     upstream: Upstream,
+    cursors: crate::cursor::CursorKey,
 }
 
 impl Forward {
-    pub fn new(upstream: Upstream) -> Self {
-        Forward { upstream }
+    pub fn new(upstream: Upstream, cursors: crate::cursor::CursorKey) -> Self {
+        Forward { upstream, cursors }
     }
 }
 
@@ -349,11 +344,16 @@ impl tower::Service<Request<Bytes>> for Forward {
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let upstream = self.upstream.clone();
-        Box::pin(async move { forward(&upstream, &req).await })
+        let cursors = self.cursors.clone();
+        Box::pin(async move { forward(&upstream, &cursors, &req).await })
     }
 }
 
-async fn forward(upstream: &Upstream, req: &Request<Bytes>) -> Result<ProxyResponse, ProxyError> {
+async fn forward(
+    upstream: &Upstream,
+    cursors: &crate::cursor::CursorKey,
+    req: &Request<Bytes>,
+) -> Result<ProxyResponse, ProxyError> {
     let tenant = &tenant_of(req)?.0;
     let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
     let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
@@ -373,6 +373,16 @@ async fn forward(upstream: &Upstream, req: &Request<Bytes>) -> Result<ProxyRespo
             index: tenant.checker.index(),
             bases: [cfg.public_base.as_str(), cfg.upstream.base.as_str()],
         },
+        paging: Some(crate::cursor::Pager::new(
+            cursors,
+            tenant.id(),
+            &cfg.public_base,
+            token,
+            fhir,
+            out,
+            req.extensions().get::<crate::cursor::Resumed>(),
+            crate::cursor::now(),
+        )),
     };
     let checked = filter::check_answer(&ctx, fetched.status, &fetched.headers, body)?;
     if let (true, Some(audit)) = (

@@ -8,8 +8,11 @@ mod support;
 
 mod harness;
 
+mod cases;
+mod constraints;
 mod discovery;
 mod forwarding;
+mod paging;
 mod records;
 mod scopes;
 mod tokens;

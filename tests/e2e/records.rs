@@ -137,6 +137,27 @@ async fn included_records_are_checked_too() {
     )
     .await;
     assert_eq!(a.entry_ids(), ["Observation/obs-p1-glucose"]);
+    // With a Medication scope, the Medication p1's own request references comes along
+    // (non-patient data, released next to the record that references it) ...
+    let a = p1(
+        "patient/MedicationRequest.rs patient/Medication.rs",
+        "MedicationRequest?_include=MedicationRequest:medication",
+    )
+    .await;
+    assert_eq!(
+        a.entry_ids(),
+        [
+            "MedicationRequest/medreq-p1-metformin",
+            "Medication/med-metformin"
+        ]
+    );
+    // ... but it cannot be read on its own (the demo tenant lists no public types).
+    assert_eq!(
+        p1("patient/Medication.rs", "Medication/med-metformin")
+            .await
+            .status,
+        404
+    );
     // A _revinclude reaching a Provenance outside p1's compartment is dropped.
     let a = p1(
         "patient/Observation.rs patient/Provenance.rs",
@@ -253,4 +274,68 @@ async fn related_person_sees_only_its_own_compartment() {
     let t = token("related-rp1", "user/Observation.rs", "demo").await;
     let a = get(&format!("{}/Observation", shared().base("demo")), Some(&t)).await;
     assert_eq!(a.entry_ids(), ["Observation/obs-p1-home-bp"]);
+}
+
+#[tokio::test]
+async fn practitioners_read_non_patient_data_wholesale_but_patient_data_by_compartment() {
+    let t = token(
+        "practitioner-pr1",
+        "user/Practitioner.rs user/Medication.rs user/Patient.rs",
+        "demo",
+    )
+    .await;
+    let base = shared().base("demo");
+    let a = get(&format!("{base}/Practitioner"), Some(&t)).await;
+    assert_eq!(
+        sorted(a.entry_ids()),
+        ["Practitioner/pr1", "Practitioner/pr2"]
+    );
+    assert_eq!(
+        get(&format!("{base}/Medication/med-metformin"), Some(&t))
+            .await
+            .status,
+        200
+    );
+    let a = get(&format!("{base}/Patient"), Some(&t)).await;
+    assert_eq!(sorted(a.entry_ids()), ["Patient/p1", "Patient/p10"]);
+    assert_eq!(
+        get(&format!("{base}/Patient/p2"), Some(&t)).await.status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn chained_and_reverse_chained_parameters_are_refused_for_compartment_bound_tokens() {
+    let before = support::fhir_server().requests().len();
+    for q in [
+        "Observation?subject:Patient.name=Smith",
+        "Patient?_has:Observation:patient:code=1234",
+        "Patient/p1/Observation?performer.name=X",
+    ] {
+        let a = p1("patient/*.rs", q).await;
+        assert_eq!(a.status, 400, "{q}: {}", a.text);
+        assert_eq!(a.reason(), "search_parameter_not_allowed", "{q}");
+    }
+    let after = support::fhir_server().requests();
+    assert!(
+        !after[before..]
+            .iter()
+            .any(|r| r.contains("Smith") || r.contains("_has")),
+        "{after:?}"
+    );
+    // A system token may chain.
+    let t = token("backend", "system/Observation.rs", "demo").await;
+    let a = get(
+        &format!(
+            "{}/Observation?subject:Patient.name=Smith",
+            shared().base("demo")
+        ),
+        Some(&t),
+    )
+    .await;
+    assert!(
+        !a.text.contains("search_parameter_not_allowed"),
+        "{}",
+        a.text
+    );
 }

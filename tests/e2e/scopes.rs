@@ -219,8 +219,20 @@ async fn finer_grained_scope_adds_its_constraint_to_searches() {
             "Observation/obs-p1-hba1c"
         ]
     );
-    // A constrained scope cannot be checked on a direct read: refused, not guessed.
+    // On a direct read the proxy evaluates the constraint on the record itself
+    // (see `constraints.rs`): a laboratory Observation is released, a vital-signs one
+    // looks missing.
     let a = as_client("patient-p1", lab, "Observation/obs-p1-glucose").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = as_client("patient-p1", lab, "Observation/obs-p1-heart-rate").await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    // Where it cannot be checked record by record (type history), it is still refused.
+    let a = as_client(
+        "backend",
+        "system/Observation.rs?category=laboratory",
+        "Observation/_history",
+    )
+    .await;
     assert_eq!(a.status, 403, "{}", a.text);
     assert_eq!(a.reason(), "scope_constraint_unenforceable");
 }

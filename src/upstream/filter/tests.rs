@@ -19,6 +19,9 @@ const FHIR_JSON: &str = "application/fhir+json";
 static INDEX: LazyLock<Arc<CompartmentIndex>> =
     LazyLock::new(|| Arc::new(CompartmentIndex::official().unwrap()));
 
+static CURSOR_KEY: LazyLock<crate::cursor::CursorKey> =
+    LazyLock::new(|| crate::cursor::CursorKey::from_secret(&[7; 32], 60).unwrap());
+
 /// A request that passed the scope and authz stages.
 struct Fixture {
     request: FhirRequest,
@@ -87,6 +90,14 @@ impl Fixture {
         content_type: Option<&str>,
         body: &[u8],
     ) -> Result<Checked, ProxyError> {
+        let out = crate::rewrite::rewrite_request(
+            &self.request,
+            &self.grant,
+            &self.permit,
+            &INDEX,
+            &Bytes::new(),
+        )
+        .ok();
         let ctx = CheckCtx {
             request: &self.request,
             records: ReleaseCtx {
@@ -96,6 +107,7 @@ impl Fixture {
                 index: &INDEX,
                 bases: [PUBLIC, UPSTREAM],
             },
+            paging: out.as_ref().map(|o| self.pager(o)),
         };
         let mut headers = HeaderMap::new();
         if let Some(ct) = content_type {
@@ -106,6 +118,20 @@ impl Fixture {
             StatusCode::from_u16(status).unwrap(),
             &headers,
             Bytes::copy_from_slice(body),
+        )
+    }
+
+    /// Paging links as stage 5 would issue them, with a fixed key and clock.
+    fn pager<'a>(&'a self, out: &'a crate::rewrite::OutboundRequest) -> crate::cursor::Pager<'a> {
+        crate::cursor::Pager::new(
+            &CURSOR_KEY,
+            "t1",
+            PUBLIC,
+            &self.token,
+            &self.request,
+            out,
+            None,
+            1_000,
         )
     }
 
@@ -448,6 +474,7 @@ fn content_type_that_is_not_visible_ascii_is_bad_response() {
             index: &INDEX,
             bases: [PUBLIC, UPSTREAM],
         },
+        paging: None,
     };
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -622,7 +649,14 @@ fn bundle_keeps_link_and_other_keys_in_order() {
         ]
     );
     let input: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(out["link"], input["link"]);
+    // `self` is the client's own request; the HAPI-style `next` handle became a cursor.
+    assert_eq!(out["link"][0], input["link"][0]);
+    assert_eq!(out["link"][1]["relation"], "next");
+    let next = out["link"][1]["url"].as_str().unwrap();
+    assert!(
+        next.starts_with(&format!("{PUBLIC}/Observation?_cursor=")),
+        "{next}"
+    );
     assert_eq!(out["meta"], input["meta"]);
 }
 
@@ -824,10 +858,10 @@ fn bundle_for_system_token_keeps_everything() {
     let c = fx.check(200, &body).unwrap();
     assert_eq!(c.dropped, 0);
     assert_eq!(parsed(&c)["total"], 2);
-    assert_eq!(
-        parsed(&c),
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()
-    );
+    let mut expected = serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    // The `self` link names the client's own request (see `crate::cursor`).
+    expected["link"][0]["url"] = json!(format!("{PUBLIC}/Observation?code=a"));
+    assert_eq!(parsed(&c), expected);
 }
 
 #[test]
@@ -1030,4 +1064,236 @@ proptest! {
             prop_assert_eq!(&e["resource"]["subject"]["reference"], "Patient/p1");
         }
     }
+}
+
+#[test]
+fn non_patient_includes_are_kept_only_when_a_released_record_references_them() {
+    let fx = Fixture::patient(
+        "patient/MedicationRequest.rs patient/Medication.rs",
+        "/MedicationRequest?_include=MedicationRequest:medication",
+    );
+    let mr = |id: &str, patient: &str, med: &str| {
+        json!({"resourceType": "MedicationRequest", "id": id,
+               "subject": {"reference": patient},
+               "medicationReference": {"reference": med}})
+    };
+    let med = |id: &str| json!({"resourceType": "Medication", "id": id});
+    let body = json!({
+        "resourceType": "Bundle", "type": "searchset", "total": 2,
+        "entry": [
+            search_entry(mr("mr1", "Patient/p1", "Medication/m1"), "match"),
+            search_entry(mr("mr2", "Patient/p2", "Medication/m2"), "match"),
+            search_entry(med("m1"), "include"),
+            // Referenced only by p2's request, which is dropped.
+            search_entry(med("m2"), "include"),
+            // Referenced by nobody.
+            search_entry(med("m3"), "include"),
+            // Referenced absolutely through the public base, with a version.
+            search_entry(mr("mr3", "Patient/p1", &format!("{PUBLIC}/Medication/m4/_history/2")), "match"),
+            search_entry(med("m4"), "include")
+        ]
+    })
+    .to_string();
+    let c = fx.check(200, &body).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&c.body).unwrap();
+    let ids: Vec<&str> = v["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["mr1", "m1", "mr3", "m4"]);
+    assert_eq!(c.dropped, 3);
+
+    // A direct read of the same Medication is refused for the patient token.
+    let fx = Fixture::patient("patient/Medication.rs", "/Medication/m1");
+    let err = fx.check(200, &med("m1").to_string()).unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// paging links (`rewrite_links`, see `crate::cursor`)
+
+#[test]
+fn bundle_links_never_carry_upstream_urls() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?_count=2");
+    let body = json!({
+        "resourceType": "Bundle", "type": "searchset",
+        "link": [
+            {"relation": "self", "url": format!("{PUBLIC}/Observation?_count=2&_offset=0")},
+            // sekmet-fhir drops the compartment of the narrowed search from its links.
+            {"relation": "next", "url": format!("{PUBLIC}/Observation?_count=2&_offset=2")},
+            // Not rewritten to the public base: a foreign URL, dropped.
+            {"relation": "previous", "url": format!("{UPSTREAM}/Observation?_offset=0")},
+            {"relation": "last", "url": "https://elsewhere.example/fhir/Observation"},
+            {"relation": "alternate", "url": format!("{PUBLIC}/Observation?_format=xml")},
+            {"relation": "first"},
+            "junk"
+        ],
+        "entry": [search_entry(obs("o1", "Patient/p1"), "match")]
+    })
+    .to_string();
+    let c = fx.check(200, &body).unwrap();
+    let out = parsed(&c);
+    let links = out["link"].as_array().unwrap();
+    assert_eq!(links.len(), 2, "{out}");
+    assert_eq!(links[0]["relation"], "self");
+    assert_eq!(links[0]["url"], format!("{PUBLIC}/Observation?_count=2"));
+    assert_eq!(links[1]["relation"], "next");
+    let next = links[1]["url"].as_str().unwrap();
+    let cursor = next
+        .strip_prefix(&format!("{PUBLIC}/Observation?_cursor="))
+        .unwrap();
+    let principal = CURSOR_KEY.principal(&fx.token);
+    let claims = CURSOR_KEY
+        .verify(
+            cursor,
+            &crate::cursor::Binding {
+                tenant: "t1",
+                principal: &principal,
+                request: "search-type /Observation",
+            },
+            1_000,
+        )
+        .unwrap();
+    assert_eq!(claims.page.path, "/Patient/p1/Observation");
+    assert!(
+        !c.body
+            .windows(UPSTREAM.len())
+            .any(|w| w == UPSTREAM.as_bytes())
+    );
+    // Entries untouched.
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+}
+
+#[test]
+fn bundle_without_paging_context_loses_its_links() {
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let body = bundle(vec![search_entry(obs("o1", "Patient/p1"), "match")]);
+    let ctx = CheckCtx {
+        request: &fx.request,
+        records: ReleaseCtx {
+            permit: &fx.permit,
+            grant: &fx.grant,
+            token: &fx.token,
+            index: &INDEX,
+            bases: [PUBLIC, UPSTREAM],
+        },
+        paging: None,
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    let c = check_answer(&ctx, StatusCode::OK, &headers, Bytes::from(body)).unwrap();
+    let out = parsed(&c);
+    assert!(out.get("link").is_none(), "{out}");
+    assert_eq!(out["total"], 1);
+}
+
+// ---------------------------------------------------------------------------------
+// Finer-grained scopes: constraints evaluated on returned records
+// ---------------------------------------------------------------------------------
+
+const LAB_SCOPE: &str = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
+
+fn categorized_obs(id: &str, category: &str) -> serde_json::Value {
+    let mut o = obs(id, "Patient/p1");
+    o["category"] = json!([{"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+        "code": category
+    }]}]);
+    o
+}
+
+#[test]
+fn constrained_read_of_matching_record_passes() {
+    let fx = Fixture::patient(LAB_SCOPE, "/Observation/o1");
+    let body = categorized_obs("o1", "laboratory").to_string();
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(c.body, body.as_bytes());
+    assert_eq!(c.reason, "record_allowed");
+}
+
+#[test]
+fn constrained_read_of_other_record_looks_missing() {
+    let fx = Fixture::patient(LAB_SCOPE, "/Observation/o1");
+    let err = fx
+        .check(200, &categorized_obs("o1", "vital-signs").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+    assert_eq!(err.reason(), "record_denied");
+    // Without a category at all, likewise.
+    let err = fx
+        .check(200, &obs("o1", "Patient/p1").to_string())
+        .unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+#[test]
+fn constrained_history_keeps_only_matching_versions() {
+    let fx = Fixture::patient(LAB_SCOPE, "/Observation/o1/_history");
+    let history = |categories: &[&str]| {
+        json!({
+            "resourceType": "Bundle", "type": "history", "total": categories.len(),
+            "entry": categories.iter()
+                .map(|c| json!({"resource": categorized_obs("o1", c)}))
+                .collect::<Vec<_>>()
+        })
+        .to_string()
+    };
+    let c = fx
+        .check(200, &history(&["laboratory", "vital-signs"]))
+        .unwrap();
+    assert_eq!(c.kept, 1);
+    assert_eq!(c.dropped, 1);
+    let err = fx.check(200, &history(&["vital-signs"])).unwrap_err();
+    assert!(is_hidden(&err, StatusCode::NOT_FOUND), "{err:?}");
+}
+
+#[test]
+fn constrained_search_matches_are_checked_again() {
+    let fx = Fixture::patient(LAB_SCOPE, "/Observation");
+    let body = bundle(vec![
+        search_entry(categorized_obs("o1", "laboratory"), "match"),
+        search_entry(categorized_obs("o2", "vital-signs"), "match"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+    assert_eq!(c.dropped, 1);
+}
+
+#[test]
+fn included_records_not_matching_a_constrained_scope_are_dropped() {
+    let fx = Fixture::patient(
+        &format!("patient/Encounter.rs {LAB_SCOPE}"),
+        "/Encounter?_revinclude=Observation:encounter",
+    );
+    let body = bundle(vec![
+        search_entry(
+            json!({"resourceType": "Encounter", "id": "e1",
+                   "subject": {"reference": "Patient/p1"}}),
+            "match",
+        ),
+        search_entry(categorized_obs("o1", "laboratory"), "include"),
+        search_entry(categorized_obs("o2", "vital-signs"), "include"),
+        search_entry(obs("o3", "Patient/p1"), "include"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Encounter/e1", "Observation/o1"]);
+    assert_eq!(c.dropped, 2);
+}
+
+#[test]
+fn two_constrained_scopes_release_the_union() {
+    let vitals = LAB_SCOPE.replace("laboratory", "vital-signs");
+    let fx = Fixture::patient(
+        &format!("patient/Encounter.rs {LAB_SCOPE} {vitals}"),
+        "/Encounter?_revinclude=Observation:encounter",
+    );
+    let body = bundle(vec![
+        search_entry(categorized_obs("o1", "laboratory"), "include"),
+        search_entry(categorized_obs("o2", "vital-signs"), "include"),
+        search_entry(categorized_obs("o3", "imaging"), "include"),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1", "Observation/o2"]);
 }

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark: smart-fhir-proxy against a plain pass-through proxy
+# (examples/passthrough.rs, same hyper stack, no authorization), measured in the same
+# run, in front of the same upstream. Two upstreams:
+#   static  examples/static_upstream.rs, fixed answers in microseconds: shows the proxy's
+#           own cost (token, scopes, narrowing, response checks, URL rewriting);
+#   real    the sekmet-fhir test server with tests/fixtures/base-bundle.json.
+# Every server binds to 127.0.0.1 on a free port and is stopped on exit; the load is
+# bounded in requests and seconds.
+#
+# Usage: scripts/bench-e2e.sh            (BENCH_REQUESTS=4000 BENCH_CONCURRENCY=8 to change)
+# Output: a table on stdout and target/bench-e2e/results.json.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+requests=${BENCH_REQUESTS:-4000}
+real_requests=${BENCH_REAL_REQUESTS:-600}
+concurrency=${BENCH_CONCURRENCY:-8}
+out_dir=$REPO_ROOT/target/bench-e2e
+work=$(mktemp -d)
+mkdir -p "$out_dir"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$SCRIPTS_DIR/install.sh" >&2
+log "building release binaries"
+(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy \
+  --example passthrough --example static_upstream --example loadgen)
+bin=$REPO_ROOT/target/release
+start() { # LOG CMD...: start in the background, remember the pid
+  local logfile=$1
+  shift
+  "$@" >"$logfile" 2>&1 &
+  pids+=("$!")
+}
+
+static_port=$(free_port); pass_static_port=$(free_port); pass_real_port=$(free_port)
+proxy_port=$(free_port); issuer_port=$(free_port); fhir_port=$(free_port)
+start "$work/static.log" "$bin/examples/static_upstream" "127.0.0.1:$static_port" 20
+start "$work/pass-static.log" "$bin/examples/passthrough" "127.0.0.1:$pass_static_port" "http://127.0.0.1:$static_port/fhir"
+fhir_base=$("$SCRIPTS_DIR/fhir-server.sh" --port "$fhir_port" --data-dir "$work/fhir" --parent-pid $$ \
+  --load "$REPO_ROOT/tests/fixtures/base-bundle.json" --quiet)
+pids+=("$(<"$work/fhir/server.pid")")
+start "$work/pass-real.log" "$bin/examples/passthrough" "127.0.0.1:$pass_real_port" "$fhir_base"
+
+issuer_url=http://127.0.0.1:$issuer_port
+cat >"$work/issuer.json" <<JSON
+{ "issuer": "$issuer_url", "port": $issuer_port, "resources": ["http://127.0.0.1:$proxy_port/*"],
+  "clients": [ { "client_id": "bench", "client_secret": "bench", "scopes": "*", "patient": "p1", "fhirUser": "Patient/p1" } ] }
+JSON
+"$SCRIPTS_DIR/issuer-server.sh" --config "$work/issuer.json" --parent-pid $$ \
+  --pid-file "$work/issuer.pid" --log "$work/issuer.log" >/dev/null
+pids+=("$(<"$work/issuer.pid")")
+
+tenant() { # ID UPSTREAM
+  cat <<JSON
+  "$1": { "public_base_url": "http://127.0.0.1:$proxy_port/$1", "upstream": { "base_url": "$2" },
+    "token": { "issuers": ["$issuer_url"], "jwks_uri": "$issuer_url/jwks", "audience": "http://127.0.0.1:$proxy_port/$1" },
+    "smart": { "authorization_endpoint": "$issuer_url/auth", "token_endpoint": "$issuer_url/token" },
+    "authorization": { "mode": "compartment" } }
+JSON
+}
+{ echo '{"tenants": {'; tenant static "http://127.0.0.1:$static_port/fhir"; echo ','; tenant real "$fhir_base"; echo '}}'; } >"$work/tenants.json"
+start "$work/proxy.log" env RUST_LOG=warn "$bin/smart-fhir-proxy" --tenants "$work/tenants.json" --listen "127.0.0.1:$proxy_port"
+for port in "$static_port" "$pass_static_port" "$pass_real_port" "$proxy_port"; do
+  "$SCRIPTS_DIR/lib/wait-http.sh" "http://127.0.0.1:$port/" 20 >/dev/null 2>&1 || true
+done
+"$SCRIPTS_DIR/lib/wait-http.sh" "http://127.0.0.1:$proxy_port/_health" 20 >/dev/null
+
+token() { # TENANT
+  curl -fsS -u bench:bench --data-urlencode grant_type=client_credentials \
+    --data-urlencode "scope=patient/Observation.rs" --data-urlencode "resource=http://127.0.0.1:$proxy_port/$1" \
+    "$issuer_url/token" | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["access_token"])'
+}
+static_token=$(token static)
+real_token=$(token real)
+
+run() { # NAME N URL [TOKEN]
+  local args=("$3" --requests "$2" --concurrency "$concurrency" --max-seconds 60)
+  [[ -n ${4:-} ]] && args+=(--header "Authorization: Bearer $4")
+  "$bin/examples/loadgen" "${args[@]}" | sed "s/^/{\"name\":\"$1\",\"result\":/; s/\$/}/"
+}
+log "running: $requests requests per static scenario, $real_requests per real one, concurrency $concurrency"
+{
+  run static-read-passthrough "$requests" "http://127.0.0.1:$pass_static_port/t/Observation/obs-0"
+  run static-read-proxy "$requests" "http://127.0.0.1:$proxy_port/static/Observation/obs-0" "$static_token"
+  run static-search-passthrough "$requests" "http://127.0.0.1:$pass_static_port/t/Observation"
+  run static-search-proxy "$requests" "http://127.0.0.1:$proxy_port/static/Observation" "$static_token"
+  run real-read-passthrough "$real_requests" "http://127.0.0.1:$pass_real_port/t/Observation/obs-p1-glucose"
+  run real-read-proxy "$real_requests" "http://127.0.0.1:$proxy_port/real/Observation/obs-p1-glucose" "$real_token"
+  run real-search-passthrough "$real_requests" "http://127.0.0.1:$pass_real_port/t/Patient/p1/Observation"
+  run real-search-proxy "$real_requests" "http://127.0.0.1:$proxy_port/real/Observation" "$real_token"
+} >"$out_dir/results.jsonl"
+
+"$VENV/bin/python" - "$out_dir/results.jsonl" "$out_dir/results.json" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+json.dump(rows, open(sys.argv[2], "w"), indent=2)
+by = {r["name"]: r["result"] for r in rows}
+print("| scenario | pass-through rps | proxy rps | rps ratio | pass-through p50 / p99 ms | proxy p50 / p99 ms | p50 ratio | proxy statuses |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for s in ["static-read", "static-search", "real-read", "real-search"]:
+    p, x = by[f"{s}-passthrough"], by[f"{s}-proxy"]
+    print(f"| {s} | {p['rps']:.0f} | {x['rps']:.0f} | {x['rps'] / p['rps']:.2f} | "
+          f"{p['p50_ms']:.2f} / {p['p99_ms']:.2f} | {x['p50_ms']:.2f} / {x['p99_ms']:.2f} | "
+          f"{x['p50_ms'] / max(p['p50_ms'], 1e-9):.2f} | {x['statuses']} |")
+bad = [n for n, r in by.items() if r["errors"] or any(k != "200" for k in r["statuses"])]
+if bad:
+    print(f"\nnon-200 answers or errors in: {', '.join(bad)}")
+    sys.exit(1)
+PY
