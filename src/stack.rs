@@ -231,7 +231,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         )))
         .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
         .layer(StageLayer::new(CheckScope))
-        .layer(StageLayer::new(Authorize))
+        .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
         .layer(StageLayer::new(RewriteSearch::new(shared.cursors.clone())))
         .service(Forward::new(shared.upstream, shared.cursors));
     tower::util::BoxCloneSyncService::new(svc)

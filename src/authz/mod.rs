@@ -14,6 +14,7 @@
 
 pub mod compartment;
 pub mod constraint;
+pub mod roles;
 
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ use crate::error::ProxyError;
 use crate::fhir::{CompartmentRef, FhirRequest, Interaction, ResourceType};
 use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
 use crate::stack::{Flow, Stage, ext, tenant_of};
-use crate::token::VerifiedToken;
+use crate::token::{FhirUser, VerifiedToken};
 pub use compartment::CompartmentIndex;
 
 /// Compartment types a `fhirUser` can anchor `user/` access to.
@@ -121,7 +122,18 @@ pub enum Reach {
 }
 
 impl Reach {
+    /// The reach of `context` for `token`, with the token's own `fhirUser`.
     pub fn of(context: ScopeContext, token: &VerifiedToken) -> Reach {
+        Reach::with_user(context, token, token.fhir_user.as_ref())
+    }
+
+    /// As [`Reach::of`], with the `fhirUser` already resolved (a `PractitionerRole`
+    /// becomes its Practitioner).
+    pub fn with_user(
+        context: ScopeContext,
+        token: &VerifiedToken,
+        user: Option<&FhirUser>,
+    ) -> Reach {
         match context {
             ScopeContext::System => Reach::All,
             ScopeContext::Patient => match &token.patient {
@@ -131,7 +143,7 @@ impl Reach {
                 }),
                 None => Reach::Nothing,
             },
-            ScopeContext::User => match &token.fhir_user {
+            ScopeContext::User => match user {
                 Some(u) if USER_COMPARTMENTS.contains(&u.resource_type) => {
                     Reach::Compartment(CompartmentRef {
                         owner: u.resource_type,
@@ -154,6 +166,9 @@ pub struct Permit {
     pub token: TokenContext,
     /// Non-patient types `patient/` tokens may read wholesale (tenant setting).
     pub public_types: Arc<[ResourceType]>,
+    /// The `fhirUser` that anchors `user/` scopes, resolved (a `PractitionerRole` in
+    /// the token becomes the Practitioner it names).
+    pub user: Option<FhirUser>,
 }
 
 /// How far a compartment-bound context reaches into resources of one type.
@@ -256,7 +271,7 @@ impl ReleaseCtx<'_> {
             if !self.constraints_hold(context, rt, resource, primary) {
                 continue;
             }
-            let inside = match Reach::of(context, self.token) {
+            let inside = match Reach::with_user(context, self.token, self.permit.user.as_ref()) {
                 Reach::All => true,
                 Reach::Compartment(c) => match self.permit.type_reach(context, rt, self.index) {
                     TypeReach::Compartment => self.index.contains(&c, rt, resource, &self.bases),
@@ -390,13 +405,24 @@ pub fn authorize(
     token: &VerifiedToken,
     grant: &ScopeGrant,
 ) -> Result<Permit, AuthzError> {
+    authorize_as(checker, req, token, grant, token.fhir_user.clone())
+}
+
+/// As [`authorize`], with the `fhirUser` already resolved (see [`Permit::user`]).
+pub fn authorize_as(
+    checker: &Checker,
+    req: &FhirRequest,
+    token: &VerifiedToken,
+    grant: &ScopeGrant,
+    user: Option<FhirUser>,
+) -> Result<Permit, AuthzError> {
     let scope_token = TokenContext {
         has_patient: token.patient.is_some(),
     };
     let reaches: Vec<(ScopeContext, Reach)> = grant
         .contexts()
         .iter()
-        .map(|c| (c, Reach::of(c, token)))
+        .map(|c| (c, Reach::with_user(c, token, user.as_ref())))
         .collect();
     if reaches.iter().all(|(_, r)| *r == Reach::Nothing) {
         return Err(AuthzError::NoUserCompartment);
@@ -406,6 +432,7 @@ pub fn authorize(
         denied_status: checker.denied_status(),
         token: scope_token,
         public_types: checker.public_types(),
+        user,
     };
     match &req.interaction {
         Interaction::Create
@@ -467,15 +494,35 @@ pub fn authorize(
 }
 
 /// The stage.
-pub struct Authorize;
+pub struct Authorize {
+    roles: roles::RoleResolver,
+}
+
+impl Authorize {
+    pub fn new(upstream: crate::upstream::Upstream) -> Self {
+        Authorize {
+            roles: roles::RoleResolver::new(upstream),
+        }
+    }
+}
 
 impl Stage for Authorize {
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
-        let tenant = tenant_of(req)?;
-        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
-        let permit = authorize(&tenant.0.checker, fhir, token, grant)?;
+        // Only `user/` scopes look at the fhirUser; resolve a PractitionerRole only then.
+        let user = match &token.fhir_user {
+            Some(u)
+                if u.resource_type == ResourceType::PRACTITIONER_ROLE
+                    && grant.contexts().contains(ScopeContext::User) =>
+            {
+                self.roles.practitioner_of(&tenant, &u.id).await?
+            }
+            other => other.clone(),
+        };
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let permit = authorize_as(&tenant.checker, fhir, token, grant, user)?;
         req.extensions_mut().insert(permit);
         Ok(Flow::Continue)
     }

@@ -242,6 +242,7 @@ fn type_outside_compartment_is_refused_by_rewrite_too() {
     let grant = grant_for(&t, &req);
     let permit = Permit {
         public_types: std::sync::Arc::from([]),
+        user: None,
         reaches: vec![(
             ScopeContext::Patient,
             crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
@@ -457,6 +458,7 @@ fn history_system_restricted_is_not_narrowable_here_too() {
     let grant = grant_for(&t, &req);
     let permit = Permit {
         public_types: std::sync::Arc::from([]),
+        user: None,
         reaches: vec![(ScopeContext::Patient, crate::authz::Reach::Nothing)],
         denied_status: StatusCode::NOT_FOUND,
         token: TokenContext { has_patient: true },
@@ -485,6 +487,7 @@ fn system_search_restricted_is_not_narrowable() {
     let grant = grant_for(&t, &req);
     let permit = Permit {
         public_types: std::sync::Arc::from([]),
+        user: None,
         reaches: vec![(
             ScopeContext::Patient,
             crate::authz::Reach::Compartment(crate::fhir::CompartmentRef {
@@ -663,6 +666,7 @@ fn unsupported_interactions() {
     let grant = grant_for(&t, &get("/Observation/o1"));
     let permit = Permit {
         public_types: std::sync::Arc::from([]),
+        user: None,
         reaches: vec![(ScopeContext::System, crate::authz::Reach::All)],
         denied_status: StatusCode::NOT_FOUND,
         token: TokenContext::default(),

@@ -339,3 +339,26 @@ async fn chained_and_reverse_chained_parameters_are_refused_for_compartment_boun
         a.text
     );
 }
+
+#[tokio::test]
+async fn a_practitioner_role_acts_as_its_practitioner() {
+    let base = shared().base("demo");
+    let t = token("role-pr1", "user/Observation.rs", "demo").await;
+    let a = get(&format!("{base}/Observation?_count=100"), Some(&t)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let pr1 = token("practitioner-pr1", "user/Observation.rs", "demo").await;
+    let b = get(&format!("{base}/Observation?_count=100"), Some(&pr1)).await;
+    assert_eq!(sorted(a.entry_ids()), sorted(b.entry_ids()));
+    assert!(!a.entry_ids().is_empty());
+    assert_eq!(
+        get(&format!("{base}/Observation/obs-p1-hba1c"), Some(&t))
+            .await
+            .status,
+        404
+    );
+    // An inactive role reaches nothing.
+    let t = token("role-pr2-inactive", "user/Observation.rs", "demo").await;
+    let a = get(&format!("{base}/Observation"), Some(&t)).await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    assert_eq!(a.reason(), "no_user_compartment");
+}

@@ -23,6 +23,8 @@
 //! | `related-rp1` | p1 | RelatedPerson/rp1 | RS256 | |
 //! | `practitioner-pr1` | | Practitioner/pr1 | RS256 | |
 //! | `practitioner-pr2` | | Practitioner/pr2 | ES256 | |
+//! | `role-pr1` | | PractitionerRole/role-pr1 | RS256 | acts as pr1 |
+//! | `role-pr2-inactive` | | PractitionerRole/role-pr2-inactive | RS256 | inactive role |
 //! | `backend` | | | RS256 | system scopes |
 //! | `backend-es256` | | | ES256 | system scopes |
 //! | `patient-p1-short` | p1 | Patient/p1 | RS256 | tokens expire after 2 s |
@@ -469,6 +471,8 @@ impl IssuerConfig {
                     .patient("p1")
                     .fhir_user("RelatedPerson/rp1"),
                 c("practitioner-pr1").fhir_user("Practitioner/pr1"),
+                c("role-pr1").fhir_user("PractitionerRole/role-pr1"),
+                c("role-pr2-inactive").fhir_user("PractitionerRole/role-pr2-inactive"),
                 c("practitioner-pr2")
                     .fhir_user("Practitioner/pr2")
                     .alg(Alg::ES256),
