@@ -288,27 +288,8 @@ fn walk(v: &Value, path: &[String], f: &mut dyn FnMut(&str)) {
 
 /// Strict local reference match; see the module docs.
 pub fn reference_is(reference: &str, c: &CompartmentRef, bases: &[&str]) -> bool {
-    let local = if reference.contains("://") {
-        match bases
-            .iter()
-            .find_map(|b| reference.strip_prefix(*b).and_then(|r| r.strip_prefix('/')))
-        {
-            Some(r) => r,
-            None => return false,
-        }
-    } else {
-        reference
-    };
-    let mut parts = local.split('/');
-    let (Some(t), Some(id)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    let version_ok = match (parts.next(), parts.next(), parts.next()) {
-        (None, _, _) => true,
-        (Some("_history"), Some(v), None) => !v.is_empty(),
-        _ => false,
-    };
-    version_ok && t == c.owner.as_str() && id == c.id.as_str()
+    crate::fhir::parse_local_reference(reference, bases)
+        .is_some_and(|l| l.resource_type == c.owner && l.id == c.id.as_str())
 }
 
 #[cfg(test)]

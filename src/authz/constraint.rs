@@ -693,27 +693,10 @@ fn reference_matches(
     })
 }
 
-/// `Type/id` of a relative, versioned (`Type/id/_history/v`) or local absolute
-/// reference; `None` for contained (`#x`), `urn:` and foreign absolute references.
+/// `Type/id` of a relative, versioned or local absolute reference (see
+/// [`crate::fhir::parse_local_reference`]).
 fn local_reference<'a>(reference: &'a str, bases: &[&str]) -> Option<(ResourceType, &'a str)> {
-    let local = if reference.contains("://") {
-        bases
-            .iter()
-            .find_map(|b| reference.strip_prefix(*b).and_then(|r| r.strip_prefix('/')))?
-    } else {
-        reference
-    };
-    let mut parts = local.split('/');
-    let (t, id) = (parts.next()?, parts.next()?);
-    match (parts.next(), parts.next(), parts.next()) {
-        (None, _, _) => {}
-        (Some("_history"), Some(v), None) if !v.is_empty() => {}
-        _ => return None,
-    }
-    if id.is_empty() {
-        return None;
-    }
-    Some((ResourceType::parse(t)?, id))
+    crate::fhir::parse_local_reference(reference, bases).map(|l| (l.resource_type, l.id))
 }
 
 /// HumanName and Address parts a `string` search looks at.

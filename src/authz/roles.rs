@@ -98,23 +98,11 @@ pub fn practitioner_of_role(role: &Value, id: &ResourceId, bases: &[&str]) -> Op
         return None;
     }
     let reference = role.pointer("/practitioner/reference")?.as_str()?;
-    let local = if reference.contains("://") {
-        bases
-            .iter()
-            .find_map(|b| reference.strip_prefix(*b)?.strip_prefix('/'))?
-    } else {
-        reference
-    };
-    let mut parts = local.split('/');
-    let (t, pid) = (parts.next()?, parts.next()?);
-    match (parts.next(), parts.next(), parts.next()) {
-        (None, _, _) | (Some("_history"), Some(_), None) => {}
-        _ => return None,
-    }
-    (t == ResourceType::PRACTITIONER.as_str()).then_some(())?;
+    let local = crate::fhir::parse_local_reference(reference, bases)?;
+    (local.resource_type == ResourceType::PRACTITIONER).then_some(())?;
     Some(FhirUser {
         resource_type: ResourceType::PRACTITIONER,
-        id: ResourceId::parse(pid)?,
+        id: ResourceId::parse(local.id)?,
     })
 }
 

@@ -3,11 +3,13 @@
 
 pub mod outcome;
 pub mod parse;
+pub mod reference;
 pub mod request;
 pub mod resource_type;
 
 pub use outcome::OperationOutcome;
 pub use parse::{RequestError, parse_request};
+pub use reference::{LocalRef, parse_local_reference};
 pub use request::{
     CompartmentRef, FhirRequest, Interaction, OperationLevel, OperationName, ResourceId,
 };

@@ -18,13 +18,17 @@ pub struct ResourceId(String);
 
 impl ResourceId {
     pub fn parse(s: &str) -> Option<Self> {
-        let ok = !s.is_empty()
+        Self::is_valid(s).then(|| ResourceId(s.to_owned()))
+    }
+
+    /// Whether `s` is a valid id, without allocating.
+    pub fn is_valid(s: &str) -> bool {
+        !s.is_empty()
             && s.len() <= 64
             && s != "."
             && s != ".."
             && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        ok.then(|| ResourceId(s.to_owned()))
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     }
     pub fn as_str(&self) -> &str {
         &self.0

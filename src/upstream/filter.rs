@@ -217,8 +217,8 @@ fn collect_references(resource: &Value, bases: &[&str], out: &mut HashSet<String
             for (key, value) in map {
                 match (key.as_str(), value) {
                     ("reference", Value::String(r)) => {
-                        if let Some(local) = local_reference(r, bases) {
-                            out.insert(local);
+                        if let Some(l) = crate::fhir::parse_local_reference(r, bases) {
+                            out.insert(format!("{}/{}", l.resource_type, l.id));
                         }
                     }
                     _ => collect_references(value, bases, out),
@@ -228,25 +228,6 @@ fn collect_references(resource: &Value, bases: &[&str], out: &mut HashSet<String
         Value::Array(items) => items.iter().for_each(|i| collect_references(i, bases, out)),
         _ => {}
     }
-}
-
-fn local_reference(reference: &str, bases: &[&str]) -> Option<String> {
-    let local = if reference.contains("://") {
-        bases
-            .iter()
-            .find_map(|b| reference.strip_prefix(*b).and_then(|r| r.strip_prefix('/')))?
-    } else {
-        reference
-    };
-    let mut parts = local.split('/');
-    let (t, id) = (parts.next()?, parts.next()?);
-    match (parts.next(), parts.next(), parts.next()) {
-        (None, _, _) | (Some("_history"), Some(_), None) => {}
-        _ => return None,
-    }
-    ResourceType::parse(t)?;
-    crate::fhir::ResourceId::parse(id)?;
-    Some(format!("{t}/{id}"))
 }
 
 #[derive(Deserialize)]
