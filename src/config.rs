@@ -567,11 +567,20 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         }
         (None, false) => None,
     };
-    if tk.jwks_cache_seconds == 0 || tk.jwks_timeout_ms == 0 {
+    if tk.jwks_cache_seconds == 0 || tk.jwks_cache_seconds > 86_400 {
+        return Err(bad("token.jwks_cache_seconds", "must be 1 to 86400".into()));
+    }
+    if tk.jwks_timeout_ms == 0 || tk.jwks_timeout_ms > 60_000 {
+        return Err(bad("token.jwks_timeout_ms", "must be 1 to 60000".into()));
+    }
+    if tk.jwks_min_refresh_seconds == 0 || tk.jwks_min_refresh_seconds > 3_600 {
         return Err(bad(
-            "token.jwks_cache_seconds",
-            "must be greater than 0".into(),
+            "token.jwks_min_refresh_seconds",
+            "must be 1 to 3600 (an unknown `kid` refetches the JWKS at most this often)".into(),
         ));
+    }
+    if tk.leeway_seconds > 300 {
+        return Err(bad("token.leeway_seconds", "must be at most 300".into()));
     }
     for (key, v) in [
         ("token.claims.scope", &tk.claims.scope),
@@ -671,14 +680,15 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
                     )
                 })?;
                 // Patient data can never be public: it would bypass compartments.
-                let patient_data = crate::authz::CompartmentIndex::official_shared()
-                    .map(|index| index.is_patient_data(rt))
-                    .unwrap_or(true);
-                if patient_data {
+                let non_patient = crate::authz::CompartmentIndex::official_shared()
+                    .map(|index| index.is_non_patient_data(rt))
+                    .unwrap_or(false);
+                if !non_patient {
                     return Err(bad(
                         "authorization.public_types",
                         format!(
-                            "`{name}` is patient data (in the Patient compartment) and cannot be public"
+                            "`{name}` may hold patient data and cannot be public (allowed: {})",
+                            crate::authz::compartment::NON_PATIENT_TYPES.join(", ")
                         ),
                     ));
                 }

@@ -29,7 +29,7 @@ use http::{Method, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::authz::authorize;
+use crate::authz::authorize_as;
 use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, Interaction, OperationLevel};
 use crate::rewrite::{OutboundRequest, rewrite_request};
@@ -380,6 +380,7 @@ pub fn resume(
     key: &CursorKey,
     tenant: &Tenant,
     token: &VerifiedToken,
+    user: Option<&crate::token::FhirUser>,
     req: &FhirRequest,
     now: u64,
 ) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
@@ -405,7 +406,9 @@ pub fn resume(
             has_patient: token.patient.is_some(),
         },
     )?;
-    let permit = authorize(&tenant.checker, &original, token, &grant)?;
+    // Re-authorized exactly as the request that issued the cursor was, with the
+    // resolved fhirUser (a PractitionerRole acts as its Practitioner).
+    let permit = authorize_as(&tenant.checker, &original, token, &grant, user.cloned())?;
     let narrowed = rewrite_request(
         &original,
         &grant,

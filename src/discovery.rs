@@ -55,7 +55,7 @@ impl Stage for ServeDiscovery {
                 };
                 let fetched = self
                     .upstream
-                    .fetch(&tenant.config, &out, &http::HeaderMap::new())
+                    .fetch(tenant, &out, &http::HeaderMap::new())
                     .await?;
                 if !fetched.status.is_success() {
                     return Err(UpstreamError::Status(fetched.status).into());

@@ -104,7 +104,13 @@ pub fn rewrite_request(
             if !permit.is_unrestricted() {
                 refuse_inference_params(&params)?;
             }
-            if permit.is_unrestricted() || permit.reaches_whole_type(rt, index) {
+            if permit.is_unrestricted() {
+                format!("/{t}")
+            } else if permit.reaches_whole_type(rt, index) {
+                // Unnarrowed for a restricted token: reverse and iterated includes would
+                // make the upstream walk from every record of the type to records the
+                // token cannot see.
+                refuse_wholesale_includes(&params)?;
                 format!("/{t}")
             } else {
                 let mut compartments: Vec<_> = permit.compartments().collect();
@@ -222,16 +228,18 @@ fn widen_elements(
 /// Refuses parameters that make the upstream look at records beyond those it returns,
 /// so a narrowed search could reveal facts about records outside the token's reach by
 /// inference: chained parameters (`subject:Patient.name=`), reverse chains (`_has`),
-/// and the free-form or container parameters `_filter`, `_query`, `_contained`,
-/// `_containedType`. Used for compartment-bound tokens only.
+/// the free-form or container parameters `_filter`, `_query`, `_contained`,
+/// `_containedType`, `_list` (resolves a List the token may not see), and chained
+/// `_sort` keys. Used for compartment-bound tokens only.
 fn refuse_inference_params(params: &[(String, String)]) -> Result<(), AuthzError> {
-    for (name, _) in params {
+    for (name, value) in params {
         let base = name.split(':').next().unwrap_or(name);
         let refused = name.contains('.')
             || matches!(
                 base,
-                "_has" | "_filter" | "_query" | "_contained" | "_containedType"
-            );
+                "_has" | "_filter" | "_query" | "_contained" | "_containedType" | "_list"
+            )
+            || (base == "_sort" && value.contains(['.', ':']));
         if refused {
             let mut shown: String = name.chars().take(64).collect();
             if shown.len() < name.len() {
@@ -241,6 +249,18 @@ fn refuse_inference_params(params: &[(String, String)]) -> Result<(), AuthzError
         }
     }
     Ok(())
+}
+
+/// Refuses `_revinclude` and `:iterate` includes (see the caller).
+fn refuse_wholesale_includes(params: &[(String, String)]) -> Result<(), AuthzError> {
+    match params.iter().find(|(n, _)| {
+        n.starts_with("_revinclude") || (n.starts_with("_include") && n.contains(":iterate"))
+    }) {
+        Some((name, _)) => Err(AuthzError::ParameterNotAllowed {
+            name: name.chars().take(64).collect(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The one constraint that applies to every context's results. Contexts with
@@ -325,6 +345,7 @@ impl Stage for RewriteSearch {
             &self.cursors,
             &tenant_of(req)?.0,
             ext::<crate::token::VerifiedToken>(req, "missing VerifiedToken")?,
+            ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
             crate::cursor::now(),
         )?;

@@ -28,6 +28,51 @@ const DEFINITIONS: [&str; 5] = [
 ];
 const SEARCH_PARAMETERS: &str = include_str!("../../compartments/search-parameters.json");
 
+/// Resource types that never carry patient data: who provides care and where, what is
+/// prescribed in the abstract, and how data is defined and coded.
+pub const NON_PATIENT_TYPES: [&str; 40] = [
+    "ActivityDefinition",
+    "CapabilityStatement",
+    "ChargeItemDefinition",
+    "CodeSystem",
+    "CompartmentDefinition",
+    "ConceptMap",
+    "DeviceDefinition",
+    "Endpoint",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "GraphDefinition",
+    "HealthcareService",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Library",
+    "Location",
+    "Measure",
+    "Medication",
+    "MedicationKnowledge",
+    "MessageDefinition",
+    "NamingSystem",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "Organization",
+    "OrganizationAffiliation",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Questionnaire",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "SearchParameter",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Substance",
+    "SubstanceSpecification",
+    "TerminologyCapabilities",
+    "ValueSet",
+];
+
 /// An element path below a resource: `["participant", "individual"]`.
 type Path = Vec<String>;
 
@@ -174,12 +219,15 @@ impl CompartmentIndex {
         roots
     }
 
-    /// Whether resources of type `rt` are patient data: the Patient itself, or a type
-    /// the Patient CompartmentDefinition links to patients. Everything else
-    /// (Practitioner, Organization, Location, Medication, terminology, ...) is
-    /// administrative data outside every patient's compartment.
-    pub fn is_patient_data(&self, rt: ResourceType) -> bool {
-        self.links_type(ResourceType::PATIENT, rt)
+    /// Whether resources of type `rt` are non-patient data: administrative,
+    /// definitional or terminology resources on an explicit allow-list (Practitioner,
+    /// Organization, Location, Medication, ValueSet, ...) that no Patient compartment
+    /// links. Everything else counts as patient data, even when the Patient
+    /// CompartmentDefinition does not list it (Task, Binary, Bundle, Device, Group,
+    /// ...): such types are reachable only through a compartment that links them, so a
+    /// compartment-bound token cannot read them wholesale.
+    pub fn is_non_patient_data(&self, rt: ResourceType) -> bool {
+        NON_PATIENT_TYPES.contains(&rt.as_str()) && !self.links_type(ResourceType::PATIENT, rt)
     }
 
     /// Whether `resource` (of type `rt`) is in compartment `c`. `bases` are the absolute

@@ -210,7 +210,7 @@ impl Permit {
         rt: ResourceType,
         index: &CompartmentIndex,
     ) -> TypeReach {
-        if index.is_patient_data(rt) {
+        if !index.is_non_patient_data(rt) {
             TypeReach::Compartment
         } else if context != ScopeContext::Patient || self.public_types.contains(&rt) {
             TypeReach::Whole
@@ -456,6 +456,13 @@ pub fn authorize_as(
                     status: permit.denied_status,
                 });
             }
+        }
+        // `$match` searches all patients for candidates; a compartment-bound token would
+        // learn from the answer (or its `total`) whether someone else is a patient here.
+        Interaction::Operation(op, _) if op.as_str() == "match" && !permit.is_unrestricted() => {
+            return Err(AuthzError::NotNarrowable {
+                interaction: "$match",
+            });
         }
         Interaction::Operation(op, _) if op.as_str() == "everything" => {
             if let (Some(rt), Some(id)) = (req.resource_type, &req.id) {

@@ -71,7 +71,7 @@ async fn fetch(
         conditional: false,
     };
     let fetched = upstream
-        .fetch(&tenant.config, &out, &http::HeaderMap::new())
+        .fetch(tenant, &out, &http::HeaderMap::new())
         .await?;
     if fetched.status == http::StatusCode::NOT_FOUND || fetched.status == http::StatusCode::GONE {
         return Ok(None);

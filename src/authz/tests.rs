@@ -1117,3 +1117,49 @@ fn release_read_of_own_patient_record() {
         Release::Allowed(ScopeContext::Patient)
     );
 }
+
+#[test]
+fn only_allow_listed_types_are_non_patient_data() {
+    // Types missing from the Patient CompartmentDefinition are not thereby public.
+    for (user, t) in [
+        ("Patient/p1", "Binary"),
+        ("Patient/p1", "Bundle"),
+        ("RelatedPerson/rp1", "Task"),
+        ("RelatedPerson/rp1", "Device"),
+    ] {
+        let tok = token("user/*.rs", None, Some(user));
+        let search = decide(&tok, &get(&format!("/{t}")));
+        assert!(
+            matches!(search, Err(AuthzError::OutsideCompartment { .. })),
+            "{user} {t}: {search:?}"
+        );
+        let p = Passed::new(tok, &get(&format!("/{t}/x1")));
+        let record = json!({"resourceType": t, "id": "x1"});
+        assert_eq!(
+            p.release(&record, true),
+            Release::DeniedRecord,
+            "{user} {t}"
+        );
+    }
+    let index = CompartmentIndex::official().unwrap();
+    for t in [
+        "Practitioner",
+        "Organization",
+        "Location",
+        "Medication",
+        "ValueSet",
+    ] {
+        assert!(index.is_non_patient_data(rt(t)), "{t}");
+    }
+    for t in [
+        "Binary",
+        "Bundle",
+        "Task",
+        "Device",
+        "Group",
+        "Observation",
+        "Patient",
+    ] {
+        assert!(!index.is_non_patient_data(rt(t)), "{t}");
+    }
+}

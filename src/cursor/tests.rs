@@ -6,6 +6,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
+use crate::authz::authorize;
 use crate::authz::{Checker, CompartmentIndex};
 use crate::fhir::{ResourceId, parse_request};
 use crate::scope::parse_scopes;
@@ -578,7 +579,9 @@ fn resume_rebuilds_the_page_from_the_cursor() {
     let p1 = token("patient-p1", "patient/Observation.rs", Some("p1"));
     let c = first_next(&key, &tenant, &p1, "/Observation?_count=2");
     let req = get(&format!("/Observation?_cursor={c}"));
-    let (out, resumed) = resume(&key, &tenant, &p1, &req, NOW + 1).unwrap().unwrap();
+    let (out, resumed) = resume(&key, &tenant, &p1, p1.fhir_user.as_ref(), &req, NOW + 1)
+        .unwrap()
+        .unwrap();
     assert_eq!(out.path, "/Patient/p1/Observation");
     assert_eq!(out.params, pairs(&[("_count", "2"), ("_offset", "2")]));
     assert_eq!(out.method, Method::GET);
@@ -586,14 +589,21 @@ fn resume_rebuilds_the_page_from_the_cursor() {
     assert_eq!(resumed.narrowed.path, "/Patient/p1/Observation");
     // No cursor: nothing to do.
     assert!(
-        resume(&key, &tenant, &p1, &get("/Observation?_count=2"), NOW)
-            .unwrap()
-            .is_none()
+        resume(
+            &key,
+            &tenant,
+            &p1,
+            p1.fhir_user.as_ref(),
+            &get("/Observation?_count=2"),
+            NOW
+        )
+        .unwrap()
+        .is_none()
     );
 }
 
 fn resume_err(key: &CursorKey, tenant: &Tenant, t: &VerifiedToken, target: &str) -> ProxyError {
-    resume(key, tenant, t, &get(target), NOW + 1).unwrap_err()
+    resume(key, tenant, t, t.fhir_user.as_ref(), &get(target), NOW + 1).unwrap_err()
 }
 
 #[test]
@@ -662,7 +672,7 @@ fn resume_refuses_foreign_and_broken_cursors() {
     // Expired.
     let req = get(&format!("/Observation?_cursor={c}"));
     assert!(matches!(
-        resume(&key, &tenant, &p1, &req, NOW + 60).unwrap_err(),
+        resume(&key, &tenant, &p1, p1.fhir_user.as_ref(), &req, NOW + 60).unwrap_err(),
         ProxyError::Cursor(CursorError::Expired)
     ));
 }

@@ -566,7 +566,7 @@ fn compartment_search_without_compartment_is_not_narrowable() {
 
 #[test]
 fn operation_post_forwards_body() {
-    let t = patient_token("patient/Patient.rs");
+    let t = system_token("system/Patient.rs");
     let body = br#"{"resourceType":"Parameters","parameter":[]}"#;
     let req = parse(Method::POST, "/Patient/$match", None);
     let out = rewrite_with_body(&t, &req, body).unwrap();
@@ -766,6 +766,9 @@ fn inference_parameters_are_refused_for_compartment_bound_tokens() {
         "/Observation?_query=custom",
         "/Observation?_contained=true",
         "/Patient/p1/Observation?performer:Practitioner.name=X",
+        "/Observation?_list=someones-list",
+        "/Observation?_sort=subject.name",
+        "/Observation?_sort=-patient:Patient.name",
     ] {
         let err = rewrite(&t, &get(q)).unwrap_err();
         assert!(
@@ -807,4 +810,34 @@ fn elements_are_widened_with_the_linking_elements_for_restricted_tokens() {
         ok(&sys, "/Observation?_elements=code").params,
         pairs(&[("_elements", "code")])
     );
+}
+
+#[test]
+fn match_is_refused_for_compartment_bound_tokens() {
+    let t = patient_token("patient/Patient.rs");
+    let req = parse(Method::POST, "/Patient/$match", None);
+    let grant = grant_for(&t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    assert!(matches!(
+        authorize(&checker, &req, &t, &grant),
+        Err(AuthzError::NotNarrowable { .. })
+    ));
+}
+
+#[test]
+fn wholesale_searches_by_restricted_tokens_refuse_reverse_and_iterated_includes() {
+    let t = token("user/*.rs", None, Some("Practitioner/pr1"));
+    for q in [
+        "/Practitioner?_id=pr2&_revinclude=Observation:performer",
+        "/Organization?_include:iterate=Organization:partof",
+    ] {
+        let err = rewrite(&t, &get(q)).unwrap_err();
+        assert!(
+            matches!(err, AuthzError::ParameterNotAllowed { .. }),
+            "{q}: {err:?}"
+        );
+    }
+    // Plain includes and narrowed searches keep them.
+    assert!(rewrite(&t, &get("/Practitioner?_include=Practitioner:location")).is_ok());
+    assert!(rewrite(&t, &get("/Observation?_revinclude=Provenance:target")).is_ok());
 }

@@ -32,12 +32,13 @@ pub struct KeySet {
     /// Unique per fetch: lets a cached verification tell whether the key set it was
     /// made with is still the current one.
     pub serial: u64,
-    fetched_at: Instant,
+    /// Hash of the fetched document: tells an unchanged refetch from a rotation.
+    fingerprint: u64,
     ttl: Duration,
 }
 
 impl KeySet {
-    fn from_jwks(set: &JwkSet, ttl: Duration) -> Self {
+    fn from_jwks(set: &JwkSet, ttl: Duration, fingerprint: u64) -> Self {
         let keys = set
             .keys
             .iter()
@@ -54,8 +55,8 @@ impl KeySet {
         static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         KeySet {
             keys,
+            fingerprint,
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            fetched_at: Instant::now(),
             ttl,
         }
     }
@@ -119,6 +120,9 @@ impl Expiry<String, Arc<KeySet>> for KeySetExpiry {
 pub struct JwksKeySource {
     http: reqwest::Client,
     cache: Cache<String, Arc<KeySet>>,
+    /// When each JWKS URI was last refetched for an unknown `kid` (few URIs: one per
+    /// configured issuer).
+    last_refresh: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
 }
 
 /// What a tenant's token config says about its JWKS.
@@ -133,6 +137,7 @@ impl JwksKeySource {
     pub fn new(http: reqwest::Client) -> Self {
         JwksKeySource {
             http,
+            last_refresh: Arc::default(),
             cache: Cache::builder()
                 .max_capacity(1_000)
                 .expire_after(KeySetExpiry)
@@ -161,27 +166,48 @@ impl JwksKeySource {
         self.cache.get(uri.as_str()).await.map(|k| k.serial)
     }
 
-    /// Called when a token names a `kid` the cached set lacks: refetches once, unless
-    /// the cached set is younger than `min_refresh`.
+    /// Called when a token names a `kid` the cached set lacks: refetches at most once
+    /// per `min_refresh` per JWKS URI. The cached set is replaced only by a good answer
+    /// whose keys differ from it, so a forged `kid` can neither evict working keys
+    /// (an unreachable issuer keeps them in place) nor churn the key-set serial.
     pub async fn refresh_for_unknown_kid(
         &self,
         uri: &url::Url,
         stale: &Arc<KeySet>,
         policy: JwksPolicy,
     ) -> Result<Option<Arc<KeySet>>, TokenError> {
-        if stale.fetched_at.elapsed() < policy.min_refresh {
+        let key = uri.as_str().to_owned();
+        // A concurrent refresh may already have replaced the set.
+        if let Some(current) = self.cache.get(&key).await
+            && !Arc::ptr_eq(&current, stale)
+        {
+            return Ok(Some(current));
+        }
+        {
+            let mut last = match self.last_refresh.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let now = Instant::now();
+            if last
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < policy.min_refresh)
+            {
+                return Ok(None);
+            }
+            last.insert(key.clone(), now);
+        }
+        let fresh = match fetch(&self.http, uri, policy).await {
+            Ok(fresh) => fresh,
+            // The token's key stays unknown; the working set stays cached.
+            Err(_) => return Ok(None),
+        };
+        if fresh.fingerprint == stale.fingerprint {
             return Ok(None);
         }
-        // Only drop the entry if it is still the one we looked at; a concurrent request
-        // may already have refreshed it.
-        let key = uri.as_str().to_owned();
-        if let Some(current) = self.cache.get(&key).await {
-            if !Arc::ptr_eq(&current, stale) {
-                return Ok(Some(current));
-            }
-            self.cache.invalidate(&key).await;
-        }
-        self.key_set(uri, policy).await.map(Some)
+        let fresh = Arc::new(fresh);
+        self.cache.insert(key, Arc::clone(&fresh)).await;
+        Ok(Some(fresh))
     }
 }
 
@@ -222,7 +248,13 @@ async fn fetch(
         tracing::warn!(jwks.uri = %uri, error = %e, "jwks is not a valid JWK Set");
         TokenError::JwksUnavailable
     })?;
-    let keys = KeySet::from_jwks(&set, policy.ttl);
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        body.hash(&mut h);
+        h.finish()
+    };
+    let keys = KeySet::from_jwks(&set, policy.ttl, fingerprint);
     tracing::info!(
         jwks.uri = %uri,
         jwks.keys = keys.keys.len(),

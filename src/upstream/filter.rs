@@ -89,9 +89,15 @@ pub fn check_answer(
         });
     }
     if !status.is_success() {
-        // For a single record, "missing" and "gone" look exactly like "denied".
+        // For a single record, "missing" and "gone" look exactly like "denied". For
+        // restricted tokens so does every other client error: an upstream that looks
+        // the record up before validating parameters (`_since=garbage`) would otherwise
+        // answer 400 for existing records and 404 for missing ones.
+        let restricted = !ctx.records.permit.is_unrestricted();
         if targets_one_record(ctx.request)
-            && (status == StatusCode::NOT_FOUND || status == StatusCode::GONE)
+            && (status == StatusCode::NOT_FOUND
+                || status == StatusCode::GONE
+                || (restricted && status.is_client_error()))
         {
             return Err(UpstreamError::NotFound.into());
         }
@@ -201,6 +207,13 @@ fn resource_type_of(body: &[u8]) -> Option<&str> {
     serde_json::from_slice::<Head<'_>>(body).ok()?.resource_type
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    Match,
+    Include,
+    Outcome,
+}
+
 enum Decision {
     Keep,
     Drop,
@@ -251,18 +264,23 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
     };
     // First pass: decide each entry on its own. Non-patient data that a patient token
     // may only see next to its own records waits for the second pass.
-    let mut decisions: Vec<(&RawValue, Decision)> = Vec::with_capacity(entries.len());
+    let mut decisions: Vec<(&RawValue, Decision, EntryKind)> = Vec::with_capacity(entries.len());
     let mut referenced: HashSet<String> = HashSet::new();
     for raw in &entries {
         let entry: EntryView = serde_json::from_str(raw.get())
             .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?;
+        let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
+        let kind = match mode {
+            Some("include") => EntryKind::Include,
+            Some("outcome") => EntryKind::Outcome,
+            _ => EntryKind::Match,
+        };
         let decision = match &entry.resource {
             // History entries of deletions carry no resource: only for unrestricted
             // tokens, since their request URL names the record.
             None if ctx.records.permit.is_unrestricted() => Decision::Keep,
             None => Decision::Drop,
             Some(resource) => {
-                let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
                 match resource
                     .get("resourceType")
                     .and_then(Value::as_str)
@@ -290,21 +308,43 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
                 }
             }
         };
-        decisions.push((raw, decision));
+        decisions.push((raw, decision, kind));
     }
     // Second pass: keep waiting entries that a released record references.
-    let mut kept: Vec<&RawValue> = Vec::with_capacity(decisions.len());
-    let mut dropped = 0usize;
-    for (raw, decision) in decisions {
-        let keep = match decision {
-            Decision::Keep => true,
-            Decision::Drop => false,
-            Decision::IfReferenced(local) => referenced.contains(&local),
-        };
+    let mut verdicts: Vec<(&RawValue, bool, EntryKind)> = decisions
+        .into_iter()
+        .map(|(raw, decision, kind)| {
+            let keep = match decision {
+                Decision::Keep => true,
+                Decision::Drop => false,
+                Decision::IfReferenced(local) => referenced.contains(&local),
+            };
+            (raw, keep, kind)
+        })
+        .collect();
+    let dropped_any = verdicts.iter().any(|(_, keep, _)| !keep);
+    // Upstream warnings may describe what was dropped: for restricted tokens they go
+    // whenever anything else went.
+    if dropped_any && !ctx.records.permit.is_unrestricted() {
+        for (_, keep, kind) in &mut verdicts {
+            if *kind == EntryKind::Outcome {
+                *keep = false;
+            }
+        }
+    }
+    let mut kept: Vec<&RawValue> = Vec::with_capacity(verdicts.len());
+    let (mut dropped, mut kept_records, mut dropped_matches) = (0usize, 0usize, 0usize);
+    for (raw, keep, kind) in verdicts {
         if keep {
             kept.push(raw);
+            if kind != EntryKind::Outcome {
+                kept_records += 1;
+            }
         } else {
             dropped += 1;
+            if kind == EntryKind::Match {
+                dropped_matches += 1;
+            }
         }
     }
     let top = rewrite_links(ctx, top)?;
@@ -312,7 +352,9 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
     out.push(b'{');
     let mut first = true;
     for (key, value) in &top {
-        if key == "total" && dropped > 0 {
+        // `total` counts matches only: it goes when a match was dropped, and stays when
+        // only included records were, so its presence says nothing about them.
+        if key == "total" && dropped_matches > 0 {
             continue;
         }
         if key == "entry" && kept.is_empty() {
@@ -345,7 +387,7 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
     Ok(Checked {
         body: Bytes::from(out),
         dropped,
-        kept: kept.len(),
+        kept: kept_records,
         reason: if dropped > 0 {
             "entries_filtered"
         } else {

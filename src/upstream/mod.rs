@@ -29,6 +29,7 @@ use crate::fhir::FhirRequest;
 use crate::rewrite::OutboundRequest;
 use crate::scope::ScopeGrant;
 use crate::stack::{BoxFuture, Decision, FHIR_JSON, ProxyResponse, ext, tenant_of};
+use crate::tenant::Tenant;
 use crate::token::VerifiedToken;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -103,7 +104,9 @@ const FORWARDED_RESPONSE_HEADERS: [header::HeaderName; 4] = [
 pub struct Upstream {
     client: HyperClient,
     http: reqwest::Client,
-    tokens: Cache<String, Arc<HeaderValue>>,
+    /// Upstream access tokens by (configuration generation, tenant): a reload with a new
+    /// upstream or new credentials never reuses a token fetched for the old ones.
+    tokens: Cache<(u64, String), UpstreamToken>,
 }
 
 /// A fetched upstream answer.
@@ -133,7 +136,10 @@ impl Upstream {
         Ok(Upstream {
             client,
             http,
-            tokens: Cache::builder().max_capacity(1_000).build(),
+            tokens: Cache::builder()
+                .max_capacity(1_000)
+                .expire_after(UpstreamTokenExpiry)
+                .build(),
         })
     }
 
@@ -141,10 +147,11 @@ impl Upstream {
     /// tenant's timeout and size limit.
     pub async fn fetch(
         &self,
-        cfg: &TenantConfig,
+        tenant: &Tenant,
         out: &OutboundRequest,
         client_headers: &HeaderMap,
     ) -> Result<Fetched, UpstreamError> {
+        let cfg = &tenant.config;
         let up = &cfg.upstream;
         let uri: http::Uri = format!("{}{}", up.base, out.path_and_query())
             .parse()
@@ -177,7 +184,10 @@ impl Upstream {
             UpstreamAuth::None => {}
             UpstreamAuth::Header { name, value } => builder = builder.header(name, value),
             UpstreamAuth::ClientCredentials { .. } => {
-                let bearer = self.upstream_token(cfg).await?;
+                // Bounded like the rest of the exchange.
+                let bearer = tokio::time::timeout(up.timeout, self.upstream_token(tenant))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout)??;
                 builder = builder.header(header::AUTHORIZATION, bearer.as_ref());
             }
         }
@@ -226,59 +236,81 @@ impl Upstream {
     }
 
     /// A cached upstream access token from the tenant's client-credentials grant.
-    async fn upstream_token(&self, cfg: &TenantConfig) -> Result<Arc<HeaderValue>, UpstreamError> {
-        let UpstreamAuth::ClientCredentials {
-            token_url,
-            client_id,
-            client_secret,
-            scope,
-        } = &cfg.upstream.auth
-        else {
-            return Err(UpstreamError::Credentials);
-        };
-        if let Some(v) = self.tokens.get(&cfg.id).await {
-            return Ok(v);
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            access_token: String,
-            expires_in: Option<u64>,
-        }
-        let mut form = vec![("grant_type", "client_credentials")];
-        if let Some(s) = scope {
-            form.push(("scope", s.as_str()));
-        }
-        let resp = self
-            .http
-            .post(token_url.clone())
-            .timeout(cfg.upstream.timeout)
-            .basic_auth(client_id, Some(client_secret))
-            .form(&form)
-            .send()
+    /// A cached upstream access token from the tenant's client-credentials grant.
+    /// Concurrent misses cause one token request; failures are never cached.
+    async fn upstream_token(&self, tenant: &Tenant) -> Result<Arc<HeaderValue>, UpstreamError> {
+        let key = (tenant.generation, tenant.id().to_owned());
+        let http = self.http.clone();
+        self.tokens
+            .try_get_with(key, request_upstream_token(http, &tenant.config))
             .await
-            .map_err(|_| UpstreamError::Credentials)?;
-        if !resp.status().is_success() {
-            tracing::warn!(tenant.id = %cfg.id, status = %resp.status(), "upstream token request failed");
-            return Err(UpstreamError::Credentials);
-        }
-        let t: TokenResponse = resp.json().await.map_err(|_| UpstreamError::Credentials)?;
-        let value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
-            .map_err(|_| UpstreamError::Credentials)?;
-        let value = Arc::new(value);
-        let lifetime = t.expires_in.unwrap_or(300).saturating_sub(30);
-        if lifetime > 0 {
-            // Entries expire by themselves after the cache's own TTL; store with a
-            // per-tenant key so a reload with new credentials takes effect at once.
-            self.tokens.insert(cfg.id.clone(), Arc::clone(&value)).await;
-            let tokens = self.tokens.clone();
-            let key = cfg.id.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(lifetime)).await;
-                tokens.invalidate(&key).await;
-            });
-        }
-        Ok(value)
+            .map(|t| t.value)
+            .map_err(|e: Arc<UpstreamError>| (*e).clone())
     }
+}
+
+#[derive(Clone)]
+struct UpstreamToken {
+    value: Arc<HeaderValue>,
+    lifetime: Duration,
+}
+
+struct UpstreamTokenExpiry;
+
+impl moka::Expiry<(u64, String), UpstreamToken> for UpstreamTokenExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &(u64, String),
+        value: &UpstreamToken,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.lifetime)
+    }
+}
+
+async fn request_upstream_token(
+    http: reqwest::Client,
+    cfg: &TenantConfig,
+) -> Result<UpstreamToken, UpstreamError> {
+    let UpstreamAuth::ClientCredentials {
+        token_url,
+        client_id,
+        client_secret,
+        scope,
+    } = &cfg.upstream.auth
+    else {
+        return Err(UpstreamError::Credentials);
+    };
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        access_token: String,
+        expires_in: Option<u64>,
+    }
+    let mut form = vec![("grant_type", "client_credentials")];
+    if let Some(s) = scope {
+        form.push(("scope", s.as_str()));
+    }
+    let resp = http
+        .post(token_url.clone())
+        .timeout(cfg.upstream.timeout)
+        .basic_auth(client_id, Some(client_secret))
+        .form(&form)
+        .send()
+        .await
+        .map_err(|_| UpstreamError::Credentials)?;
+    if !resp.status().is_success() {
+        tracing::warn!(tenant.id = %cfg.id, status = %resp.status(), "upstream token request failed");
+        return Err(UpstreamError::Credentials);
+    }
+    let t: TokenResponse = resp.json().await.map_err(|_| UpstreamError::Credentials)?;
+    let value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
+        .map_err(|_| UpstreamError::Credentials)?;
+    // Renewed 30 s before it expires; a token that short-lived is used once.
+    let lifetime = Duration::from_secs(t.expires_in.unwrap_or(300).saturating_sub(30));
+    Ok(UpstreamToken {
+        value: Arc::new(value),
+        lifetime,
+    })
 }
 
 /// Replaces every occurrence of the upstream base with the public base.
@@ -287,15 +319,26 @@ pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -
     let finder = memchr::memmem::Finder::new(from);
     let mut matches = finder.find_iter(body).peekable();
     if from.is_empty() || matches.peek().is_none() {
+        // Nothing to rewrite: `Bytes::copy_from_slice` is the one copy made.
         return Bytes::copy_from_slice(body);
     }
     let to = public_base.as_bytes();
     let mut out = Vec::with_capacity(body.len() + 256);
     let mut last = 0;
     for at in matches {
+        // Only the whole base: `http://up/fhir` must not turn `http://up/fhir2/...` into
+        // `https://proxy/t2/...`.
+        let end = at + from.len();
+        let whole = matches!(
+            body.get(end),
+            None | Some(b'/' | b'"' | b'?' | b'#' | b'\\')
+        );
+        if !whole || at < last {
+            continue;
+        }
         out.extend_from_slice(body.get(last..at).unwrap_or_default());
         out.extend_from_slice(to);
-        last = at + from.len();
+        last = end;
     }
     out.extend_from_slice(body.get(last..).unwrap_or_default());
     Bytes::from(out)
@@ -362,7 +405,7 @@ async fn forward(
     let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
     let cfg = &tenant.config;
 
-    let fetched = upstream.fetch(cfg, out, req.headers()).await?;
+    let fetched = upstream.fetch(tenant, out, req.headers()).await?;
     let body = rewrite_base(&fetched.body, &cfg.upstream, &cfg.public_base);
     let ctx = filter::CheckCtx {
         request: fhir,
@@ -413,4 +456,37 @@ async fn forward(
         *resp.body_mut() = Full::new(Bytes::new());
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn upstream(base: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            base: base.to_owned(),
+            base_uri: base.parse().unwrap(),
+            auth: UpstreamAuth::None,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn only_the_whole_base_is_rewritten() {
+        let up = upstream("http://up/fhir");
+        let body = br#"{"a":"http://up/fhir/Patient/p1","b":"http://up/fhir","c":"http://up/fhir2/Patient/p1","d":"http://up/fhir?x=1","e":"http://up/fhirx"}"#;
+        let out = rewrite_base(body, &up, "https://proxy/t");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"a":"https://proxy/t/Patient/p1","b":"https://proxy/t","c":"http://up/fhir2/Patient/p1","d":"https://proxy/t?x=1","e":"http://up/fhirx"}"#
+        );
+        let untouched = br#"{"resourceType":"Patient"}"#;
+        assert_eq!(
+            &rewrite_base(untouched, &up, "https://proxy/t")[..],
+            &untouched[..]
+        );
+    }
 }

@@ -319,11 +319,12 @@ async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
     // The test FHIR server has no `$match`; a loopback server answers in its place so
     // the forwarding and the filtering of the result can be observed.
     let answer = json!({
-        "resourceType": "Bundle", "type": "searchset", "total": 3,
+        "resourceType": "Bundle", "type": "searchset", "total": 4,
         "entry": [
             {"resource": {"resourceType": "Patient", "id": "p1", "generalPractitioner": [{"reference": "Practitioner/pr1"}]}, "search": {"mode": "match", "score": 0.9}},
             {"resource": {"resourceType": "Patient", "id": "p2", "generalPractitioner": [{"reference": "Practitioner/pr2"}]}, "search": {"mode": "match", "score": 0.8}},
-            {"resource": {"resourceType": "Patient", "id": "p10", "generalPractitioner": [{"reference": "Practitioner/pr1"}]}, "search": {"mode": "match", "score": 0.7}}
+            {"resource": {"resourceType": "Patient", "id": "p10", "generalPractitioner": [{"reference": "Practitioner/pr1"}]}, "search": {"mode": "match", "score": 0.7}},
+            {"resource": {"resourceType": "Observation", "id": "o9", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p2"}}, "search": {"mode": "match"}}
         ]
     });
     let upstream = FaultServer::start(Fault::Respond(answer.to_string()));
@@ -333,6 +334,7 @@ async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
     let params = r#"{"resourceType":"Parameters","parameter":[{"name":"resource","resource":{"resourceType":"Patient","name":[{"family":"Doe"}]}}]}"#;
     let url = format!("{}/Patient/$match", proxy.base("mpi"));
 
+    // A compartment-bound token may not run `$match`: the candidates are every patient.
     let t = support::token("practitioner-pr1", "user/Patient.rs", &proxy.base("mpi")).await;
     let a = harness::answer(
         support::http_client()
@@ -342,9 +344,30 @@ async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
             .body(params),
     )
     .await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    assert_eq!(a.reason(), "search_not_narrowable");
+    assert!(
+        upstream.requests.lock().unwrap().is_empty(),
+        "forwarded anyway"
+    );
+
+    // A backend service may; entries of types outside its scopes are still dropped.
+    let t = support::token("backend", "system/Patient.rs", &proxy.base("mpi")).await;
+    let a = harness::answer(
+        support::http_client()
+            .post(&url)
+            .bearer_auth(&t)
+            .header("content-type", "application/fhir+json")
+            .body(params),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(a.entry_ids(), ["Patient/p1", "Patient/p10"]);
-    assert!(a.json().get("total").is_none());
+    assert_eq!(a.entry_ids(), ["Patient/p1", "Patient/p2", "Patient/p10"]);
+    assert!(
+        a.json().get("total").is_none(),
+        "a match was dropped: {}",
+        a.text
+    );
     let seen = upstream.requests.lock().unwrap().last().cloned().unwrap();
     assert!(seen.starts_with("POST /fhir/Patient/$match "), "{seen}");
     assert!(seen.ends_with(params), "body not forwarded: {seen}");

@@ -174,7 +174,7 @@ async fn unknown_kid_then_key_rotation() {
     let proxy = Proxy::start(|port| {
         let mut t = tenant("rot", port, fhir.base_url(), &issuer);
         t["token"]["jwks_cache_seconds"] = json!(3600);
-        t["token"]["jwks_min_refresh_seconds"] = json!(0);
+        t["token"]["jwks_min_refresh_seconds"] = json!(1);
         tenants(vec![("rot", t)])
     });
     let aud = proxy.base("rot");
@@ -203,7 +203,9 @@ async fn unknown_kid_then_key_rotation() {
     .unwrap();
     assert_invalid_token(&get(&url, Some(&forged)).await, "token_unknown_key");
 
-    // Rotate: the issuer now signs with new keys the proxy has never seen.
+    // Rotate: the issuer now signs with new keys the proxy has never seen. (Unknown
+    // kids refetch the JWKS at most once a second: wait out the forged kid's refetch.)
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     issuer.restart_with_keys(support::generate_keys());
     let new = support::client_credentials_token(
         &issuer,
@@ -319,4 +321,42 @@ async fn introspection_stops_revoked_tokens_before_they_expire() {
     // Another, unrevoked token of the same client still works.
     let t2 = support::token("patient-p1", "patient/Observation.rs", &proxy.base("intro")).await;
     assert_eq!(get(&url, Some(&t2)).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_forged_kid_cannot_evict_working_keys_while_the_issuer_is_down() {
+    let mut issuer = Issuer::start(IssuerConfig::shared());
+    let fhir = support::fhir_server();
+    let iss_url = issuer.url().to_owned();
+    let proxy = Proxy::start(|port| {
+        let mut t = tenant("evict", port, fhir.base_url(), &issuer);
+        t["token"]["jwks_min_refresh_seconds"] = json!(1);
+        tenants(vec![("evict", t)])
+    });
+    let aud = proxy.base("evict");
+    let url = format!("{aud}/{OWN_OBS}");
+    let kid = issuer.kid(Alg::RS256);
+    let pem = issuer.private_key_pem(&kid);
+    let mut c = claims(&aud);
+    c["iss"] = json!(iss_url);
+    let sign = |kid: &str, c: &serde_json::Value| {
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            c,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    // Warm the key cache, then take the issuer away.
+    assert_eq!(get(&url, Some(&sign(&kid, &c))).await.status, 200);
+    issuer.stop();
+    // A forged kid: refused, and the refetch fails, but the working keys stay.
+    let forged = sign("forged-kid", &c);
+    assert_invalid_token(&get(&url, Some(&forged)).await, "token_unknown_key");
+    // A new token (not in the verified-token cache) with the real kid still verifies.
+    c["jti"] = json!("fresh-after-outage");
+    let a = get(&url, Some(&sign(&kid, &c))).await;
+    assert_eq!(a.status, 200, "{}", a.text);
 }

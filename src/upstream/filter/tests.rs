@@ -367,10 +367,17 @@ fn error_operation_outcome_passes_through() {
 
 #[test]
 fn error_operation_outcome_on_read_passes_through_except_not_found() {
-    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    // Unrestricted: the upstream's outcome passes, except 404/410 (uniform not-found).
+    let fx = Fixture::system("system/Observation.rs", "/Observation/o1");
     let body = r#"{"resourceType":"OperationOutcome","issue":[]}"#;
     assert_eq!(fx.check(400, body).unwrap().reason, "upstream_outcome");
     assert!(is_not_found(&fx.check(404, body).unwrap_err()));
+    // Restricted: every client error on a single record looks missing.
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
+    assert!(is_not_found(&fx.check(400, body).unwrap_err()));
+    assert!(is_not_found(&fx.check(404, body).unwrap_err()));
+    // Server errors are still reported as such.
+    assert!(fx.check(500, body).is_ok());
 }
 
 #[test]
@@ -692,6 +699,20 @@ fn bundle_keeps_outcome_entries() {
     let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
     let outcome = json!({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "warning", "code": "processing"}]});
+    // Nothing else dropped: the upstream's warning stays (and is not a record).
+    let body = bundle(vec![
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        json!({"resource": outcome, "search": {"mode": "outcome"}}),
+    ]);
+    let c = fx.check(200, &body).unwrap();
+    let out = parsed(&c);
+    let entries = out["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1]["search"]["mode"], "outcome");
+    assert_eq!((c.dropped, c.kept), (0, 1));
+
+    // Something dropped: for a restricted token the warning goes too, since it may
+    // describe what was dropped.
     let body = bundle(vec![
         search_entry(obs("o1", "Patient/p1"), "match"),
         json!({"resource": outcome, "search": {"mode": "outcome"}}),
@@ -702,9 +723,34 @@ fn bundle_keeps_outcome_entries() {
     let c = fx.check(200, &body).unwrap();
     let out = parsed(&c);
     let entries = out["entry"].as_array().unwrap();
-    assert_eq!(entries.len(), 2);
-    assert_eq!(entries[1]["search"]["mode"], "outcome");
-    assert_eq!(c.dropped, 2);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(c.dropped, 3);
+}
+
+#[test]
+fn total_goes_only_when_a_match_was_dropped() {
+    let fx = Fixture::patient(
+        "patient/Observation.rs",
+        "/Observation?code=a&_include=Observation:performer",
+    );
+    let practitioner = json!({"resourceType": "Practitioner", "id": "pr9"});
+    // Only an included record dropped: `total` (which counts matches) stays.
+    let body = json!({"resourceType": "Bundle", "type": "searchset", "total": 1, "entry": [
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(practitioner.clone(), "include"),
+    ]})
+    .to_string();
+    let c = fx.check(200, &body).unwrap();
+    assert_eq!(parsed(&c)["total"], 1);
+    assert_eq!(c.dropped, 1);
+    // A match dropped: `total` goes.
+    let body = json!({"resourceType": "Bundle", "type": "searchset", "total": 2, "entry": [
+        search_entry(obs("o1", "Patient/p1"), "match"),
+        search_entry(obs("o2", "Patient/p2"), "match"),
+    ]})
+    .to_string();
+    let c = fx.check(200, &body).unwrap();
+    assert!(parsed(&c).get("total").is_none());
 }
 
 #[test]
@@ -899,7 +945,7 @@ fn success_operation_outcome_passes_through() {
 
 #[test]
 fn single_resource_answer_to_search_must_be_releasable() {
-    let fx = Fixture::patient("patient/Patient.rs", "/Patient/$match");
+    let fx = Fixture::patient("patient/Patient.rs", "/Patient/p1/$everything");
     let c = fx
         .check(200, r#"{"resourceType":"Patient","id":"p1"}"#)
         .unwrap();
@@ -1296,4 +1342,23 @@ fn two_constrained_scopes_release_the_union() {
     ]);
     let c = fx.check(200, &body).unwrap();
     assert_eq!(entry_ids(&c), ["Observation/o1", "Observation/o2"]);
+}
+
+#[test]
+fn single_record_client_errors_look_missing_for_restricted_tokens() {
+    let outcome =
+        r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid"}]}"#;
+    let fx = Fixture::patient(
+        "patient/Observation.rs",
+        "/Observation/o2/_history?_since=garbage",
+    );
+    let err = fx.check(400, outcome).unwrap_err();
+    assert!(is_not_found(&err), "{err:?}");
+    // An unrestricted token sees the upstream's own answer.
+    let fx = Fixture::system(
+        "system/Observation.rs",
+        "/Observation/o2/_history?_since=garbage",
+    );
+    let c = fx.check(400, outcome).unwrap();
+    assert_eq!(c.reason, "upstream_outcome");
 }
