@@ -14,18 +14,63 @@ use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, Interaction};
 use crate::rewrite::OutboundRequest;
 use crate::stack::{Decision, Flow, Stage, ext, fhir_json, tenant_of};
+use crate::tenant::Tenant;
 use crate::upstream::{Upstream, UpstreamError, rewrite_base};
 
 /// The interactions the proxy forwards; the CapabilityStatement advertises no others.
 const SUPPORTED_INTERACTIONS: [&str; 4] = ["read", "vread", "history-instance", "search-type"];
 
+/// How long a tenant's secured CapabilityStatement is served from memory. `/metadata`
+/// needs no token, so without a cache anyone could make the proxy load the upstream.
+const CAPABILITIES_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct ServeDiscovery {
     upstream: Upstream,
+    /// (configuration generation, tenant) -> the secured CapabilityStatement.
+    capabilities: moka::future::Cache<(u64, String), Bytes>,
 }
 
 impl ServeDiscovery {
     pub fn new(upstream: Upstream) -> Self {
-        ServeDiscovery { upstream }
+        ServeDiscovery {
+            upstream,
+            capabilities: moka::future::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(CAPABILITIES_TTL)
+                .build(),
+        }
+    }
+
+    /// Fetches and secures the upstream's CapabilityStatement (no caching).
+    async fn capability_statement(&self, tenant: &Tenant) -> Result<Bytes, ProxyError> {
+        let out = OutboundRequest {
+            method: Method::GET,
+            path: "/metadata".into(),
+            params: Vec::new(),
+            body: None,
+            conditional: false,
+        };
+        let fetched = self
+            .upstream
+            .fetch(tenant, &out, &http::HeaderMap::new())
+            .await?;
+        if !fetched.status.is_success() {
+            return Err(UpstreamError::Status(fetched.status).into());
+        }
+        let body = rewrite_base(
+            &fetched.body,
+            &tenant.config.upstream,
+            &tenant.config.public_base,
+        );
+        let mut cs: Value = serde_json::from_slice(&body)
+            .map_err(|_| UpstreamError::BadResponse("capability statement"))?;
+        if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
+            return Err(UpstreamError::BadResponse("capability statement").into());
+        }
+        secure_capability_statement(&mut cs, &tenant.config);
+        serde_json::to_vec(&cs)
+            .map(Bytes::from)
+            .map_err(|_| ProxyError::Internal("capability statement"))
     }
 }
 
@@ -46,34 +91,16 @@ impl Stage for ServeDiscovery {
                 r
             }
             Interaction::Capabilities => {
-                let out = OutboundRequest {
-                    method: Method::GET,
-                    path: "/metadata".into(),
-                    params: Vec::new(),
-                    body: None,
-                    conditional: false,
-                };
-                let fetched = self
-                    .upstream
-                    .fetch(tenant, &out, &http::HeaderMap::new())
-                    .await?;
-                if !fetched.status.is_success() {
-                    return Err(UpstreamError::Status(fetched.status).into());
-                }
-                let body = rewrite_base(
-                    &fetched.body,
-                    &tenant.config.upstream,
-                    &tenant.config.public_base,
-                );
-                let mut cs: Value = serde_json::from_slice(&body)
-                    .map_err(|_| UpstreamError::BadResponse("capability statement"))?;
-                if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
-                    return Err(UpstreamError::BadResponse("capability statement").into());
-                }
-                secure_capability_statement(&mut cs, &tenant.config);
-                let body = serde_json::to_vec(&cs)
-                    .map_err(|_| ProxyError::Internal("capability statement"))?;
-                fhir_json(StatusCode::OK, Bytes::from(body))
+                let key = (tenant.generation, tenant.id().to_owned());
+                let body = self
+                    .capabilities
+                    .try_get_with(key, self.capability_statement(tenant))
+                    .await
+                    .map_err(|e: std::sync::Arc<ProxyError>| match &*e {
+                        ProxyError::Upstream(u) => ProxyError::Upstream(u.clone()),
+                        _ => ProxyError::Internal("capability statement"),
+                    })?;
+                fhir_json(StatusCode::OK, body)
             }
             _ => return Ok(Flow::Continue),
         };

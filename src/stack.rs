@@ -209,6 +209,11 @@ pub fn render_error(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-store"),
     );
+    if let ProxyError::Request(r) = e
+        && let Some(allow) = r.allow()
+    {
+        h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     if let Some(v) = e
         .www_authenticate(realm)
         .and_then(|c| HeaderValue::from_str(&c).ok())

@@ -139,6 +139,16 @@ async fn writes_are_not_forwarded_yet() {
     .await;
     assert_eq!(a.status, 405, "{}", a.text);
     assert_eq!(a.reason(), "interaction_not_supported");
+    // A method the path never takes gets 405 with the methods it does take.
+    let a = harness::answer(
+        support::http_client()
+            .patch(format!("{}/Observation", shared().base("demo")))
+            .bearer_auth(&t),
+    )
+    .await;
+    assert_eq!(a.status, 405, "{}", a.text);
+    assert_eq!(a.reason(), "method_not_allowed");
+    assert!(a.header("allow").contains("GET"), "{:?}", a.headers);
 }
 
 #[tokio::test]
