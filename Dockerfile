@@ -5,7 +5,7 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Build dependencies first so they cache across source changes.
 COPY Cargo.toml Cargo.lock ./
-COPY benches/token_scope.rs benches/token_scope.rs
+COPY benches benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --bin smart-fhir-proxy \
     && rm -rf src
