@@ -545,10 +545,20 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
                     format!("environment variable `{var}` is not set"),
                 )
             })?;
-            if v.len() < 32 {
+            // RFC 7518 3.2: a key at least as long as the hash output.
+            let needed = if algorithms.contains(&Algorithm::HS512) {
+                64
+            } else if algorithms.contains(&Algorithm::HS384) {
+                48
+            } else {
+                32
+            };
+            if v.len() < needed {
                 return Err(bad(
                     "token.hmac_secret_env",
-                    "the shared secret must be at least 32 bytes".into(),
+                    format!(
+                        "the shared secret must be at least {needed} bytes for the listed HS algorithms"
+                    ),
                 ));
             }
             Some(v.into_bytes())

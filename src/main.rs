@@ -49,7 +49,8 @@ struct ServeArgs {
     #[arg(long, env = "SFP_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
     /// How often tenants.json is checked for changes, in seconds (SIGHUP reloads at once).
-    #[arg(long, env = "SFP_RELOAD_POLL_SECONDS", default_value_t = 2)]
+    #[arg(long, env = "SFP_RELOAD_POLL_SECONDS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     reload_poll_seconds: u64,
     /// Log format.
     #[arg(long, env = "SFP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
