@@ -14,6 +14,7 @@
 
 pub mod compartment;
 pub mod constraint;
+pub mod openfga;
 pub mod roles;
 
 use std::sync::Arc;
