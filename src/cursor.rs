@@ -19,6 +19,7 @@
 //! expired one 400 `cursor_expired`, one issued to another tenant, principal or request
 //! 403 `cursor_foreign`; all before any upstream call.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -442,12 +443,15 @@ pub struct Pager<'a> {
     pub key: &'a CursorKey,
     pub tenant: &'a str,
     pub public_base: &'a str,
-    /// [`CursorKey::principal`] of the request's token.
-    pub principal: String,
+    token: &'a VerifiedToken,
+    req: &'a FhirRequest,
     /// [`request_path`] of the request (`None`: not pageable, every link is dropped).
     pub path: Option<String>,
-    /// [`request_binding`] of the request.
-    pub request: String,
+    // Computed on the first link only: most answers (reads) carry none, and every link
+    // of one answer shares them.
+    principal: OnceCell<String>,
+    request: OnceCell<String>,
+    digest: OnceCell<String>,
     /// The parameters of the client's original request.
     pub client_params: &'a [(String, String)],
     /// The original request's narrowed upstream query.
@@ -467,7 +471,7 @@ impl<'a> Pager<'a> {
         key: &'a CursorKey,
         tenant: &'a str,
         public_base: &'a str,
-        token: &VerifiedToken,
+        token: &'a VerifiedToken,
         req: &'a FhirRequest,
         current: &'a OutboundRequest,
         resumed: Option<&'a Resumed>,
@@ -481,9 +485,12 @@ impl<'a> Pager<'a> {
             key,
             tenant,
             public_base,
-            principal: key.principal(token),
+            token,
+            req,
             path: request_path(req),
-            request: request_binding(req),
+            principal: OnceCell::new(),
+            request: OnceCell::new(),
+            digest: OnceCell::new(),
             client_params,
             narrowed,
             current,
@@ -524,15 +531,18 @@ impl<'a> Pager<'a> {
         };
         let binding = Binding {
             tenant: self.tenant,
-            principal: &self.principal,
-            request: &self.request,
+            principal: self
+                .principal
+                .get_or_init(|| self.key.principal(self.token)),
+            request: self.request.get_or_init(|| request_binding(self.req)),
         };
-        let digest = self
-            .key
-            .query_digest(&self.narrowed.path, &self.narrowed.params);
+        let digest = self.digest.get_or_init(|| {
+            self.key
+                .query_digest(&self.narrowed.path, &self.narrowed.params)
+        });
         let cursor = self
             .key
-            .issue(&binding, self.client_params, &digest, page, self.now)?;
+            .issue(&binding, self.client_params, digest, page, self.now)?;
         Ok(Some(format!("{}{path}?{PARAM}={cursor}", self.public_base)))
     }
 

@@ -432,7 +432,8 @@ fn links_become_cursors_for_the_narrowed_query() {
     let req = get("/Observation?_count=2");
     let out = outbound("/Patient/p1/Observation", &[("_count", "2")]);
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &out, None, NOW);
-    let b = binding(&pager.principal, "search-type /Observation");
+    let principal = key.principal(&t);
+    let b = binding(&principal, "search-type /Observation");
 
     // `self` is the client's own request.
     assert_eq!(
@@ -500,7 +501,8 @@ fn base_links_are_kept_and_lost_narrowing_is_added_back() {
         &[("code", "a"), ("_sort", "date"), ("category", "laboratory")],
     );
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &out, None, NOW);
-    let b = binding(&pager.principal, "search-type /Observation");
+    let principal = key.principal(&t);
+    let b = binding(&principal, "search-type /Observation");
     // HAPI's handle to a search it holds: the base with `_getpages`, kept as it is.
     let hapi = pager
         .link("next", &format!("{PUBLIC}?_getpages=abc&_getpagesoffset=2"))
