@@ -22,7 +22,6 @@
 use std::cell::OnceCell;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -311,10 +310,7 @@ impl CursorKey {
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::token::now_secs()
 }
 
 /// The path (after the tenant's public base) a client uses for this request, rebuilt

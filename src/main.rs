@@ -129,8 +129,9 @@ fn init_logging(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
-    let compartments = match CompartmentIndex::official() {
-        Ok(c) => Arc::new(c),
+    // The same instance config validation uses: built once per process.
+    let compartments = match CompartmentIndex::official_shared() {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "compartment definitions are broken");
             return ExitCode::FAILURE;

@@ -111,13 +111,12 @@ impl CompartmentIndex {
     }
 
     /// The official index, built once per process.
-    pub fn official_shared() -> Result<&'static CompartmentIndex, String> {
-        static OFFICIAL: std::sync::OnceLock<Result<CompartmentIndex, String>> =
+    pub fn official_shared() -> Result<std::sync::Arc<CompartmentIndex>, String> {
+        static OFFICIAL: std::sync::OnceLock<Result<std::sync::Arc<CompartmentIndex>, String>> =
             std::sync::OnceLock::new();
         OFFICIAL
-            .get_or_init(CompartmentIndex::official)
-            .as_ref()
-            .map_err(Clone::clone)
+            .get_or_init(|| CompartmentIndex::official().map(std::sync::Arc::new))
+            .clone()
     }
 
     pub fn from_json(definitions: &[Value], search_parameters: &Value) -> Result<Self, String> {

@@ -146,7 +146,8 @@ pub fn satisfies_all(
 /// The R4 SearchParameters by (resource type, code), compiled for evaluation.
 #[derive(Debug, Default)]
 pub struct SearchParamIndex {
-    by_type: HashMap<(ResourceType, String), Param>,
+    /// Type -> code -> parameter: nested so a lookup by `&str` allocates nothing.
+    by_type: HashMap<ResourceType, HashMap<String, Param>>,
     /// Parameters on `Resource`/`DomainResource` (`_id`, `_tag`, `_profile`, ...),
     /// which every type has.
     common: HashMap<String, Param>,
@@ -189,7 +190,11 @@ impl SearchParamIndex {
                     let rt = ResourceType::parse(base).ok_or_else(|| {
                         format!("search parameter `{code}`: unknown base `{base}`")
                     })?;
-                    index.by_type.insert((rt, code.to_owned()), param);
+                    index
+                        .by_type
+                        .entry(rt)
+                        .or_default()
+                        .insert(code.to_owned(), param);
                 }
             }
         }
@@ -203,7 +208,8 @@ impl SearchParamIndex {
 
     fn get(&self, rt: ResourceType, code: &str) -> Option<&Param> {
         self.by_type
-            .get(&(rt, code.to_owned()))
+            .get(&rt)
+            .and_then(|params| params.get(code))
             .or_else(|| self.common.get(code))
     }
 }
