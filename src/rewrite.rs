@@ -123,10 +123,9 @@ pub fn rewrite_request(
                     [c] if index.links_type(c.owner, rt) => {
                         format!("/{}/{}/{t}", c.owner, c.id)
                     }
-                    [c] => {
-                        let _ = c;
-                        return Err(AuthzError::OutsideCompartment { resource_type: rt });
-                    }
+                    // Stage 3 already refuses this; kept so the narrowing never forwards
+                    // a search it could not narrow.
+                    [_] => return Err(AuthzError::OutsideCompartment { resource_type: rt }),
                     _ => {
                         return Err(AuthzError::NotNarrowable {
                             interaction: req.interaction.name(),
@@ -344,7 +343,7 @@ impl Stage for RewriteSearch {
         let resumed = crate::cursor::resume(
             &self.cursors,
             &tenant_of(req)?.0,
-            ext::<crate::token::VerifiedToken>(req, "missing VerifiedToken")?,
+            ext::<std::sync::Arc<crate::token::VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
             crate::cursor::now(),
