@@ -517,7 +517,7 @@ impl Authorize {
 impl Stage for Authorize {
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
-        let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
+        let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
         // Only `user/` scopes look at the fhirUser; resolve a PractitionerRole only then.
         let user = match &token.fhir_user {

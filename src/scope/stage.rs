@@ -15,7 +15,7 @@ pub struct CheckScope;
 impl Stage for CheckScope {
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-        let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
+        let token = ext::<std::sync::Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let ctx = TokenContext {
             has_patient: token.patient.is_some(),
         };

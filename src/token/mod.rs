@@ -159,7 +159,7 @@ pub struct TokenVerifier {
 }
 
 struct CachedToken {
-    token: VerifiedToken,
+    token: Arc<VerifiedToken>,
     /// The serial of the JWKS key set the signature was checked with (`None` for HMAC).
     key_serial: Option<u64>,
     ttl: Duration,
@@ -201,7 +201,7 @@ impl TokenVerifier {
         tenant_id: &str,
         cfg: &TokenConfig,
         token: &str,
-    ) -> Result<VerifiedToken, TokenError> {
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         let key = format!("{generation}\u{0}{tenant_id}\u{0}{token}");
         let now = now_secs();
         let leeway = cfg.leeway.as_secs();
@@ -221,11 +221,12 @@ impl TokenVerifier {
             Some(token) => token,
             None => {
                 let (fresh, key_serial) = self.verify_signature_and_claims(cfg, token).await?;
+                let fresh = Arc::new(fresh);
                 let remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
                 let ttl = Duration::from_secs(remaining).min(cfg.jwks_cache);
                 if !ttl.is_zero() {
                     let cached = CachedToken {
-                        token: fresh.clone(),
+                        token: Arc::clone(&fresh),
                         key_serial,
                         ttl,
                     };
@@ -452,7 +453,8 @@ impl crate::stack::Stage for ValidateToken {
         }
         // Defence in depth: nothing after this stage can forward the client's token.
         req.headers_mut().remove(http::header::AUTHORIZATION);
-        req.extensions_mut().insert(verified);
+        // INVARIANT: the extension is `Arc<VerifiedToken>` (a cache hit shares it).
+        req.extensions_mut().insert::<Arc<VerifiedToken>>(verified);
         Ok(crate::stack::Flow::Continue)
     }
 }

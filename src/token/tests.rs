@@ -64,7 +64,7 @@ fn without(mut claims: serde_json::Value, key: &str) -> serde_json::Value {
     claims
 }
 
-async fn verify(token: &str) -> Result<VerifiedToken, TokenError> {
+async fn verify(token: &str) -> Result<std::sync::Arc<VerifiedToken>, TokenError> {
     let v = TokenVerifier::new(reqwest::Client::new());
     v.verify(0, "demo", &cfg(), token).await
 }
@@ -76,7 +76,7 @@ async fn valid_token_yields_principal() {
     assert_eq!(t.subject.as_deref(), Some("user-1"));
     assert_eq!(t.client_id.as_deref(), Some("app-1"));
     assert_eq!(t.patient.as_ref().map(|p| p.as_str()), Some("p1"));
-    let u = t.fhir_user.unwrap();
+    let u = t.fhir_user.clone().unwrap();
     assert_eq!(
         (u.resource_type.as_str(), u.id.as_str()),
         ("Practitioner", "pr1")

@@ -399,7 +399,7 @@ async fn forward(
 ) -> Result<ProxyResponse, ProxyError> {
     let tenant = &tenant_of(req)?.0;
     let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-    let token = ext::<VerifiedToken>(req, "missing VerifiedToken")?;
+    let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
     let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
     let permit = ext::<Permit>(req, "missing Permit")?;
     let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
