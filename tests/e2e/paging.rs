@@ -92,6 +92,23 @@ async fn upstream_count(suffix: &str, at_least: usize) -> usize {
     }
 }
 
+/// Follows a genuine `next` link after refused attempts with the same cursor: the page
+/// must not have reached the upstream before (the refusals were not forwarded), must be
+/// served now with `entries` entries, and must then be in the upstream's log (at least
+/// once: the pooled client may retry an idempotent GET on a connection the upstream
+/// closed, which logs it twice).
+async fn follow_after_refusals(next: &str, token: &str, upstream_page: &str, entries: usize) {
+    assert_eq!(
+        upstream_count(upstream_page, 0).await,
+        0,
+        "a refused cursor was forwarded"
+    );
+    let page = get(next, Some(token)).await;
+    assert_eq!(page.status, 200, "{}", page.text);
+    assert_eq!(page.entry_ids().len(), entries);
+    assert!(upstream_count(upstream_page, 1).await >= 1);
+}
+
 const P1_OBSERVATIONS: [&str; 6] = [
     "Observation/obs-p1-glucose",
     "Observation/obs-p1-hba1c",
@@ -198,18 +215,7 @@ async fn tampered_cursor_is_invalid_and_never_forwarded() {
     // Without a token a cursor is worth nothing.
     assert_eq!(get(&next, None).await.status, 401);
 
-    // The refused attempts never reached the upstream: the page is not there yet.
-    assert_eq!(
-        upstream_count("/fhir/Observation?_count=9&_offset=9", 0).await,
-        0,
-        "a refused cursor was forwarded"
-    );
-    let page = get(&next, Some(&t)).await;
-    assert_eq!(page.status, 200, "{}", page.text);
-    assert_eq!(page.entry_ids().len(), 2);
-    // (At least once: the pooled client may retry an idempotent GET on a connection
-    // the upstream closed, which logs it twice.)
-    assert!(upstream_count("/fhir/Observation?_count=9&_offset=9", 1).await >= 1);
+    follow_after_refusals(&next, &t, "/fhir/Observation?_count=9&_offset=9", 2).await;
 }
 
 #[tokio::test]
@@ -249,18 +255,13 @@ async fn another_principal_or_tenant_cannot_replay_a_cursor() {
     assert_eq!(a.status, 403, "{}", a.text);
     assert_eq!(a.reason(), "cursor_foreign");
 
-    // The refused attempts never reached the upstream: the page is not there yet.
-    assert_eq!(
-        upstream_count("/fhir/Patient/p1/Observation?_count=5&_offset=5", 0).await,
-        0,
-        "a refused cursor was forwarded"
-    );
-    let page = get(&next, Some(&p1)).await;
-    assert_eq!(page.status, 200, "{}", page.text);
-    assert_eq!(page.entry_ids().len(), 1);
-    // (At least once: the pooled client may retry an idempotent GET on a connection
-    // the upstream closed, which logs it twice.)
-    assert!(upstream_count("/fhir/Patient/p1/Observation?_count=5&_offset=5", 1).await >= 1);
+    follow_after_refusals(
+        &next,
+        &p1,
+        "/fhir/Patient/p1/Observation?_count=5&_offset=5",
+        1,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -285,17 +286,14 @@ async fn cursor_is_bound_to_the_request_path() {
         assert_eq!(a.status, 403, "{other}: {}", a.text);
         assert_eq!(a.reason(), "cursor_foreign", "{other}");
     }
-    // The refused attempts never reached the upstream: the page is not there yet.
-    assert_eq!(
-        upstream_count("/fhir/Patient/p1/Observation?_count=4&_offset=4", 0).await,
-        0,
-        "a refused cursor was forwarded"
-    );
-    let page = get(&next, Some(&t)).await;
-    assert_eq!(page.status, 200, "{}", page.text);
-    // (At least once: the pooled client may retry an idempotent GET on a connection
-    // the upstream closed, which logs it twice.)
-    assert!(upstream_count("/fhir/Patient/p1/Observation?_count=4&_offset=4", 1).await >= 1);
+    // p1 has 6 Observations: the second page of 4 holds 2.
+    follow_after_refusals(
+        &next,
+        &t,
+        "/fhir/Patient/p1/Observation?_count=4&_offset=4",
+        2,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -315,18 +313,13 @@ async fn cursor_must_be_the_only_parameter() {
         assert_eq!(a.status, 400, "{mixed}: {}", a.text);
         assert_eq!(a.reason(), "cursor_invalid", "{mixed}");
     }
-    // The refused attempts never reached the upstream: the page is not there yet.
-    assert_eq!(
-        upstream_count("/fhir/Patient/p1/Observation?_count=3&_offset=3", 0).await,
-        0,
-        "a refused cursor was forwarded"
-    );
-    let page = get(&next, Some(&t)).await;
-    assert_eq!(page.status, 200, "{}", page.text);
-    assert_eq!(page.entry_ids().len(), 3);
-    // (At least once: the pooled client may retry an idempotent GET on a connection
-    // the upstream closed, which logs it twice.)
-    assert!(upstream_count("/fhir/Patient/p1/Observation?_count=3&_offset=3", 1).await >= 1);
+    follow_after_refusals(
+        &next,
+        &t,
+        "/fhir/Patient/p1/Observation?_count=3&_offset=3",
+        3,
+    )
+    .await;
 }
 
 /// A proxy with one tenant `demo` on the shared stack and the given environment.
