@@ -186,6 +186,99 @@ pub enum RawAuthorization {
         #[serde(default)]
         public_types: Vec<String>,
     },
+    /// Fine-grained: `user/` and `system/` access per patient, decided by OpenFGA;
+    /// `patient/` scopes keep the token patient's compartment.
+    Openfga {
+        #[serde(default = "default_denied_status")]
+        denied_read_status: u16,
+        #[serde(default)]
+        public_types: Vec<String>,
+        openfga: Box<RawOpenFga>,
+    },
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawOpenFga {
+    pub api_url: String,
+    pub store_id: String,
+    /// Pinned model: sent with every call, so a model change is a deliberate edit.
+    pub authorization_model_id: String,
+    #[serde(default)]
+    pub credentials: RawFgaCredentials,
+    #[serde(default = "default_fga_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The server's `listObjectsDeadline` (OpenFGA default 3 s).
+    #[serde(default = "default_fga_list_deadline_ms")]
+    pub list_objects_deadline_ms: u64,
+    #[serde(default = "default_fga_cache_ttl")]
+    pub cache_ttl_seconds: u64,
+    #[serde(default = "default_fga_breaker_failures")]
+    pub breaker_failure_threshold: u32,
+    #[serde(default = "default_fga_breaker_cool_down_ms")]
+    pub breaker_cool_down_ms: u64,
+    /// Records that belong to several patients: released if the principal may view
+    /// any of them (`any_of`) or only all of them (`all_of`, the default).
+    #[serde(default)]
+    pub multi_patient_policy: MultiPatientPolicy,
+    /// Most patients one principal may be listed with for a search; more fails the
+    /// search (never truncated).
+    #[serde(default = "default_fga_max_listed")]
+    pub max_listed_patients: usize,
+    /// Patient ids per upstream search (POST `_search` body); more are searched chunk by
+    /// chunk across pages.
+    #[serde(default = "default_fga_chunk")]
+    pub search_chunk_size: usize,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
+pub enum RawFgaCredentials {
+    #[default]
+    None,
+    /// A pre-shared key, sent as `Authorization: Bearer`.
+    ApiToken {
+        api_token: Option<String>,
+        api_token_env: Option<String>,
+    },
+    ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: Option<String>,
+        client_secret_env: Option<String>,
+        audience: Option<String>,
+    },
+}
+
+/// How a record that belongs to several patients is decided.
+#[derive(Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiPatientPolicy {
+    AnyOf,
+    #[default]
+    AllOf,
+}
+
+fn default_fga_timeout_ms() -> u64 {
+    2_000
+}
+fn default_fga_list_deadline_ms() -> u64 {
+    3_000
+}
+fn default_fga_cache_ttl() -> u64 {
+    10
+}
+fn default_fga_breaker_failures() -> u32 {
+    5
+}
+fn default_fga_breaker_cool_down_ms() -> u64 {
+    10_000
+}
+fn default_fga_max_listed() -> usize {
+    100_000
+}
+fn default_fga_chunk() -> usize {
+    100
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -379,6 +472,40 @@ pub enum AuthorizationConfig {
         denied_read_status: http::StatusCode,
         public_types: Vec<crate::fhir::ResourceType>,
     },
+    OpenFga {
+        denied_read_status: http::StatusCode,
+        public_types: Vec<crate::fhir::ResourceType>,
+        openfga: Box<OpenFgaConfig>,
+    },
+}
+
+impl AuthorizationConfig {
+    pub fn denied_read_status(&self) -> http::StatusCode {
+        match self {
+            AuthorizationConfig::Compartment {
+                denied_read_status, ..
+            }
+            | AuthorizationConfig::OpenFga {
+                denied_read_status, ..
+            } => *denied_read_status,
+        }
+    }
+
+    pub fn public_types(&self) -> &[crate::fhir::ResourceType] {
+        match self {
+            AuthorizationConfig::Compartment { public_types, .. }
+            | AuthorizationConfig::OpenFga { public_types, .. } => public_types,
+        }
+    }
+}
+
+/// A tenant's OpenFGA store and how it is used.
+#[derive(Debug, Clone)]
+pub struct OpenFgaConfig {
+    pub connection: crate::authz::openfga::FgaConnection,
+    pub multi_patient_policy: MultiPatientPolicy,
+    pub max_listed_patients: usize,
+    pub search_chunk_size: usize,
 }
 
 /// Reads and validates a tenants file, applying `SFP__...` environment overrides.
@@ -670,45 +797,19 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         RawAuthorization::Compartment {
             denied_read_status,
             public_types,
-        } => {
-            let status = match denied_read_status {
-                403 => http::StatusCode::FORBIDDEN,
-                404 => http::StatusCode::NOT_FOUND,
-                other => {
-                    return Err(bad(
-                        "authorization.denied_read_status",
-                        format!("`{other}` is not 403 or 404"),
-                    ));
-                }
-            };
-            let mut types = Vec::with_capacity(public_types.len());
-            for name in &public_types {
-                let rt = crate::fhir::ResourceType::parse(name).ok_or_else(|| {
-                    bad(
-                        "authorization.public_types",
-                        format!("`{name}` is not an R4 resource type"),
-                    )
-                })?;
-                // Patient data can never be public: it would bypass compartments.
-                let non_patient = crate::authz::CompartmentIndex::official_shared()
-                    .map(|index| index.is_non_patient_data(rt))
-                    .unwrap_or(false);
-                if !non_patient {
-                    return Err(bad(
-                        "authorization.public_types",
-                        format!(
-                            "`{name}` may hold patient data and cannot be public (allowed: {})",
-                            crate::authz::compartment::NON_PATIENT_TYPES.join(", ")
-                        ),
-                    ));
-                }
-                types.push(rt);
-            }
-            AuthorizationConfig::Compartment {
-                denied_read_status: status,
-                public_types: types,
-            }
-        }
+        } => AuthorizationConfig::Compartment {
+            denied_read_status: denied_status(denied_read_status).map_err(|(k, m)| bad(k, m))?,
+            public_types: public_type_list(&public_types).map_err(|(k, m)| bad(k, m))?,
+        },
+        RawAuthorization::Openfga {
+            denied_read_status,
+            public_types,
+            openfga,
+        } => AuthorizationConfig::OpenFga {
+            denied_read_status: denied_status(denied_read_status).map_err(|(k, m)| bad(k, m))?,
+            public_types: public_type_list(&public_types).map_err(|(k, m)| bad(k, m))?,
+            openfga: Box::new(openfga_config(*openfga).map_err(|(k, m)| bad(k, m))?),
+        },
     };
 
     Ok(TenantConfig {
@@ -718,6 +819,160 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         token,
         smart,
         authorization,
+    })
+}
+
+type Bad = (&'static str, String);
+
+fn denied_status(code: u16) -> Result<http::StatusCode, Bad> {
+    match code {
+        403 => Ok(http::StatusCode::FORBIDDEN),
+        404 => Ok(http::StatusCode::NOT_FOUND),
+        other => Err((
+            "authorization.denied_read_status",
+            format!("`{other}` is not 403 or 404"),
+        )),
+    }
+}
+
+fn public_type_list(names: &[String]) -> Result<Vec<crate::fhir::ResourceType>, Bad> {
+    let mut types = Vec::with_capacity(names.len());
+    for name in names {
+        let rt = crate::fhir::ResourceType::parse(name).ok_or_else(|| {
+            (
+                "authorization.public_types",
+                format!("`{name}` is not an R4 resource type"),
+            )
+        })?;
+        // Patient data can never be public: it would bypass compartments.
+        let non_patient = crate::authz::CompartmentIndex::official_shared()
+            .map(|index| index.is_non_patient_data(rt))
+            .unwrap_or(false);
+        if !non_patient {
+            return Err((
+                "authorization.public_types",
+                format!(
+                    "`{name}` may hold patient data and cannot be public (allowed: {})",
+                    crate::authz::compartment::NON_PATIENT_TYPES.join(", ")
+                ),
+            ));
+        }
+        types.push(rt);
+    }
+    Ok(types)
+}
+
+fn openfga_config(o: RawOpenFga) -> Result<OpenFgaConfig, Bad> {
+    use crate::authz::openfga::{BreakerSettings, FgaConnection, FgaCredentials};
+    let mut api_url = http_url(&o.api_url).map_err(|m| ("authorization.openfga.api_url", m))?;
+    if api_url.query().is_some() || api_url.fragment().is_some() {
+        return Err((
+            "authorization.openfga.api_url",
+            format!("`{}` must not have a query or fragment", o.api_url),
+        ));
+    }
+    // A base: calls are appended as `stores/{id}/...`.
+    if !api_url.path().ends_with('/') {
+        let path = format!("{}/", api_url.path());
+        api_url.set_path(&path);
+    }
+    let id_ok =
+        |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !id_ok(&o.store_id) {
+        return Err((
+            "authorization.openfga.store_id",
+            format!("`{}` is not an OpenFGA id (ULID)", o.store_id),
+        ));
+    }
+    if !id_ok(&o.authorization_model_id) {
+        return Err((
+            "authorization.openfga.authorization_model_id",
+            format!("`{}` is not an OpenFGA id (ULID)", o.authorization_model_id),
+        ));
+    }
+    let credentials = match o.credentials {
+        RawFgaCredentials::None => FgaCredentials::None,
+        RawFgaCredentials::ApiToken {
+            api_token,
+            api_token_env,
+        } => FgaCredentials::ApiToken(
+            secret(api_token, api_token_env)
+                .map_err(|m| ("authorization.openfga.credentials.api_token", m))?,
+        ),
+        RawFgaCredentials::ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            client_secret_env,
+            audience,
+        } => FgaCredentials::ClientCredentials {
+            token_url: http_url(&token_url)
+                .map_err(|m| ("authorization.openfga.credentials.token_url", m))?,
+            client_id,
+            client_secret: secret(client_secret, client_secret_env)
+                .map_err(|m| ("authorization.openfga.credentials.client_secret", m))?,
+            audience,
+        },
+    };
+    let ms = |key: &'static str, v: u64, max: u64| {
+        if v == 0 || v > max {
+            Err((key, format!("`{v}` is not within 1..={max}")))
+        } else {
+            Ok(Duration::from_millis(v))
+        }
+    };
+    let timeout = ms("authorization.openfga.timeout_ms", o.timeout_ms, 60_000)?;
+    let list_objects_deadline = ms(
+        "authorization.openfga.list_objects_deadline_ms",
+        o.list_objects_deadline_ms,
+        600_000,
+    )?;
+    if o.cache_ttl_seconds > 3_600 {
+        return Err((
+            "authorization.openfga.cache_ttl_seconds",
+            format!("`{}` is more than 3600", o.cache_ttl_seconds),
+        ));
+    }
+    let cool_down = ms(
+        "authorization.openfga.breaker_cool_down_ms",
+        o.breaker_cool_down_ms,
+        600_000,
+    )?;
+    if o.breaker_failure_threshold == 0 {
+        return Err((
+            "authorization.openfga.breaker_failure_threshold",
+            "must be at least 1".into(),
+        ));
+    }
+    if o.max_listed_patients == 0 || o.max_listed_patients > 10_000_000 {
+        return Err((
+            "authorization.openfga.max_listed_patients",
+            format!("`{}` is not within 1..=10000000", o.max_listed_patients),
+        ));
+    }
+    if o.search_chunk_size == 0 || o.search_chunk_size > 5_000 {
+        return Err((
+            "authorization.openfga.search_chunk_size",
+            format!("`{}` is not within 1..=5000", o.search_chunk_size),
+        ));
+    }
+    Ok(OpenFgaConfig {
+        connection: FgaConnection {
+            api_url,
+            store_id: o.store_id,
+            authorization_model_id: o.authorization_model_id,
+            credentials,
+            timeout,
+            cache_ttl: Duration::from_secs(o.cache_ttl_seconds),
+            breaker: BreakerSettings {
+                failure_threshold: o.breaker_failure_threshold,
+                cool_down,
+            },
+            list_objects_deadline,
+        },
+        multi_patient_policy: o.multi_patient_policy,
+        max_listed_patients: o.max_listed_patients,
+        search_chunk_size: o.search_chunk_size,
     })
 }
 

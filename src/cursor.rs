@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::authz::authorize_as;
 use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, Interaction, OperationLevel};
-use crate::rewrite::{OutboundRequest, rewrite_request};
+use crate::rewrite::{OutboundRequest, PatientNarrowing, rewrite_request_with};
 use crate::scope::{TokenContext, check_scopes};
 use crate::tenant::Tenant;
 use crate::token::VerifiedToken;
@@ -84,6 +84,11 @@ pub enum CursorError {
     /// Issued for another tenant, principal or request.
     #[error("paging cursor was issued for another request")]
     Foreign,
+    /// The patients the token may access changed since the cursor was issued.
+    #[error(
+        "the records this token may access changed since this page was issued; restart the search"
+    )]
+    Stale,
 }
 
 impl CursorError {
@@ -93,6 +98,7 @@ impl CursorError {
                 StatusCode::BAD_REQUEST
             }
             CursorError::Foreign => StatusCode::FORBIDDEN,
+            CursorError::Stale => StatusCode::CONFLICT,
         }
     }
 
@@ -101,6 +107,7 @@ impl CursorError {
             CursorError::Invalid | CursorError::NotAlone => "cursor_invalid",
             CursorError::Expired => "cursor_expired",
             CursorError::Foreign => "cursor_foreign",
+            CursorError::Stale => "cursor_stale",
         }
     }
 }
@@ -136,7 +143,26 @@ pub struct Cursor {
     pub narrowed: String,
     #[serde(rename = "pg")]
     pub page: Page,
+    /// Searches narrowed to a patient list ([`crate::rewrite::Narrowing`]): the chunk
+    /// of the list this page belongs to, and a keyed digest of the whole list.
+    #[serde(rename = "sg", default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<Segment>,
     pub exp: u64,
+}
+
+/// Where in a patient-list narrowed search a page is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Segment {
+    #[serde(rename = "c")]
+    pub chunk: usize,
+    /// [`CursorKey::list_digest`] of the patient list.
+    #[serde(rename = "d")]
+    pub list: String,
+    /// Whether the stored page must be sent with its chunk (false for pages the
+    /// upstream holds, such as `_getpages`).
+    #[serde(rename = "s")]
+    pub send: bool,
 }
 
 /// What a cursor must be bound to for the request at hand.
@@ -240,6 +266,16 @@ impl CursorKey {
         self.mac(&serde_json::to_vec(&parts).unwrap_or_default())
     }
 
+    /// A keyed digest of a patient list.
+    pub fn list_digest(&self, n: &crate::rewrite::Narrowing) -> String {
+        let mut message = Vec::with_capacity(n.values.iter().map(|v| v.len() + 1).sum());
+        for v in n.values.iter() {
+            message.extend_from_slice(v.as_bytes());
+            message.push(b',');
+        }
+        self.mac(&message)
+    }
+
     /// Signs a cursor for `page`, valid for the key's lifetime from `now`.
     pub fn issue(
         &self,
@@ -249,6 +285,19 @@ impl CursorKey {
         page: Page,
         now: u64,
     ) -> Result<String, CursorError> {
+        self.issue_segment(binding, client_params, narrowed, page, None, now)
+    }
+
+    /// As [`CursorKey::issue`], for a page of a patient-list narrowed search.
+    pub fn issue_segment(
+        &self,
+        binding: &Binding<'_>,
+        client_params: &[(String, String)],
+        narrowed: &str,
+        page: Page,
+        segment: Option<Segment>,
+        now: u64,
+    ) -> Result<String, CursorError> {
         let claims = Cursor {
             tenant: binding.tenant.to_owned(),
             principal: binding.principal.to_owned(),
@@ -256,6 +305,7 @@ impl CursorKey {
             client_params: client_params.to_vec(),
             narrowed: narrowed.to_owned(),
             page,
+            segment,
             exp: now.saturating_add(self.ttl_seconds),
         };
         let mut header = Header::new(Algorithm::HS256);
@@ -379,6 +429,7 @@ pub fn resume(
     token: &VerifiedToken,
     user: Option<&crate::token::FhirUser>,
     req: &FhirRequest,
+    patients: Option<&PatientNarrowing>,
     now: u64,
 ) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
     let Some(text) = cursor_param(req)? else {
@@ -406,24 +457,45 @@ pub fn resume(
     // Re-authorized exactly as the request that issued the cursor was, with the
     // resolved fhirUser (a PractitionerRole acts as its Practitioner).
     let permit = authorize_as(&tenant.checker, &original, token, &grant, user.cloned())?;
-    let narrowed = rewrite_request(
+    let narrowed = rewrite_request_with(
         &original,
         &grant,
         &permit,
         tenant.checker.index(),
         &Bytes::new(),
+        patients,
     )?;
     // The current token must narrow the original request exactly as the one the cursor
     // was issued to did; otherwise the stored page could be wider than it may see.
     if key.query_digest(&narrowed.path, &narrowed.params) != cursor.narrowed {
         return Err(CursorError::Foreign.into());
     }
+    // A patient-list narrowed search resumes in its chunk of the current list, which
+    // must be the list the cursor was issued with (else chunks would shift).
+    let narrowing = match (&narrowed.narrowing, cursor.segment) {
+        (None, None) => None,
+        (Some(n), Some(seg)) => {
+            if key.list_digest(n) != seg.list {
+                return Err(CursorError::Stale.into());
+            }
+            if seg.chunk >= n.chunks().max(1) {
+                return Err(CursorError::Invalid.into());
+            }
+            Some(crate::rewrite::Narrowing {
+                chunk: seg.chunk,
+                send: seg.send,
+                ..n.clone()
+            })
+        }
+        _ => return Err(CursorError::Foreign.into()),
+    };
     let out = OutboundRequest {
         method: Method::GET,
         path: cursor.page.path,
         params: cursor.page.params,
         body: None,
         conditional: narrowed.conditional,
+        narrowing,
     };
     Ok(Some((
         out,
@@ -448,6 +520,7 @@ pub struct Pager<'a> {
     principal: OnceCell<String>,
     request: OnceCell<String>,
     digest: OnceCell<String>,
+    list: OnceCell<String>,
     /// The parameters of the client's original request.
     pub client_params: &'a [(String, String)],
     /// The original request's narrowed upstream query.
@@ -487,6 +560,7 @@ impl<'a> Pager<'a> {
             principal: OnceCell::new(),
             request: OnceCell::new(),
             digest: OnceCell::new(),
+            list: OnceCell::new(),
             client_params,
             narrowed,
             current,
@@ -512,6 +586,11 @@ impl<'a> Pager<'a> {
             return Ok(None);
         }
         let (link_path, link_query) = rest.split_once('?').unwrap_or((rest, ""));
+        // Within a patient-list narrowed search, `first` and `last` would name the
+        // chunk's first and last page, not the search's.
+        if self.segmented() && matches!(relation, "first" | "last") {
+            return Ok(None);
+        }
         let page = if relation == "self" {
             if !self.resumed {
                 return Ok(Some(self.client_url(path)));
@@ -536,9 +615,96 @@ impl<'a> Pager<'a> {
             self.key
                 .query_digest(&self.narrowed.path, &self.narrowed.params)
         });
-        let cursor = self
-            .key
-            .issue(&binding, self.client_params, digest, page, self.now)?;
+        let segment = self.current.narrowing.as_ref().map(|n| {
+            // The upstream's link repeats the chunk it was given; the cursor never
+            // carries it (it is sent again from the current list).
+            let send = n.send && !link_path.is_empty();
+            (n.chunk, send)
+        });
+        let page = match &self.current.narrowing {
+            Some(n) => {
+                let pair = n.pair();
+                Page {
+                    params: page.params.into_iter().filter(|p| *p != pair).collect(),
+                    ..page
+                }
+            }
+            None => page,
+        };
+        let segment = segment.map(|(chunk, send)| Segment {
+            chunk,
+            list: self.list_digest(),
+            send,
+        });
+        let cursor = self.key.issue_segment(
+            &binding,
+            self.client_params,
+            digest,
+            page,
+            segment,
+            self.now,
+        )?;
+        Ok(Some(format!("{}{path}?{PARAM}={cursor}", self.public_base)))
+    }
+
+    /// Whether this answer is one chunk of a patient-list narrowed search that spans
+    /// several.
+    pub fn segmented(&self) -> bool {
+        self.current
+            .narrowing
+            .as_ref()
+            .is_some_and(|n| n.chunks() > 1)
+    }
+
+    fn list_digest(&self) -> String {
+        self.list
+            .get_or_init(|| {
+                self.current
+                    .narrowing
+                    .as_ref()
+                    .map(|n| self.key.list_digest(n))
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
+    /// The link to the first page of the next chunk, when this answer ended its chunk
+    /// (the upstream gave no `next`) and another chunk follows.
+    pub fn next_chunk_link(&self) -> Result<Option<String>, CursorError> {
+        let (Some(path), Some(n)) = (&self.path, &self.current.narrowing) else {
+            return Ok(None);
+        };
+        if !n.has_next_chunk() {
+            return Ok(None);
+        }
+        let binding = Binding {
+            tenant: self.tenant,
+            principal: self
+                .principal
+                .get_or_init(|| self.key.principal(self.token)),
+            request: self.request.get_or_init(|| request_binding(self.req)),
+        };
+        let digest = self.digest.get_or_init(|| {
+            self.key
+                .query_digest(&self.narrowed.path, &self.narrowed.params)
+        });
+        let page = Page {
+            path: self.narrowed.path.clone(),
+            params: self.narrowed.params.clone(),
+        };
+        let segment = Segment {
+            chunk: n.chunk + 1,
+            list: self.list_digest(),
+            send: true,
+        };
+        let cursor = self.key.issue_segment(
+            &binding,
+            self.client_params,
+            digest,
+            page,
+            Some(segment),
+            self.now,
+        )?;
         Ok(Some(format!("{}{path}?{PARAM}={cursor}", self.public_base)))
     }
 

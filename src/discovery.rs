@@ -49,6 +49,7 @@ impl ServeDiscovery {
             params: Vec::new(),
             body: None,
             conditional: false,
+            narrowing: None,
         };
         let fetched = self
             .upstream

@@ -30,6 +30,44 @@ pub struct OutboundRequest {
     pub body: Option<Bytes>,
     /// Whether conditional-read headers may be forwarded (unrestricted permits only).
     pub conditional: bool,
+    /// `openfga` tenants: the allowed patients a search is narrowed to, sent chunk by
+    /// chunk in a POST `_search` body (never in the URL, never in a cursor).
+    pub narrowing: Option<Narrowing>,
+}
+
+/// A search narrowed to a list of patients (see [`OutboundRequest::narrowing`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Narrowing {
+    /// `_id` on Patient searches, else the type's patient reference parameter.
+    pub param: String,
+    /// Sorted and distinct: `id`s for `_id`, `Patient/id` references otherwise.
+    pub values: std::sync::Arc<[String]>,
+    pub chunk_size: usize,
+    /// The chunk this request searches.
+    pub chunk: usize,
+    /// Whether the chunk goes upstream with this request (false for pages the upstream
+    /// holds itself, such as HAPI's `_getpages`).
+    pub send: bool,
+}
+
+impl Narrowing {
+    /// How many upstream searches the whole list takes.
+    pub fn chunks(&self) -> usize {
+        self.values.len().div_ceil(self.chunk_size.max(1))
+    }
+
+    /// The parameter pair of the current chunk.
+    pub fn pair(&self) -> (String, String) {
+        let size = self.chunk_size.max(1);
+        let start = self.chunk.saturating_mul(size).min(self.values.len());
+        let end = start.saturating_add(size).min(self.values.len());
+        let value = self.values.get(start..end).unwrap_or_default().join(",");
+        (self.param.clone(), value)
+    }
+
+    pub fn has_next_chunk(&self) -> bool {
+        self.chunk + 1 < self.chunks()
+    }
 }
 
 impl OutboundRequest {
@@ -44,6 +82,27 @@ impl OutboundRequest {
         }
         format!("{}?{}", self.path, ser.finish())
     }
+
+    /// The `application/x-www-form-urlencoded` body of a narrowed POST `_search`: the
+    /// parameters and the current chunk.
+    pub fn search_form(&self) -> Option<Bytes> {
+        let n = self.narrowing.as_ref().filter(|n| n.send)?;
+        let mut ser = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &self.params {
+            ser.append_pair(k, v);
+        }
+        let (k, v) = n.pair();
+        ser.append_pair(&k, &v);
+        Some(Bytes::from(ser.finish()))
+    }
+}
+
+/// The allowed patients of an `openfga` search (from the OpenFGA lists and any
+/// `patient/` compartment of the same token), and the chunk size.
+#[derive(Clone, Debug)]
+pub struct PatientNarrowing {
+    pub ids: std::sync::Arc<[String]>,
+    pub chunk_size: usize,
 }
 
 /// Builds the outbound request. Pure: no I/O.
@@ -54,6 +113,20 @@ pub fn rewrite_request(
     index: &CompartmentIndex,
     body: &Bytes,
 ) -> Result<OutboundRequest, AuthzError> {
+    rewrite_request_with(req, grant, permit, index, body, None)
+}
+
+/// As [`rewrite_request`]; `patients` is the allowed patient list of an `openfga`
+/// search (required for type searches of patient data by OpenFGA principals).
+pub fn rewrite_request_with(
+    req: &FhirRequest,
+    grant: &ScopeGrant,
+    permit: &Permit,
+    index: &CompartmentIndex,
+    body: &Bytes,
+    patients: Option<&PatientNarrowing>,
+) -> Result<OutboundRequest, AuthzError> {
+    let mut narrowing = None;
     // ---- paging cursors (see `crate::cursor`) ----
     // A `_cursor` request is answered from its verified cursor by `RewriteSearch`
     // before this function; one that gets here was not, and is never forwarded.
@@ -111,6 +184,25 @@ pub fn rewrite_request(
                 // make the upstream walk from every record of the type to records the
                 // token cannot see.
                 refuse_wholesale_includes(&params)?;
+                format!("/{t}")
+            } else if permit.has_fga() {
+                let list = patients.ok_or(AuthzError::NotNarrowable {
+                    interaction: req.interaction.name(),
+                })?;
+                let param = patient_param(index, rt)
+                    .ok_or(AuthzError::OutsideCompartment { resource_type: rt })?;
+                let values: std::sync::Arc<[String]> = if param == "_id" {
+                    std::sync::Arc::clone(&list.ids)
+                } else {
+                    list.ids.iter().map(|id| format!("Patient/{id}")).collect()
+                };
+                narrowing = Some(Narrowing {
+                    param: param.to_owned(),
+                    values,
+                    chunk_size: list.chunk_size,
+                    chunk: 0,
+                    send: true,
+                });
                 format!("/{t}")
             } else {
                 let mut compartments: Vec<_> = permit.compartments().collect();
@@ -191,7 +283,24 @@ pub fn rewrite_request(
         params,
         body: out_body,
         conditional: permit.is_unrestricted(),
+        narrowing,
     })
+}
+
+/// The parameter a search of `rt` is narrowed to a patient list with: `_id` on
+/// Patient, else `patient`, `subject` or the first Patient compartment parameter of
+/// the type. Records that are in a patient's compartment only through another
+/// parameter (an Observation whose `performer` is the patient) are not found by such
+/// a search; they stay readable one by one.
+pub fn patient_param(index: &CompartmentIndex, rt: crate::fhir::ResourceType) -> Option<&str> {
+    if rt == crate::fhir::ResourceType::PATIENT {
+        return Some("_id");
+    }
+    let params = index.params(crate::fhir::ResourceType::PATIENT, rt);
+    ["patient", "subject"]
+        .into_iter()
+        .find(|p| params.iter().any(|q| q == p))
+        .or_else(|| params.first().map(String::as_str))
 }
 
 /// `_elements` may strip the references that prove a record is in the token's
@@ -337,6 +446,7 @@ impl RewriteSearch {
 
 impl Stage for RewriteSearch {
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+        let patients = self.fga_patients(req).await?;
         // ---- paging cursors (see `crate::cursor`) ----
         // A `_cursor` request: verified, re-authorized and built from its cursor; no
         // other client parameter is used.
@@ -346,6 +456,7 @@ impl Stage for RewriteSearch {
             ext::<std::sync::Arc<crate::token::VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
+            patients.as_ref(),
             crate::cursor::now(),
         )?;
         if let Some((out, resumed)) = resumed {
@@ -358,9 +469,57 @@ impl Stage for RewriteSearch {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
         let permit = ext::<Permit>(req, "missing Permit")?;
-        let out = rewrite_request(fhir, grant, permit, tenant.0.checker.index(), req.body())?;
+        let out = rewrite_request_with(
+            fhir,
+            grant,
+            permit,
+            tenant.0.checker.index(),
+            req.body(),
+            patients.as_ref(),
+        )?;
         req.extensions_mut().insert(out);
         Ok(Flow::Continue)
+    }
+}
+
+impl RewriteSearch {
+    /// For a type search of patient data by OpenFGA principals: every patient they
+    /// may view, complete (or the request fails), kept as a request extension for the
+    /// answer check, and as the list the search is narrowed to.
+    async fn fga_patients(
+        &self,
+        req: &mut Request<Bytes>,
+    ) -> Result<Option<PatientNarrowing>, ProxyError> {
+        let tenant = std::sync::Arc::clone(&tenant_of(req)?.0);
+        let Some(fga) = tenant.checker.fga() else {
+            return Ok(None);
+        };
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        let permit = ext::<Permit>(req, "missing Permit")?;
+        let wants_list = fhir.interaction == Interaction::SearchType
+            && permit.has_fga()
+            && fhir
+                .resource_type
+                .is_some_and(|rt| !permit.reaches_whole_type(rt, tenant.checker.index()));
+        if !wants_list {
+            return Ok(None);
+        }
+        let listed = fga.listed(permit).await?;
+        let mut ids = listed.union_sorted();
+        // A `patient/` context of the same token reaches its own patient too.
+        for c in permit.compartments() {
+            if c.owner == crate::fhir::ResourceType::PATIENT {
+                ids.push(c.id.as_str().to_owned());
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let narrowing = PatientNarrowing {
+            ids: ids.into(),
+            chunk_size: fga.chunk_size,
+        };
+        req.extensions_mut().insert(listed);
+        Ok(Some(narrowing))
     }
 }
 

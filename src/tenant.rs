@@ -78,16 +78,27 @@ pub struct TenantRegistry {
     current: ArcSwap<HashMap<String, Arc<Tenant>>>,
     compartments: Arc<CompartmentIndex>,
     source: Option<PathBuf>,
+    /// Control-plane client for the tenants' OpenFGA calls.
+    http: reqwest::Client,
 }
 
 impl TenantRegistry {
-    pub fn new(tenants: Vec<TenantConfig>, compartments: Arc<CompartmentIndex>) -> Self {
-        let map = build(tenants, &compartments);
-        TenantRegistry {
+    pub fn new(
+        tenants: Vec<TenantConfig>,
+        compartments: Arc<CompartmentIndex>,
+    ) -> Result<Self, ConfigError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ConfigError::File(format!("cannot build http client: {e}")))?;
+        let map = build(tenants, &compartments, &http)?;
+        Ok(TenantRegistry {
             current: ArcSwap::from_pointee(map),
             compartments,
             source: None,
-        }
+            http,
+        })
     }
 
     /// Loads `path` (with environment overrides) and remembers it for reloads.
@@ -96,7 +107,7 @@ impl TenantRegistry {
         compartments: Arc<CompartmentIndex>,
     ) -> Result<Self, ConfigError> {
         let tenants = config::load(path)?;
-        let mut reg = TenantRegistry::new(tenants, compartments);
+        let mut reg = TenantRegistry::new(tenants, compartments)?;
         reg.source = Some(path.to_owned());
         Ok(reg)
     }
@@ -118,7 +129,7 @@ impl TenantRegistry {
             return Ok(self.current.load().len());
         };
         let tenants = config::load(path)?;
-        let map = build(tenants, &self.compartments);
+        let map = build(tenants, &self.compartments, &self.http)?;
         let n = map.len();
         self.current.store(Arc::new(map));
         Ok(n)
@@ -178,19 +189,26 @@ fn modified(path: &Path) -> Option<SystemTime> {
 fn build(
     tenants: Vec<TenantConfig>,
     compartments: &Arc<CompartmentIndex>,
-) -> HashMap<String, Arc<Tenant>> {
+    http: &reqwest::Client,
+) -> Result<HashMap<String, Arc<Tenant>>, ConfigError> {
     static GENERATION: AtomicU64 = AtomicU64::new(0);
     let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
     tenants
         .into_iter()
         .map(|config| {
-            let checker = Checker::for_tenant(&config, compartments);
+            let checker = Checker::for_tenant(&config, compartments, http).map_err(|message| {
+                ConfigError::Invalid {
+                    tenant: config.id.clone(),
+                    key: "authorization",
+                    message,
+                }
+            })?;
             let tenant = Tenant {
                 config,
                 checker,
                 generation,
             };
-            (tenant.config.id.clone(), Arc::new(tenant))
+            Ok((tenant.config.id.clone(), Arc::new(tenant)))
         })
         .collect()
 }

@@ -256,6 +256,36 @@ impl CompartmentIndex {
     }
 }
 
+impl CompartmentIndex {
+    /// The ids of every compartment of type `owner` that `resource` (of type `rt`) is
+    /// in: its own id when it is of that type, and every local `owner` reference at a
+    /// linking path. Unsorted, may repeat.
+    pub fn owners(
+        &self,
+        owner: ResourceType,
+        rt: ResourceType,
+        resource: &Value,
+        bases: &[&str],
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        if rt == owner
+            && let Some(id) = resource.get("id").and_then(Value::as_str)
+        {
+            out.push(id.to_owned());
+        }
+        for path in self.links.get(&(owner, rt)).into_iter().flatten() {
+            walk(resource, path, &mut |reference| {
+                if let Some(l) = crate::fhir::parse_local_reference(reference, bases)
+                    && l.resource_type == owner
+                {
+                    out.push(l.id.to_owned());
+                }
+            });
+        }
+        out
+    }
+}
+
 fn search_parameter_list(v: &Value) -> Vec<&Value> {
     match v {
         Value::Array(items) => items.iter().collect(),

@@ -14,6 +14,7 @@
 
 pub mod compartment;
 pub mod constraint;
+pub mod fga;
 pub mod openfga;
 pub mod roles;
 
@@ -42,19 +43,46 @@ const USER_COMPARTMENTS: [ResourceType; 3] = [
 #[derive(Debug)]
 pub enum Checker {
     Compartment(CompartmentChecker),
+    /// `user/` and `system/` contexts decided by OpenFGA; `patient/` contexts as in
+    /// `Compartment` (the same compartment rules, in `base`).
+    OpenFga {
+        base: CompartmentChecker,
+        fga: fga::OpenFgaChecker,
+    },
 }
 
 impl Checker {
-    pub fn for_tenant(cfg: &TenantConfig, index: &Arc<CompartmentIndex>) -> Checker {
-        match cfg.authorization {
-            AuthorizationConfig::Compartment {
-                denied_read_status,
-                ref public_types,
-            } => Checker::Compartment(CompartmentChecker {
-                index: Arc::clone(index),
-                denied_status: denied_read_status,
-                public_types: public_types.clone().into(),
-            }),
+    /// `http` is the control-plane client OpenFGA calls go through.
+    pub fn for_tenant(
+        cfg: &TenantConfig,
+        index: &Arc<CompartmentIndex>,
+        http: &reqwest::Client,
+    ) -> Result<Checker, String> {
+        let base = CompartmentChecker {
+            index: Arc::clone(index),
+            denied_status: cfg.authorization.denied_read_status(),
+            public_types: cfg.authorization.public_types().into(),
+        };
+        Ok(match &cfg.authorization {
+            AuthorizationConfig::Compartment { .. } => Checker::Compartment(base),
+            AuthorizationConfig::OpenFga { openfga, .. } => Checker::OpenFga {
+                base,
+                fga: fga::OpenFgaChecker::new(http.clone(), openfga)?,
+            },
+        })
+    }
+
+    fn base(&self) -> &CompartmentChecker {
+        match self {
+            Checker::Compartment(c) | Checker::OpenFga { base: c, .. } => c,
+        }
+    }
+
+    /// The OpenFGA checker, for `openfga` tenants.
+    pub fn fga(&self) -> Option<&fga::OpenFgaChecker> {
+        match self {
+            Checker::Compartment(_) => None,
+            Checker::OpenFga { fga, .. } => Some(fga),
         }
     }
 
@@ -85,21 +113,15 @@ impl Checker {
     }
 
     pub fn index(&self) -> &CompartmentIndex {
-        match self {
-            Checker::Compartment(c) => &c.index,
-        }
+        &self.base().index
     }
 
     fn denied_status(&self) -> StatusCode {
-        match self {
-            Checker::Compartment(c) => c.denied_status,
-        }
+        self.base().denied_status
     }
 
     fn public_types(&self) -> Arc<[ResourceType]> {
-        match self {
-            Checker::Compartment(c) => Arc::clone(&c.public_types),
-        }
+        Arc::clone(&self.base().public_types)
     }
 }
 
@@ -118,6 +140,9 @@ pub enum Reach {
     All,
     /// The records in one compartment.
     Compartment(CompartmentRef),
+    /// Patient data of the patients OpenFGA lets this principal view (`openfga`
+    /// tenants, `user/` and `system/` contexts); non-patient data wholesale.
+    Fga(fga::Principal),
     /// Nothing (e.g. `user/` without a usable `fhirUser`).
     Nothing,
 }
@@ -157,6 +182,25 @@ impl Reach {
     }
 }
 
+impl Reach {
+    /// The reach of `context` under a tenant's checker: in `openfga` tenants `user/`
+    /// and `system/` act as OpenFGA principals.
+    pub fn in_mode(
+        context: ScopeContext,
+        token: &VerifiedToken,
+        user: Option<&FhirUser>,
+        fga: bool,
+    ) -> Reach {
+        if fga && context != ScopeContext::Patient {
+            return match fga::principal_of(context, token) {
+                Some(p) => Reach::Fga(p),
+                None => Reach::Nothing,
+            };
+        }
+        Reach::with_user(context, token, user)
+    }
+}
+
 /// Proof that a request may proceed, and what every returned record must satisfy.
 #[must_use]
 #[derive(Clone, Debug)]
@@ -170,6 +214,8 @@ pub struct Permit {
     /// The `fhirUser` that anchors `user/` scopes, resolved (a `PractitionerRole` in
     /// the token becomes the Practitioner it names).
     pub user: Option<FhirUser>,
+    /// Whether the tenant decides `user/` and `system/` contexts with OpenFGA.
+    pub fga: bool,
 }
 
 /// How far a compartment-bound context reaches into resources of one type.
@@ -225,7 +271,9 @@ impl Permit {
     pub fn reaches_whole_type(&self, rt: ResourceType, index: &CompartmentIndex) -> bool {
         self.reaches.iter().any(|(context, reach)| match reach {
             Reach::All => true,
-            Reach::Compartment(_) => self.type_reach(*context, rt, index) == TypeReach::Whole,
+            Reach::Compartment(_) | Reach::Fga(_) => {
+                self.type_reach(*context, rt, index) == TypeReach::Whole
+            }
             Reach::Nothing => false,
         })
     }
@@ -247,6 +295,9 @@ pub struct ReleaseCtx<'a> {
     pub index: &'a CompartmentIndex,
     /// Absolute bases whose references count as local (public and upstream).
     pub bases: [&'a str; 2],
+    /// OpenFGA decisions about the patients of this answer's records (`openfga`
+    /// tenants; `None` elsewhere, and then `Reach::Fga` releases nothing).
+    pub fga: Option<&'a fga::FgaDecisions>,
 }
 
 impl ReleaseCtx<'_> {
@@ -272,8 +323,25 @@ impl ReleaseCtx<'_> {
             if !self.constraints_hold(context, rt, resource, primary) {
                 continue;
             }
-            let inside = match Reach::with_user(context, self.token, self.permit.user.as_ref()) {
+            let reach = Reach::in_mode(
+                context,
+                self.token,
+                self.permit.user.as_ref(),
+                self.permit.fga,
+            );
+            let inside = match reach {
                 Reach::All => true,
+                Reach::Fga(p) => match self.permit.type_reach(context, rt, self.index) {
+                    TypeReach::Whole => true,
+                    TypeReach::Compartment | TypeReach::IfReferenced => self.fga.is_some_and(|d| {
+                        d.allows(
+                            &p,
+                            &self
+                                .index
+                                .owners(ResourceType::PATIENT, rt, resource, &self.bases),
+                        )
+                    }),
+                },
                 Reach::Compartment(c) => match self.permit.type_reach(context, rt, self.index) {
                     TypeReach::Compartment => self.index.contains(&c, rt, resource, &self.bases),
                     TypeReach::Whole => true,
@@ -369,6 +437,15 @@ pub enum AuthzError {
     /// inference (chains, `_has`, `_filter`, ...), refused for compartment-bound tokens.
     #[error("search parameter `{name}` is not allowed for this token")]
     ParameterNotAllowed { name: String },
+    /// OpenFGA could not decide (down, slow, erroring, or an answer whose completeness
+    /// cannot be proven): fail closed.
+    #[error("record-level authorization is unavailable; try again later")]
+    FgaUnavailable { reason: &'static str },
+    /// The principal may view more patients than a search can be narrowed to.
+    #[error(
+        "this token may access more than {max} patients; a search cannot be narrowed to them (search a patient's compartment instead)"
+    )]
+    TooManyPatients { max: usize },
 }
 
 impl AuthzError {
@@ -383,6 +460,8 @@ impl AuthzError {
                 StatusCode::FORBIDDEN
             }
             AuthzError::ParameterNotAllowed { .. } => StatusCode::BAD_REQUEST,
+            AuthzError::FgaUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            AuthzError::TooManyPatients { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -395,6 +474,8 @@ impl AuthzError {
             AuthzError::ConstraintNotNarrowable { .. } => "scope_constraint_not_narrowable",
             AuthzError::NoUserCompartment => "no_user_compartment",
             AuthzError::ParameterNotAllowed { .. } => "search_parameter_not_allowed",
+            AuthzError::FgaUnavailable { reason } => reason,
+            AuthzError::TooManyPatients { .. } => "fga_too_many",
         }
     }
 }
@@ -420,10 +501,11 @@ pub fn authorize_as(
     let scope_token = TokenContext {
         has_patient: token.patient.is_some(),
     };
+    let fga = checker.fga().is_some();
     let reaches: Vec<(ScopeContext, Reach)> = grant
         .contexts()
         .iter()
-        .map(|c| (c, Reach::with_user(c, token, user.as_ref())))
+        .map(|c| (c, Reach::in_mode(c, token, user.as_ref(), fga)))
         .collect();
     if reaches.iter().all(|(_, r)| *r == Reach::Nothing) {
         return Err(AuthzError::NoUserCompartment);
@@ -434,6 +516,14 @@ pub fn authorize_as(
         token: scope_token,
         public_types: checker.public_types(),
         user,
+        fga,
+    };
+    // OpenFGA principals may reach any Patient compartment: the stage asks OpenFGA
+    // about the one named in the path ([`fga_target`]) before anything goes upstream.
+    let named_ok = |c: &CompartmentRef| {
+        permit.is_unrestricted()
+            || permit.compartments().any(|p| p == c)
+            || (permit.has_fga() && c.owner == ResourceType::PATIENT)
     };
     match &req.interaction {
         Interaction::Create
@@ -452,7 +542,7 @@ pub fn authorize_as(
                     interaction: req.interaction.name(),
                 });
             };
-            if !permit.is_unrestricted() && !permit.compartments().any(|p| p == c) {
+            if !named_ok(c) {
                 return Err(AuthzError::Hidden {
                     status: permit.denied_status,
                 });
@@ -471,7 +561,7 @@ pub fn authorize_as(
                     owner: rt,
                     id: id.clone(),
                 };
-                if !permit.is_unrestricted() && !permit.compartments().any(|p| *p == target) {
+                if !named_ok(&target) {
                     return Err(AuthzError::Hidden {
                         status: permit.denied_status,
                     });
@@ -485,6 +575,8 @@ pub fn authorize_as(
                         && !permit
                             .compartments()
                             .any(|c| checker.index().links_type(c.owner, rt))
+                        && (!permit.has_fga()
+                            || !checker.index().links_type(ResourceType::PATIENT, rt))
                 }) =>
         {
             if let Some(rt) = req.resource_type {
@@ -531,9 +623,40 @@ impl Stage for Authorize {
         };
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let permit = authorize_as(&tenant.checker, fhir, token, grant, user)?;
+        if let (Some(fga), Some(target)) = (tenant.checker.fga(), fga_target(fhir, &permit))
+            && !fga.can_view(&permit, target).await?
+        {
+            return Err(AuthzError::Hidden {
+                status: permit.denied_status,
+            }
+            .into());
+        }
         req.extensions_mut().insert(permit);
         Ok(Flow::Continue)
     }
+}
+
+/// The patient named in the path whose records an OpenFGA principal is about to
+/// reach (`Patient/{id}/Observation`, `Patient/{id}/$everything`), when no other
+/// context of the permit already reaches that compartment.
+fn fga_target<'a>(req: &'a FhirRequest, permit: &Permit) -> Option<&'a str> {
+    if !permit.has_fga() || permit.is_unrestricted() {
+        return None;
+    }
+    let (owner, id) = match &req.interaction {
+        Interaction::SearchCompartment => {
+            let c = req.compartment.as_ref()?;
+            (c.owner, &c.id)
+        }
+        Interaction::Operation(op, _) if op.as_str() == "everything" => {
+            (req.resource_type?, req.id.as_ref()?)
+        }
+        _ => return None,
+    };
+    let reached = permit
+        .compartments()
+        .any(|c| c.owner == owner && c.id == *id);
+    (owner == ResourceType::PATIENT && !reached).then_some(id.as_str())
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ async fn fetch(
         params: Vec::new(),
         body: None,
         conditional: false,
+        narrowing: None,
     };
     let fetched = upstream
         .fetch(tenant, &out, &http::HeaderMap::new())

@@ -99,6 +99,7 @@ impl Passed {
             token: &self.token,
             index: &INDEX,
             bases: [PUBLIC, UPSTREAM],
+            fga: None,
         };
         let rt = rt(resource["resourceType"].as_str().unwrap());
         ctx.release(rt, resource, primary)

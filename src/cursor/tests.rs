@@ -9,6 +9,7 @@ use super::*;
 use crate::authz::authorize;
 use crate::authz::{Checker, CompartmentIndex};
 use crate::fhir::{ResourceId, parse_request};
+use crate::rewrite::rewrite_request;
 use crate::scope::parse_scopes;
 use crate::token::FhirUser;
 
@@ -418,6 +419,7 @@ fn outbound(path: &str, params: &[(&str, &str)]) -> OutboundRequest {
         params: pairs(params),
         body: None,
         conditional: false,
+        narrowing: None,
     }
 }
 
@@ -581,9 +583,17 @@ fn resume_rebuilds_the_page_from_the_cursor() {
     let p1 = token("patient-p1", "patient/Observation.rs", Some("p1"));
     let c = first_next(&key, &tenant, &p1, "/Observation?_count=2");
     let req = get(&format!("/Observation?_cursor={c}"));
-    let (out, resumed) = resume(&key, &tenant, &p1, p1.fhir_user.as_ref(), &req, NOW + 1)
-        .unwrap()
-        .unwrap();
+    let (out, resumed) = resume(
+        &key,
+        &tenant,
+        &p1,
+        p1.fhir_user.as_ref(),
+        &req,
+        None,
+        NOW + 1,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(out.path, "/Patient/p1/Observation");
     assert_eq!(out.params, pairs(&[("_count", "2"), ("_offset", "2")]));
     assert_eq!(out.method, Method::GET);
@@ -597,6 +607,7 @@ fn resume_rebuilds_the_page_from_the_cursor() {
             &p1,
             p1.fhir_user.as_ref(),
             &get("/Observation?_count=2"),
+            None,
             NOW
         )
         .unwrap()
@@ -605,7 +616,16 @@ fn resume_rebuilds_the_page_from_the_cursor() {
 }
 
 fn resume_err(key: &CursorKey, tenant: &Tenant, t: &VerifiedToken, target: &str) -> ProxyError {
-    resume(key, tenant, t, t.fhir_user.as_ref(), &get(target), NOW + 1).unwrap_err()
+    resume(
+        key,
+        tenant,
+        t,
+        t.fhir_user.as_ref(),
+        &get(target),
+        None,
+        NOW + 1,
+    )
+    .unwrap_err()
 }
 
 #[test]
@@ -674,7 +694,16 @@ fn resume_refuses_foreign_and_broken_cursors() {
     // Expired.
     let req = get(&format!("/Observation?_cursor={c}"));
     assert!(matches!(
-        resume(&key, &tenant, &p1, p1.fhir_user.as_ref(), &req, NOW + 60).unwrap_err(),
+        resume(
+            &key,
+            &tenant,
+            &p1,
+            p1.fhir_user.as_ref(),
+            &req,
+            None,
+            NOW + 60
+        )
+        .unwrap_err(),
         ProxyError::Cursor(CursorError::Expired)
     ));
 }

@@ -90,6 +90,7 @@ fn outbound(path: &str, params: &[(&str, &str)]) -> OutboundRequest {
         params: pairs(params),
         body: None,
         conditional: false,
+        narrowing: None,
     }
 }
 
@@ -241,6 +242,7 @@ fn type_outside_compartment_is_refused_by_rewrite_too() {
     let req = get("/Medication");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        fga: false,
         public_types: std::sync::Arc::from([]),
         user: None,
         reaches: vec![(
@@ -457,6 +459,7 @@ fn history_system_restricted_is_not_narrowable_here_too() {
     let req = get("/_history");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        fga: false,
         public_types: std::sync::Arc::from([]),
         user: None,
         reaches: vec![(ScopeContext::Patient, crate::authz::Reach::Nothing)],
@@ -486,6 +489,7 @@ fn system_search_restricted_is_not_narrowable() {
     let req = get("/?_type=Observation");
     let grant = grant_for(&t, &req);
     let permit = Permit {
+        fga: false,
         public_types: std::sync::Arc::from([]),
         user: None,
         reaches: vec![(
@@ -665,6 +669,7 @@ fn unsupported_interactions() {
     let t = system_token("system/*.cruds");
     let grant = grant_for(&t, &get("/Observation/o1"));
     let permit = Permit {
+        fga: false,
         public_types: std::sync::Arc::from([]),
         user: None,
         reaches: vec![(ScopeContext::System, crate::authz::Reach::All)],

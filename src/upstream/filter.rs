@@ -348,13 +348,15 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
         }
     }
     let top = rewrite_links(ctx, top)?;
+    // One chunk of a search narrowed to a patient list counts only that chunk.
+    let segmented = ctx.paging.as_ref().is_some_and(|p| p.segmented());
     let mut out: Vec<u8> = Vec::with_capacity(body.len());
     out.push(b'{');
     let mut first = true;
     for (key, value) in &top {
         // `total` counts matches only: it goes when a match was dropped, and stays when
         // only included records were, so its presence says nothing about them.
-        if key == "total" && dropped_matches > 0 {
+        if key == "total" && (dropped_matches > 0 || segmented) {
             continue;
         }
         if key == "entry" && kept.is_empty() {
@@ -404,11 +406,11 @@ fn rewrite_links(
     ctx: &CheckCtx<'_>,
     mut top: IndexMap<String, Box<RawValue>>,
 ) -> Result<IndexMap<String, Box<RawValue>>, ProxyError> {
-    let Some(raw) = top.get("link") else {
-        return Ok(top);
+    let links: Vec<Value> = match top.get("link") {
+        Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+        None => Vec::new(),
     };
-    let links: Vec<Value> = serde_json::from_str(raw.get()).unwrap_or_default();
-    let mut out: Vec<Value> = Vec::with_capacity(links.len());
+    let mut out: Vec<Value> = Vec::with_capacity(links.len() + 1);
     if let Some(pager) = &ctx.paging {
         for link in &links {
             let relation = link.get("relation").and_then(Value::as_str);
@@ -421,6 +423,18 @@ fn rewrite_links(
                 .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
             if let Some(url) = proxied {
                 out.push(serde_json::json!({ "relation": relation, "url": url }));
+            }
+        }
+        // The end of one chunk of a patient-list narrowed search: go on with the next.
+        let has_next = out
+            .iter()
+            .any(|l| l.get("relation").and_then(Value::as_str) == Some("next"));
+        if !has_next {
+            let next = pager
+                .next_chunk_link()
+                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+            if let Some(url) = next {
+                out.push(serde_json::json!({ "relation": "next", "url": url }));
             }
         }
     }

@@ -153,11 +153,21 @@ impl Upstream {
     ) -> Result<Fetched, UpstreamError> {
         let cfg = &tenant.config;
         let up = &cfg.upstream;
-        let uri: http::Uri = format!("{}{}", up.base, out.path_and_query())
+        // A search narrowed to a patient list goes as POST `_search`: the list stays out
+        // of URLs and logs.
+        let form = out.search_form();
+        let (method, uri) = match &form {
+            Some(_) => (Method::POST, format!("{}{}/_search", up.base, out.path)),
+            None => (
+                out.method.clone(),
+                format!("{}{}", up.base, out.path_and_query()),
+            ),
+        };
+        let uri: http::Uri = uri
             .parse()
             .map_err(|_| UpstreamError::BadResponse("outbound uri"))?;
         let mut builder = Request::builder()
-            .method(out.method.clone())
+            .method(method)
             .uri(uri)
             .header(header::ACCEPT, FHIR_JSON)
             // Unknown search parameters must fail, not be silently ignored: a
@@ -191,12 +201,16 @@ impl Upstream {
                 builder = builder.header(header::AUTHORIZATION, bearer.as_ref());
             }
         }
-        let body = match &out.body {
-            Some(b) => {
+        let body = match (form, &out.body) {
+            (Some(f), _) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+                Full::new(f)
+            }
+            (None, Some(b)) => {
                 builder = builder.header(header::CONTENT_TYPE, FHIR_JSON);
                 Full::new(b.clone())
             }
-            None => Full::new(Bytes::new()),
+            (None, None) => Full::new(Bytes::new()),
         };
         let request = builder
             .body(body)
@@ -405,8 +419,35 @@ async fn forward(
     let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
     let cfg = &tenant.config;
 
-    let fetched = upstream.fetch(tenant, out, req.headers()).await?;
+    if out.narrowing.as_ref().is_some_and(|n| n.values.is_empty()) {
+        // Narrowed to no patient at all: nothing to ask the upstream.
+        return Ok(empty_searchset());
+    }
+    let (fetched, out) = fetch_chunks(upstream, tenant, out, req.headers()).await?;
+    let out = &out;
     let body = rewrite_base(&fetched.body, &cfg.upstream, &cfg.public_base);
+    let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
+    // OpenFGA decisions for every patient of the answer, gathered before the
+    // (synchronous) check of each record.
+    let decisions = match tenant.checker.fga() {
+        Some(fga) if permit.has_fga() && fetched.status.is_success() => {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(answer) => Some(
+                    fga.decide(
+                        permit,
+                        req.extensions().get::<crate::authz::fga::FgaListed>(),
+                        &answer,
+                        tenant.checker.index(),
+                        &bases,
+                    )
+                    .await?,
+                ),
+                // Not JSON: the answer check refuses it.
+                Err(_) => None,
+            }
+        }
+        _ => None,
+    };
     let ctx = filter::CheckCtx {
         request: fhir,
         records: ReleaseCtx {
@@ -414,7 +455,8 @@ async fn forward(
             grant,
             token,
             index: tenant.checker.index(),
-            bases: [cfg.public_base.as_str(), cfg.upstream.base.as_str()],
+            bases,
+            fga: decisions.as_ref(),
         },
         paging: Some(crate::cursor::Pager::new(
             cursors,
@@ -456,6 +498,74 @@ async fn forward(
         *resp.body_mut() = Full::new(Bytes::new());
     }
     Ok(resp)
+}
+
+/// Most chunks of a patient-list narrowed search tried for one client request when
+/// chunks come back empty; past it the page is empty with a link to the next chunk.
+const MAX_CHUNKS_PER_REQUEST: usize = 16;
+
+/// Fetches `out`; for a patient-list narrowed search whose chunk had no match at all,
+/// goes on with the next chunks (bounded), so clients do not page through empty pages.
+/// Returns the answer and the request that produced it.
+async fn fetch_chunks(
+    upstream: &Upstream,
+    tenant: &Tenant,
+    out: &OutboundRequest,
+    headers: &HeaderMap,
+) -> Result<(Fetched, OutboundRequest), UpstreamError> {
+    let mut out = out.clone();
+    let mut tried = 0;
+    loop {
+        let fetched = upstream.fetch(tenant, &out, headers).await?;
+        tried += 1;
+        let Some(n) = out.narrowing.as_mut() else {
+            return Ok((fetched, out));
+        };
+        if !n.has_next_chunk()
+            || tried >= MAX_CHUNKS_PER_REQUEST
+            || !fetched.status.is_success()
+            || !is_empty_last_page(&fetched.body)
+        {
+            return Ok((fetched, out));
+        }
+        n.chunk += 1;
+        n.send = true;
+    }
+}
+
+/// Whether a searchset Bundle has no entry and no `next` link.
+fn is_empty_last_page(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Link {
+        relation: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Page {
+        #[serde(rename = "resourceType")]
+        resource_type: Option<String>,
+        #[serde(default)]
+        entry: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        link: Vec<Link>,
+    }
+    serde_json::from_slice::<Page>(body).is_ok_and(|p| {
+        p.resource_type.as_deref() == Some("Bundle")
+            && p.entry.is_empty()
+            && !p.link.iter().any(|l| l.relation.as_deref() == Some("next"))
+    })
+}
+
+/// The answer to a search narrowed to no patient.
+fn empty_searchset() -> ProxyResponse {
+    let mut resp = crate::stack::fhir_json(
+        StatusCode::OK,
+        Bytes::from_static(br#"{"resourceType":"Bundle","type":"searchset","total":0}"#),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.extensions_mut()
+        .insert(Decision("no_patients_allowed"));
+    resp
 }
 
 #[cfg(test)]

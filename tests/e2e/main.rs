@@ -7,10 +7,14 @@
 mod support;
 
 mod harness;
+#[path = "../openfga/mod.rs"]
+#[allow(dead_code)]
+mod openfga;
 
 mod cases;
 mod constraints;
 mod discovery;
+mod fga;
 mod forwarding;
 mod paging;
 mod records;

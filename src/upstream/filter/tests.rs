@@ -106,6 +106,7 @@ impl Fixture {
                 token: &self.token,
                 index: &INDEX,
                 bases: [PUBLIC, UPSTREAM],
+                fga: None,
             },
             paging: out.as_ref().map(|o| self.pager(o)),
         };
@@ -480,6 +481,7 @@ fn content_type_that_is_not_visible_ascii_is_bad_response() {
             token: &fx.token,
             index: &INDEX,
             bases: [PUBLIC, UPSTREAM],
+            fga: None,
         },
         paging: None,
     };
@@ -1224,6 +1226,7 @@ fn bundle_without_paging_context_loses_its_links() {
             token: &fx.token,
             index: &INDEX,
             bases: [PUBLIC, UPSTREAM],
+            fga: None,
         },
         paging: None,
     };

@@ -1,0 +1,299 @@
+//! The fine-grained checker (stage 3, `openfga` tenants): `user/` and `system/` scope
+//! contexts reach a record if OpenFGA says the principal `can_view` the patients the
+//! record belongs to (its Patient compartment); `patient/` contexts keep the token
+//! patient's compartment.
+//!
+//! The decisions themselves stay pure and synchronous ([`FgaDecisions::allows`], used
+//! by [`super::ReleaseCtx::release`]); this module only gathers them, asynchronously and
+//! before any record is released:
+//! - for a search, [`OpenFgaChecker::listed`] lists every patient the principal may view
+//!   (complete, or an error: never a silently capped list) and the search is narrowed to
+//!   them (`rewrite`); the same list decides the returned entries;
+//! - for anything else (reads, histories, `$everything`, compartment searches),
+//!   [`OpenFgaChecker::decide`] collects the patients of every returned record and asks
+//!   BatchCheck about all of them at once.
+//!
+//! Principals: `user/` scopes act as `user:<sub>`, `system/` scopes as
+//! `system:<client_id>` (the subject when the token has no client id).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::openfga::{FgaError, OpenFgaClient};
+use super::{AuthzError, CompartmentIndex, Permit, Reach};
+use crate::config::{MultiPatientPolicy, OpenFgaConfig};
+use crate::fhir::ResourceType;
+use crate::scope::ScopeContext;
+use crate::token::VerifiedToken;
+
+/// The relation checked on `patient:<id>` objects.
+pub const VIEW_RELATION: &str = "can_view";
+/// The OpenFGA type of patients.
+pub const PATIENT_TYPE: &str = "patient";
+
+/// An OpenFGA principal: `user:<sub>` or `system:<client_id>`.
+pub type Principal = Arc<str>;
+
+/// The OpenFGA principal a scope context acts as, if the token names one.
+pub fn principal_of(context: ScopeContext, token: &VerifiedToken) -> Option<Principal> {
+    let (kind, id) = match context {
+        ScopeContext::User => ("user", token.subject.as_deref()?),
+        ScopeContext::System => (
+            "system",
+            token.client_id.as_deref().or(token.subject.as_deref())?,
+        ),
+        ScopeContext::Patient => return None,
+    };
+    // OpenFGA object ids: no whitespace, no `#` (userset separator), bounded.
+    let ok = !id.is_empty()
+        && id.len() <= 200
+        && !id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '#');
+    ok.then(|| Arc::from(format!("{kind}:{id}")))
+}
+
+/// One tenant's OpenFGA checker.
+#[derive(Debug)]
+pub struct OpenFgaChecker {
+    pub client: OpenFgaClient,
+    pub policy: MultiPatientPolicy,
+    pub max_listed: usize,
+    pub chunk_size: usize,
+    /// Complete patient lists by principal, for searches. Same TTL as the client's
+    /// decision cache; keyed by the pinned model too, so a model change never reuses
+    /// a list.
+    lists: moka::future::Cache<(Arc<str>, Principal), Arc<PatientList>>,
+}
+
+/// Every patient one principal may view, complete.
+#[derive(Debug)]
+pub struct PatientList {
+    pub ids: HashSet<String>,
+}
+
+impl OpenFgaChecker {
+    pub fn new(http: reqwest::Client, cfg: &OpenFgaConfig) -> Result<Self, String> {
+        let client = OpenFgaClient::new(http, cfg.connection.clone())?;
+        Ok(OpenFgaChecker {
+            client,
+            policy: cfg.multi_patient_policy,
+            max_listed: cfg.max_listed_patients,
+            chunk_size: cfg.search_chunk_size,
+            lists: moka::future::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(cfg.connection.cache_ttl)
+                .build(),
+        })
+    }
+
+    /// Whether some FGA principal of `permit` may view patient `id` (one Check each;
+    /// cached).
+    pub async fn can_view(&self, permit: &Permit, id: &str) -> Result<bool, AuthzError> {
+        let object = format!("{PATIENT_TYPE}:{id}");
+        for principal in permit.fga_principals() {
+            if self
+                .client
+                .check(principal, VIEW_RELATION, &object)
+                .await
+                .map_err(fga_error)?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The complete patient list of every FGA principal of `permit` (StreamedListObjects,
+    /// at most `max_listed` each, cached for the TTL).
+    pub async fn listed(&self, permit: &Permit) -> Result<FgaListed, AuthzError> {
+        let mut per_principal = Vec::new();
+        for principal in permit.fga_principals() {
+            let key = (
+                Arc::from(self.client.connection().authorization_model_id.as_str()),
+                Arc::clone(principal),
+            );
+            let list = self
+                .lists
+                .try_get_with(key, async {
+                    let objects = self
+                        .client
+                        .list_objects_complete(
+                            principal,
+                            VIEW_RELATION,
+                            PATIENT_TYPE,
+                            self.max_listed,
+                        )
+                        .await?;
+                    let ids = objects
+                        .into_iter()
+                        .filter_map(|o| {
+                            o.strip_prefix("patient:")
+                                .filter(|id| crate::fhir::ResourceId::is_valid(id))
+                                .map(str::to_owned)
+                        })
+                        .collect();
+                    Ok::<_, FgaError>(Arc::new(PatientList { ids }))
+                })
+                .await
+                .map_err(|e: Arc<FgaError>| fga_error((*e).clone()))?;
+            per_principal.push((Arc::clone(principal), list));
+        }
+        Ok(FgaListed { per_principal })
+    }
+
+    /// Decisions for every patient the records in `answer` (a resource or a Bundle of
+    /// them) belong to: from `listed` where a principal's complete list is known, else
+    /// from BatchCheck (all patients of the answer at once, per principal).
+    pub async fn decide(
+        &self,
+        permit: &Permit,
+        listed: Option<&FgaListed>,
+        answer: &Value,
+        index: &CompartmentIndex,
+        bases: &[&str],
+    ) -> Result<FgaDecisions, AuthzError> {
+        let mut by_principal = Vec::new();
+        let mut patients: Option<Vec<String>> = None;
+        for principal in permit.fga_principals() {
+            if let Some(list) = listed.and_then(|l| l.of(principal)) {
+                by_principal.push((Arc::clone(principal), Arc::clone(list)));
+                continue;
+            }
+            let patients = patients.get_or_insert_with(|| patients_in(answer, index, bases));
+            let objects: Vec<String> = patients
+                .iter()
+                .map(|id| format!("{PATIENT_TYPE}:{id}"))
+                .collect();
+            let answers = if objects.is_empty() {
+                Default::default()
+            } else {
+                self.client
+                    .batch_check(principal, VIEW_RELATION, &objects)
+                    .await
+                    .map_err(fga_error)?
+            };
+            let ids = answers
+                .into_iter()
+                .filter(|(_, allowed)| *allowed)
+                .filter_map(|(o, _)| o.strip_prefix("patient:").map(str::to_owned))
+                .collect();
+            by_principal.push((Arc::clone(principal), Arc::new(PatientList { ids })));
+        }
+        Ok(FgaDecisions {
+            policy: self.policy,
+            by_principal,
+        })
+    }
+}
+
+/// Complete patient lists for a search (a request extension written by stage 4).
+#[derive(Debug, Clone)]
+pub struct FgaListed {
+    pub per_principal: Vec<(Principal, Arc<PatientList>)>,
+}
+
+impl FgaListed {
+    fn of(&self, principal: &str) -> Option<&Arc<PatientList>> {
+        self.per_principal
+            .iter()
+            .find(|(p, _)| &**p == principal)
+            .map(|(_, l)| l)
+    }
+
+    /// Every listed patient, sorted (stable chunks across pages).
+    pub fn union_sorted(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .per_principal
+            .iter()
+            .flat_map(|(_, l)| l.ids.iter().cloned())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+/// Which patients each FGA principal may view, for the records of one answer.
+#[derive(Debug, Clone)]
+pub struct FgaDecisions {
+    pub policy: MultiPatientPolicy,
+    pub by_principal: Vec<(Principal, Arc<PatientList>)>,
+}
+
+impl FgaDecisions {
+    /// Whether `principal` may see a record that belongs to `patients`. A record that
+    /// belongs to no patient is not patient data this checker can vouch for: denied.
+    /// A patient without a decision counts as denied (fail closed).
+    pub fn allows(&self, principal: &str, patients: &[String]) -> bool {
+        let Some((_, list)) = self.by_principal.iter().find(|(p, _)| &**p == principal) else {
+            return false;
+        };
+        if patients.is_empty() {
+            return false;
+        }
+        match self.policy {
+            MultiPatientPolicy::AnyOf => patients.iter().any(|p| list.ids.contains(p)),
+            MultiPatientPolicy::AllOf => patients.iter().all(|p| list.ids.contains(p)),
+        }
+    }
+}
+
+/// The distinct patients of every resource in `answer` (itself, or each Bundle entry's
+/// resource).
+pub fn patients_in(answer: &Value, index: &CompartmentIndex, bases: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut add = |resource: &Value| {
+        if let Some(rt) = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .and_then(ResourceType::parse)
+        {
+            out.extend(index.owners(ResourceType::PATIENT, rt, resource, bases));
+        }
+    };
+    if answer.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+        for entry in answer
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = entry.get("resource") {
+                add(r);
+            }
+        }
+    } else {
+        add(answer);
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// An OpenFGA failure as the authorization error the client sees: fail closed.
+pub fn fga_error(e: FgaError) -> AuthzError {
+    tracing::warn!(authz.reason = e.reason(), error = %e, "openfga call failed");
+    match e {
+        FgaError::TooMany { max } => AuthzError::TooManyPatients { max },
+        other => AuthzError::FgaUnavailable {
+            reason: other.reason(),
+        },
+    }
+}
+
+impl Permit {
+    /// The OpenFGA principals of this permit's contexts.
+    pub fn fga_principals(&self) -> impl Iterator<Item = &Principal> {
+        self.reaches.iter().filter_map(|(_, r)| match r {
+            Reach::Fga(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    pub fn has_fga(&self) -> bool {
+        self.fga_principals().next().is_some()
+    }
+}
