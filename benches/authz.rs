@@ -239,7 +239,7 @@ fn bench_contains(c: &mut Criterion) {
 fn bench_filter(c: &mut Criterion) {
     let tenant = tenant();
     let index = Arc::new(CompartmentIndex::official().expect("compartment index"));
-    let checker = Checker::for_tenant(&tenant, &index, &reqwest::Client::new()).unwrap();
+    let checker = Checker::for_tenant(&tenant, &index, &reqwest::Client::new()).expect("checker");
     let body = Bytes::from(search_bundle());
     eprintln!(
         "authz bench: search Bundle of {} bytes ({OBSERVATIONS} Observations, {PRACTITIONERS} Practitioners)",

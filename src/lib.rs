@@ -12,6 +12,7 @@ pub mod error;
 pub mod fhir;
 pub mod rewrite;
 pub mod scope;
+pub mod seed;
 pub mod server;
 pub mod stack;
 pub mod tenant;

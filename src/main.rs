@@ -1,4 +1,4 @@
-//! Command line: `serve` (default) and `check-config`.
+//! Command line: `serve` (default), `check-config` and `seed-openfga` (admin tool).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use smart_fhir_proxy::authz::CompartmentIndex;
 use smart_fhir_proxy::cursor::{self, CursorKey};
+use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
 use smart_fhir_proxy::stack::{self, Shared};
 use smart_fhir_proxy::tenant::TenantRegistry;
@@ -35,6 +36,65 @@ enum Command {
         #[arg(long, env = "SFP_TENANTS", default_value = "tenants.json")]
         tenants: PathBuf,
     },
+    /// Admin tool: prepare an OpenFGA store to try the OpenFGA mode. Writes the model, a
+    /// sample hospital with wards and care teams, assigns every upstream Patient to a
+    /// ward and adds a sample user who may view ward 1's patients. Prints the store and
+    /// the tenant's `authorization` block as JSON.
+    SeedOpenfga(Box<SeedArgs>),
+}
+
+#[derive(clap::Args)]
+struct SeedArgs {
+    /// OpenFGA API URL, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "OPENFGA_API_URL", value_parser = parse_base_url)]
+    api_url: url::Url,
+    /// Environment variable holding an OpenFGA pre-shared key (sent as a bearer token).
+    #[arg(long, value_name = "VAR")]
+    api_token_env: Option<String>,
+    /// Seed this existing store instead of creating one.
+    #[arg(long)]
+    store_id: Option<String>,
+    /// Name of the store to create.
+    #[arg(long, default_value = "smart-fhir-proxy", conflicts_with = "store_id")]
+    store_name: String,
+    /// The authorization model, JSON form.
+    #[arg(long, default_value = "fga-model/model.json")]
+    model: PathBuf,
+    /// Base URL of the tenant's upstream FHIR R4 server.
+    #[arg(long, value_parser = parse_base_url)]
+    fhir_base: url::Url,
+    /// Environment variable holding a bearer token for the FHIR server.
+    #[arg(long, value_name = "VAR")]
+    fhir_bearer_env: Option<String>,
+    /// Number of wards (organization:ward-1..N).
+    #[arg(long, default_value_t = seed::DEFAULT_WARDS,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    wards: u32,
+    /// `_count` of the Patient search pages.
+    #[arg(long, default_value_t = seed::DEFAULT_PAGE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    page_size: u32,
+    /// Fail (writing nothing) when the upstream has more patients than this.
+    #[arg(long, default_value_t = seed::DEFAULT_MAX_PATIENTS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_patients: u64,
+    /// Id of the sample user made a member of ward 1's care team (user:<id>).
+    #[arg(long, default_value = "alice", value_parser = parse_fga_id)]
+    sample_user: String,
+    /// Bound on every HTTP call, in milliseconds.
+    #[arg(long, default_value_t = seed::DEFAULT_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    timeout_ms: u64,
+}
+
+fn parse_base_url(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a url: {e}"))?;
+    seed::check_base_url("the url", &url)?;
+    Ok(url)
+}
+
+fn parse_fga_id(s: &str) -> Result<String, String> {
+    seed::check_fga_id(s).map(|()| s.to_owned())
 }
 
 #[derive(clap::Args, Clone)]
@@ -76,6 +136,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { tenants }) => check_config(&tenants),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::SeedOpenfga(args)) => seed_openfga(*args),
         None => serve(cli.serve),
     }
 }
@@ -111,6 +172,52 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("invalid configuration: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn seed_openfga(args: SeedArgs) -> ExitCode {
+    let config = SeedConfig {
+        api_url: args.api_url,
+        api_token_env: args.api_token_env,
+        store: match args.store_id {
+            Some(id) => StoreChoice::Reuse(id),
+            None => StoreChoice::Create(args.store_name),
+        },
+        model_path: args.model,
+        fhir_base: args.fhir_base,
+        fhir_bearer_env: args.fhir_bearer_env,
+        wards: args.wards,
+        page_size: args.page_size,
+        max_patients: args.max_patients,
+        sample_user: args.sample_user,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seed-openfga: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(seed::seed(&config, |line| {
+        eprintln!("seed-openfga: {line}");
+    }));
+    match result.map(|report| serde_json::to_string_pretty(&report)) {
+        Ok(Ok(json)) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            eprintln!("seed-openfga: error: cannot print the report: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("seed-openfga: error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -423,7 +423,9 @@ async fn forward(
         // Narrowed to no patient at all: nothing to ask the upstream.
         return Ok(empty_searchset());
     }
-    let (fetched, out) = fetch_chunks(upstream, tenant, out, req.headers()).await?;
+    let resumed = req.extensions().get::<crate::cursor::Resumed>();
+    let first_page = resumed.map(|r| &r.narrowed).unwrap_or(out);
+    let (fetched, out) = fetch_chunks(upstream, tenant, out, first_page, req.headers()).await?;
     let out = &out;
     let body = rewrite_base(&fetched.body, &cfg.upstream, &cfg.public_base);
     let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
@@ -504,13 +506,15 @@ async fn forward(
 /// chunks come back empty; past it the page is empty with a link to the next chunk.
 const MAX_CHUNKS_PER_REQUEST: usize = 16;
 
-/// Fetches `out`; for a patient-list narrowed search whose chunk had no match at all,
-/// goes on with the next chunks (bounded), so clients do not page through empty pages.
-/// Returns the answer and the request that produced it.
+/// Fetches `out`; for a patient-list narrowed search whose chunk ended without a match
+/// on this page, goes on with the first page (`first_page`: the narrowed search) of the
+/// next chunks (bounded), so clients do not page through empty pages. Returns the
+/// answer and the request that produced it.
 async fn fetch_chunks(
     upstream: &Upstream,
     tenant: &Tenant,
     out: &OutboundRequest,
+    first_page: &OutboundRequest,
     headers: &HeaderMap,
 ) -> Result<(Fetched, OutboundRequest), UpstreamError> {
     let mut out = out.clone();
@@ -528,8 +532,16 @@ async fn fetch_chunks(
         {
             return Ok((fetched, out));
         }
-        n.chunk += 1;
-        n.send = true;
+        let chunk = n.chunk + 1;
+        out = OutboundRequest {
+            path: first_page.path.clone(),
+            params: first_page.params.clone(),
+            ..out
+        };
+        if let Some(n) = out.narrowing.as_mut() {
+            n.chunk = chunk;
+            n.send = true;
+        }
     }
 }
 
