@@ -17,6 +17,7 @@ fn with_example_env(cmd: &mut Command) -> &mut Command {
     cmd.env("DEMO2_UPSTREAM_API_KEY", "example-key")
         .env("DEMO2_INTROSPECTION_SECRET", "example-secret")
         .env("PARTNER_UPSTREAM_CLIENT_SECRET", "example-secret")
+        .env("RESEARCH_OPENFGA_CLIENT_SECRET", "example-secret")
         .env(
             "PARTNER_HMAC_SECRET",
             "an-example-shared-secret-of-32-bytes-or-more",
@@ -47,10 +48,13 @@ fn example_file_is_valid_and_explained() {
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
     for needle in [
-        "3 tenant(s), valid",
+        "4 tenant(s), valid",
         "- demo at http://127.0.0.1:8080/demo",
         "- demo2",
         "- partner",
+        "- research",
+        "OpenFga",
+        "store_id: \"01JD5Q1X4T3M8N2P6R9S0V7W5Y\"",
         "permission-v2",
     ] {
         assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
@@ -199,4 +203,50 @@ fn missing_file_is_a_config_error() {
     let out = check(Path::new("/nonexistent/tenants.json"), &[]);
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out).contains("no such file"));
+}
+
+#[test]
+fn openfga_settings_are_validated_and_secrets_never_printed() {
+    let out = check(&example(), &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(!t.contains("example-secret"), "a secret was printed:\n{t}");
+    // The OpenFGA client secret comes from the environment.
+    let mut cmd = bin();
+    with_example_env(&mut cmd);
+    let out = cmd
+        .arg("check-config")
+        .arg("--tenants")
+        .arg(example())
+        .env_remove("RESEARCH_OPENFGA_CLIENT_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("tenant `research`")
+            && t.contains("authorization.openfga.credentials.client_secret"),
+        "{t}"
+    );
+    // Bad values name their key.
+    for (key, value, named) in [
+        ("STORE_ID", "not/an/id", "authorization.openfga.store_id"),
+        (
+            "SEARCH_CHUNK_SIZE",
+            "0",
+            "authorization.openfga.search_chunk_size",
+        ),
+        ("TIMEOUT_MS", "0", "authorization.openfga.timeout_ms"),
+        (
+            "MAX_LISTED_PATIENTS",
+            "0",
+            "authorization.openfga.max_listed_patients",
+        ),
+        ("API_URL", "ftp://openfga", "authorization.openfga.api_url"),
+    ] {
+        let var = format!("SFP__TENANTS__RESEARCH__AUTHORIZATION__OPENFGA__{key}");
+        let out = check(&example(), &[(var.as_str(), value)]);
+        assert_eq!(out.status.code(), Some(64), "{key}: {}", text(&out));
+        assert!(text(&out).contains(named), "{key}: {}", text(&out));
+    }
 }

@@ -297,3 +297,99 @@ impl Permit {
         self.fga_principals().next().is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn token(sub: Option<&str>, client_id: Option<&str>) -> VerifiedToken {
+        VerifiedToken {
+            issuer: "https://issuer.example".to_owned(),
+            subject: sub.map(str::to_owned),
+            client_id: client_id.map(str::to_owned),
+            scopes: crate::scope::parse_scopes("user/*.rs"),
+            patient: None,
+            fhir_user: None,
+            expires_at: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn principals_come_from_subject_and_client_id() {
+        let t = token(Some("alice"), Some("app"));
+        assert_eq!(
+            principal_of(ScopeContext::User, &t).as_deref(),
+            Some("user:alice")
+        );
+        assert_eq!(
+            principal_of(ScopeContext::System, &t).as_deref(),
+            Some("system:app")
+        );
+        assert_eq!(principal_of(ScopeContext::Patient, &t), None);
+        let only_sub = token(Some("svc"), None);
+        assert_eq!(
+            principal_of(ScopeContext::System, &only_sub).as_deref(),
+            Some("system:svc")
+        );
+        // Ids that are not OpenFGA object ids grant nothing.
+        for bad in ["", "a b", "group:x#member", "tab\there"] {
+            assert_eq!(
+                principal_of(ScopeContext::User, &token(Some(bad), None)),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            principal_of(ScopeContext::User, &token(None, Some("app"))),
+            None
+        );
+    }
+
+    fn decisions(policy: MultiPatientPolicy, allowed: &[&str]) -> FgaDecisions {
+        FgaDecisions {
+            policy,
+            by_principal: vec![(
+                Arc::from("user:alice"),
+                Arc::new(PatientList {
+                    ids: allowed.iter().map(|s| (*s).to_owned()).collect(),
+                }),
+            )],
+        }
+    }
+
+    #[test]
+    fn multi_patient_policy_any_of_and_all_of() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let any = decisions(MultiPatientPolicy::AnyOf, &["p1"]);
+        let all = decisions(MultiPatientPolicy::AllOf, &["p1"]);
+        assert!(any.allows("user:alice", &ids(&["p1", "p2"])));
+        assert!(!all.allows("user:alice", &ids(&["p1", "p2"])));
+        assert!(all.allows("user:alice", &ids(&["p1", "p1"])));
+        // No patient, no decision for the principal, or another principal: denied.
+        assert!(!any.allows("user:alice", &[]));
+        assert!(!any.allows("user:bob", &ids(&["p1"])));
+        assert!(!any.allows("user:alice", &ids(&["p2"])));
+    }
+
+    #[test]
+    fn the_patients_of_an_answer_are_every_entrys_compartment_owners() {
+        let index = CompartmentIndex::official().unwrap();
+        let bundle = json!({"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Observation", "id": "o1",
+                "subject": {"reference": "Patient/p1"},
+                "performer": [{"reference": "https://up/fhir/Patient/p2"}, {"reference": "Practitioner/x"}]}},
+            {"resource": {"resourceType": "Patient", "id": "p3", "link": [{"other": {"reference": "Patient/p1"}}]}},
+            {"resource": {"resourceType": "Observation", "id": "o2", "subject": {"reference": "https://elsewhere/Patient/p9"}}},
+            {"resource": {"resourceType": "Practitioner", "id": "x"}}
+        ]});
+        assert_eq!(
+            patients_in(&bundle, &index, &["https://up/fhir"]),
+            vec!["p1", "p2", "p3"]
+        );
+        let single =
+            json!({"resourceType": "Condition", "id": "c", "subject": {"reference": "Patient/p7"}});
+        assert_eq!(patients_in(&single, &index, &[]), vec!["p7"]);
+    }
+}

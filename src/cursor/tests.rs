@@ -737,3 +737,66 @@ fn rewrite_never_forwards_a_cursor() {
     let permit = authorize(&tenant.checker, &req, &t, &grant).unwrap();
     assert!(rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).is_err());
 }
+
+#[test]
+fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
+    let key = key();
+    let t = token("practitioner", "user/Observation.rs", None);
+    let req = get("/Observation?_count=2");
+    let mut out = outbound("/Observation", &[("_count", "2")]);
+    out.narrowing = Some(crate::rewrite::Narrowing {
+        param: "subject".to_owned(),
+        values: ["Patient/a", "Patient/b", "Patient/c"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        chunk_size: 2,
+        chunk: 0,
+        send: true,
+    });
+    let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &out, None, NOW);
+    let principal = key.principal(&t);
+    let b = binding(&principal, "search-type /Observation");
+    assert!(pager.segmented());
+    // The upstream repeats the chunk in its link; the cursor drops it.
+    let next = pager
+        .link(
+            "next",
+            &format!("{PUBLIC}/Observation?subject=Patient%2Fa%2CPatient%2Fb&_count=2&_offset=2"),
+        )
+        .unwrap()
+        .unwrap();
+    let c = key.verify(cursor_of(&next), &b, NOW).unwrap();
+    assert_eq!(c.page.params, pairs(&[("_count", "2"), ("_offset", "2")]));
+    let seg = c.segment.unwrap();
+    assert_eq!((seg.chunk, seg.send), (0, true));
+    assert_eq!(seg.list, key.list_digest(out.narrowing.as_ref().unwrap()));
+    assert!(!next.contains("Patient"), "{next}");
+    // `first` and `last` would name the chunk's pages, not the search's.
+    for rel in ["first", "last"] {
+        assert_eq!(
+            pager.link(rel, &format!("{PUBLIC}/Observation")).unwrap(),
+            None
+        );
+    }
+    // The chunk's end links to the next chunk's first page.
+    let c = key
+        .verify(
+            cursor_of(&pager.next_chunk_link().unwrap().unwrap()),
+            &b,
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(c.segment.unwrap().chunk, 1);
+    assert_eq!(c.page.params, pairs(&[("_count", "2")]));
+    // The last chunk has no next chunk; another list has another digest.
+    let mut last = out.clone();
+    if let Some(n) = last.narrowing.as_mut() {
+        n.chunk = 1;
+    }
+    let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &last, None, NOW);
+    assert_eq!(pager.next_chunk_link().unwrap(), None);
+    let mut other = out.narrowing.clone().unwrap();
+    other.values = ["Patient/a".to_owned()].into_iter().collect();
+    assert_ne!(key.list_digest(&other), seg.list);
+}

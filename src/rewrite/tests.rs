@@ -846,3 +846,92 @@ fn wholesale_searches_by_restricted_tokens_refuse_reverse_and_iterated_includes(
     assert!(rewrite(&t, &get("/Practitioner?_include=Practitioner:location")).is_ok());
     assert!(rewrite(&t, &get("/Observation?_revinclude=Provenance:target")).is_ok());
 }
+
+// ---------------------------------------------------------------------------------------
+// openfga tenants: searches narrowed to a patient list
+
+fn fga_permit(t: &VerifiedToken) -> Permit {
+    Permit {
+        fga: true,
+        public_types: std::sync::Arc::from([]),
+        user: None,
+        reaches: vec![(
+            ScopeContext::User,
+            crate::authz::Reach::Fga(std::sync::Arc::from("user:alice")),
+        )],
+        denied_status: http::StatusCode::NOT_FOUND,
+        token: TokenContext {
+            has_patient: t.patient.is_some(),
+        },
+    }
+}
+
+fn fga_rewrite(target: &str, ids: &[&str], chunk: usize) -> Result<OutboundRequest, AuthzError> {
+    let t = token("user/*.rs", None, None);
+    let req = get(target);
+    let grant = grant_for(&t, &req);
+    let list = PatientNarrowing {
+        ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+        chunk_size: chunk,
+    };
+    rewrite_request_with(
+        &req,
+        &grant,
+        &fga_permit(&t),
+        &INDEX,
+        &Bytes::new(),
+        Some(&list),
+    )
+}
+
+#[test]
+fn fga_search_is_narrowed_by_the_types_patient_parameter_outside_the_url() {
+    let out = fga_rewrite("/Observation?code=1234", &["a", "b", "c"], 2).unwrap();
+    assert_eq!(out.path, "/Observation");
+    // The list is not in the URL.
+    assert_eq!(out.path_and_query(), "/Observation?code=1234");
+    let n = out.narrowing.clone().unwrap();
+    assert_eq!(n.chunks(), 2);
+    assert_eq!(
+        n.pair(),
+        ("subject".to_owned(), "Patient/a,Patient/b".to_owned())
+    );
+    assert_eq!(
+        &out.search_form().unwrap()[..],
+        b"code=1234&subject=Patient%2Fa%2CPatient%2Fb"
+    );
+    let last = crate::rewrite::Narrowing { chunk: 1, ..n };
+    assert_eq!(last.pair().1, "Patient/c");
+    assert!(!last.has_next_chunk());
+
+    let out = fga_rewrite("/Condition", &["a"], 100).unwrap();
+    assert_eq!(
+        out.narrowing.unwrap().pair(),
+        ("patient".to_owned(), "Patient/a".to_owned())
+    );
+    let out = fga_rewrite("/Patient?name=x", &["a", "b"], 100).unwrap();
+    assert_eq!(
+        out.narrowing.unwrap().pair(),
+        ("_id".to_owned(), "a,b".to_owned())
+    );
+    // Non-patient data is not narrowed; types outside the Patient compartment are refused.
+    assert!(
+        fga_rewrite("/Practitioner", &["a"], 100)
+            .unwrap()
+            .narrowing
+            .is_none()
+    );
+    assert!(fga_rewrite("/Device", &["a"], 100).is_err());
+}
+
+#[test]
+fn fga_search_without_a_list_is_never_forwarded_unnarrowed() {
+    let t = token("user/*.rs", None, None);
+    let req = get("/Observation");
+    let grant = grant_for(&t, &req);
+    let err = rewrite_request(&req, &grant, &fga_permit(&t), &INDEX, &Bytes::new()).unwrap_err();
+    assert_eq!(err.reason(), "search_not_narrowable");
+    // An empty list narrows to nothing (stage 5 answers an empty Bundle itself).
+    let out = fga_rewrite("/Observation", &[], 100).unwrap();
+    assert_eq!(out.narrowing.unwrap().chunks(), 0);
+}
