@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts the demo: the upstream FHIR server with demo data, the token issuer with demo
-# clients for two tenants, and (PROXY section below) the proxy in front of them.
+# clients for three tenants, the OpenFGA-API-compatible test server seeded with
+# `smart-fhir-proxy seed-openfga`, and (PROXY section below) the proxy in front of them:
+# `demo` and `demo2` decide records by compartments, `demo-fga` by OpenFGA.
 # State lives in .stack/demo/: pid files, logs, issuer.json, and `env` (ports, URLs,
 # client credentials; `source .stack/demo/env` to use them). Stop with scripts/demo-down.sh.
 #
@@ -26,12 +28,17 @@ trap 'log "start failed, stopping what was started"; "$SCRIPTS_DIR/demo-down.sh"
 fhir_port=${DEMO_FHIR_PORT:-$(free_port)}
 issuer_port=${DEMO_ISSUER_PORT:-$(free_port)}
 proxy_port=${DEMO_PROXY_PORT:-$(free_port)}
+fga_port=${DEMO_OPENFGA_PORT:-$(free_port)}
 while [[ $issuer_port == "$fhir_port" ]]; do issuer_port=$(free_port); done
 while [[ $proxy_port == "$fhir_port" || $proxy_port == "$issuer_port" ]]; do proxy_port=$(free_port); done
+while [[ $fga_port == "$fhir_port" || $fga_port == "$issuer_port" || $fga_port == "$proxy_port" ]]; do
+  fga_port=$(free_port)
+done
 
 issuer_url=http://127.0.0.1:$issuer_port
 tenant1_aud=http://127.0.0.1:$proxy_port/demo
 tenant2_aud=http://127.0.0.1:$proxy_port/demo2
+tenant3_aud=http://127.0.0.1:$proxy_port/demo-fga
 
 # --- upstream FHIR server + demo data ---------------------------------------------------
 fhir_base=$("$SCRIPTS_DIR/fhir-server.sh" --port "$fhir_port" --data-dir "$demo/fhir" --reset)
@@ -46,7 +53,7 @@ cat >"$demo/issuer.json" <<JSON
   "issuer": "$issuer_url",
   "port": $issuer_port,
   "keys": $keys,
-  "resources": ["$tenant1_aud", "$tenant2_aud"],
+  "resources": ["$tenant1_aud", "$tenant2_aud", "$tenant3_aud"],
   "clients": [
     {
       "client_id": "demo-patient-app", "client_secret": "demo-patient-secret",
@@ -76,6 +83,10 @@ cat >"$demo/issuer.json" <<JSON
     {
       "client_id": "demo2-backend", "client_secret": "demo2-backend-secret",
       "scopes": "system/*.read", "alg": "ES256", "resources": ["$tenant2_aud"]
+    },
+    {
+      "client_id": "demo-fga-clinician", "client_secret": "demo-fga-clinician-secret",
+      "scopes": "openid user/Patient.rs user/Observation.rs", "alg": "RS256", "resources": ["$tenant3_aud"]
     }
   ]
 }
@@ -105,6 +116,9 @@ TENANT1_BACKEND_CLIENT=demo-backend:demo-backend-secret
 TENANT2_PATIENT_CLIENT=demo2-patient-app:demo2-patient-secret
 TENANT2_PRACTITIONER_CLIENT=demo2-practitioner-app:demo2-practitioner-secret
 TENANT2_BACKEND_CLIENT=demo2-backend:demo2-backend-secret
+TENANT3_AUD=$tenant3_aud
+TENANT3_CLINICIAN_CLIENT=demo-fga-clinician:demo-fga-clinician-secret
+OPENFGA_PID_FILE=$demo/openfga/openfga.pid
 ENV
 
 # token CLIENT_ID:SECRET SCOPE RESOURCE: print an access token from the demo issuer.
@@ -118,10 +132,23 @@ token demo-backend:demo-backend-secret "system/*.rs" "$tenant1_aud" >/dev/null
 token demo2-backend:demo2-backend-secret "system/*.read" "$tenant2_aud" >/dev/null
 
 # --- the proxy -----------------------------------------------------------------------------
-log "building smart-fhir-proxy (release)"
-(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy)
+log "building smart-fhir-proxy and the OpenFGA test server (release)"
+(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy \
+  --example openfga_test_server)
 proxy_bin=$REPO_ROOT/target/release/smart-fhir-proxy
-tenant_json() { # ID AUDIENCE DENIED_STATUS
+
+# --- OpenFGA (the API-compatible test server), seeded from the upstream's patients ------
+fga_url=$("$SCRIPTS_DIR/openfga-server.sh" --port "$fga_port" --data-dir "$demo/openfga" \
+  --bin "$REPO_ROOT/target/release/examples/openfga_test_server")
+"$proxy_bin" seed-openfga --api-url "$fga_url" --fhir-base "$fhir_base" --wards 2 \
+  --sample-user demo-fga-clinician >"$demo/openfga/seed.json" 2>"$demo/openfga/seed.log"
+fga_field() { "$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$demo/openfga/seed.json" "$1"; }
+fga_store=$(fga_field store_id)
+fga_model=$(fga_field authorization_model_id)
+echo "OPENFGA_API_URL=$fga_url" >>"$demo/env"
+echo "OPENFGA_STORE_ID=$fga_store" >>"$demo/env"
+tenant_json() { # ID AUDIENCE DENIED_STATUS [AUTHORIZATION_JSON]
+  local authz=${4:-"{ \"mode\": \"compartment\", \"denied_read_status\": $3 }"}
   cat <<JSON
     "$1": {
       "public_base_url": "$2",
@@ -138,7 +165,7 @@ tenant_json() { # ID AUDIENCE DENIED_STATUS
         "introspection_endpoint": "$issuer_url/token/introspection",
         "revocation_endpoint": "$issuer_url/token/revocation"
       },
-      "authorization": { "mode": "compartment", "denied_read_status": $3 }
+      "authorization": $authz
     }
 JSON
 }
@@ -147,6 +174,10 @@ JSON
   tenant_json demo "$tenant1_aud" 404
   echo ','
   tenant_json demo2 "$tenant2_aud" 403
+  echo ','
+  tenant_json demo-fga "$tenant3_aud" 404 "{ \"mode\": \"openfga\", \"openfga\": {
+        \"api_url\": \"$fga_url\", \"store_id\": \"$fga_store\",
+        \"authorization_model_id\": \"$fga_model\", \"cache_ttl_seconds\": 5 } }"
   echo '} }'
 } >"$demo/tenants.json"
 "$proxy_bin" check-config --tenants "$demo/tenants.json" >"$demo/check-config.txt"
@@ -179,6 +210,15 @@ show "4. Narrowed search: the patient app searches all Observations and gets onl
 show "   ... while a backend service with system/Observation.rs sees every patient's" \
   -H "Authorization: Bearer $backend_token" "$tenant1_aud/Observation?_count=200"; say
 show "5. No token: 401 with a Bearer challenge" "$tenant1_aud/Patient/p1"; say
+# The seed assigned the upstream's patients to wards in turn (ward-1, ward-2, ...), in
+# the order of `Patient?_elements=id`; the clinician is in ward-1's care team.
+clinician_token=$(token demo-fga-clinician:demo-fga-clinician-secret "user/Patient.rs user/Observation.rs" "$tenant3_aud")
+ward2_patient=$(curl -fsS -H 'Accept: application/fhir+json' "$fhir_base/Patient?_count=2&_elements=id" \
+  | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["entry"][1]["resource"]["id"])')
+show "6. OpenFGA tenant: a ward-1 clinician searches Patients and gets ward-1's only" \
+  -H "Authorization: Bearer $clinician_token" "$tenant3_aud/Patient?_count=200"; say
+show "   ... and cannot read a ward-2 patient" \
+  -H "Authorization: Bearer $clinician_token" "$tenant3_aud/Patient/$ward2_patient"; say
 echo
 
 trap - ERR
@@ -187,7 +227,8 @@ log "demo up in $((SECONDS - started))s"
 cat <<EOF
 FHIR server  $fhir_base   (pid $(<"$demo/fhir/server.pid"), log $demo/fhir/server.log)
 Issuer       $issuer_url   (pid $(<"$demo/issuer.pid"), log $demo/issuer.log)
-Proxy        $tenant1_aud and $tenant2_aud   (pid $(<"$demo/proxy.pid"), log $demo/proxy.log)
+OpenFGA      $fga_url (test server, store $fga_store)   (pid $(<"$demo/openfga/openfga.pid"), log $demo/openfga/openfga.log)
+Proxy        $tenant1_aud, $tenant2_aud and $tenant3_aud   (pid $(<"$demo/proxy.pid"), log $demo/proxy.log)
 State        $demo/env
 Stop         scripts/demo-down.sh
 EOF
