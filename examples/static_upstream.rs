@@ -2,7 +2,8 @@
 //! show the proxy's own cost (the real test upstream, a Python server, takes several
 //! milliseconds per request and would hide it). Answers with FHIR JSON of realistic
 //! shape for patient p1: `GET .../Observation/{id}` (a read), and any search ending in
-//! `Observation` (a searchset Bundle of `--entries` Observations, default 20).
+//! `Observation` or `Observation/_search` (the POST search `openfga` tenants narrow
+//! with): a searchset Bundle of `--entries` Observations, default 20.
 //!
 //! Usage: static_upstream LISTEN_ADDR [ENTRIES]
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -12,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -67,11 +68,15 @@ async fn main() {
                 let answers = Arc::clone(&answers);
                 async move {
                     let path = req.uri().path();
-                    let body = if path.ends_with("/Observation") {
+                    let body = if path.ends_with("/Observation")
+                        || path.ends_with("/Observation/_search")
+                    {
                         answers.1.clone()
                     } else {
                         answers.0.clone()
                     };
+                    // Read a POST body to its end, so the connection stays reusable.
+                    let _ = req.into_body().collect().await;
                     Ok::<_, Infallible>(
                         Response::builder()
                             .header("content-type", "application/fhir+json")

@@ -101,8 +101,23 @@ impl OutboundRequest {
 /// `patient/` compartment of the same token), and the chunk size.
 #[derive(Clone, Debug)]
 pub struct PatientNarrowing {
+    /// Sorted and distinct.
     pub ids: std::sync::Arc<[String]>,
+    /// The same, as `Patient/{id}` references.
+    pub refs: std::sync::Arc<[String]>,
     pub chunk_size: usize,
+}
+
+impl PatientNarrowing {
+    /// From sorted, distinct ids.
+    pub fn new(ids: Vec<String>, chunk_size: usize) -> Self {
+        let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
+        PatientNarrowing {
+            ids: ids.into(),
+            refs,
+            chunk_size,
+        }
+    }
 }
 
 /// Builds the outbound request. Pure: no I/O.
@@ -191,11 +206,11 @@ pub fn rewrite_request_with(
                 })?;
                 let param = patient_param(index, rt)
                     .ok_or(AuthzError::OutsideCompartment { resource_type: rt })?;
-                let values: std::sync::Arc<[String]> = if param == "_id" {
-                    std::sync::Arc::clone(&list.ids)
+                let values = std::sync::Arc::clone(if param == "_id" {
+                    &list.ids
                 } else {
-                    list.ids.iter().map(|id| format!("Patient/{id}")).collect()
-                };
+                    &list.refs
+                });
                 narrowing = Some(Narrowing {
                     param: param.to_owned(),
                     values,
@@ -505,17 +520,16 @@ impl RewriteSearch {
             return Ok(None);
         }
         let listed = fga.listed(permit).await?;
-        let mut ids = listed.union_sorted();
         // A `patient/` context of the same token reaches its own patient too.
-        for c in permit.compartments() {
-            if c.owner == crate::fhir::ResourceType::PATIENT {
-                ids.push(c.id.as_str().to_owned());
-            }
-        }
-        ids.sort_unstable();
-        ids.dedup();
+        let extra: Vec<String> = permit
+            .compartments()
+            .filter(|c| c.owner == crate::fhir::ResourceType::PATIENT)
+            .map(|c| c.id.as_str().to_owned())
+            .collect();
+        let (ids, refs) = listed.union_sorted(&extra);
         let narrowing = PatientNarrowing {
-            ids: ids.into(),
+            ids,
+            refs,
             chunk_size: fga.chunk_size,
         };
         req.extensions_mut().insert(listed);

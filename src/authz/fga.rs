@@ -68,10 +68,35 @@ pub struct OpenFgaChecker {
     lists: moka::future::Cache<(Arc<str>, Principal), Arc<PatientList>>,
 }
 
+/// Sorted patient ids and the same as `Patient/{id}` references.
+pub type SortedPatients = (Arc<[String]>, Arc<[String]>);
+
 /// Every patient one principal may view, complete.
 #[derive(Debug)]
 pub struct PatientList {
     pub ids: HashSet<String>,
+    /// The same ids sorted, and as `Patient/{id}` references: made once per cached list,
+    /// not per search.
+    sorted: std::sync::OnceLock<SortedPatients>,
+}
+
+impl PatientList {
+    pub fn new(ids: HashSet<String>) -> Self {
+        PatientList {
+            ids,
+            sorted: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `(ids, references)`, sorted.
+    pub fn sorted(&self) -> &SortedPatients {
+        self.sorted.get_or_init(|| {
+            let mut ids: Vec<String> = self.ids.iter().cloned().collect();
+            ids.sort_unstable();
+            let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
+            (ids.into(), refs)
+        })
+    }
 }
 
 impl OpenFgaChecker {
@@ -135,7 +160,7 @@ impl OpenFgaChecker {
                                 .map(str::to_owned)
                         })
                         .collect();
-                    Ok::<_, FgaError>(Arc::new(PatientList { ids }))
+                    Ok::<_, FgaError>(Arc::new(PatientList::new(ids)))
                 })
                 .await
                 .map_err(|e: Arc<FgaError>| fga_error((*e).clone()))?;
@@ -180,7 +205,7 @@ impl OpenFgaChecker {
                 .filter(|(_, allowed)| *allowed)
                 .filter_map(|(o, _)| o.strip_prefix("patient:").map(str::to_owned))
                 .collect();
-            by_principal.push((Arc::clone(principal), Arc::new(PatientList { ids })));
+            by_principal.push((Arc::clone(principal), Arc::new(PatientList::new(ids))));
         }
         Ok(FgaDecisions {
             policy: self.policy,
@@ -203,16 +228,24 @@ impl FgaListed {
             .map(|(_, l)| l)
     }
 
-    /// Every listed patient, sorted (stable chunks across pages).
-    pub fn union_sorted(&self) -> Vec<String> {
+    /// Every listed patient and `extra` ones, sorted and distinct (stable chunks across
+    /// pages), as ids and as `Patient/{id}` references. One list and nothing extra (the
+    /// usual case) is shared with the cache, not copied.
+    pub fn union_sorted(&self, extra: &[String]) -> SortedPatients {
+        if let ([(_, only)], []) = (self.per_principal.as_slice(), extra) {
+            let (ids, refs) = only.sorted();
+            return (Arc::clone(ids), Arc::clone(refs));
+        }
         let mut all: Vec<String> = self
             .per_principal
             .iter()
             .flat_map(|(_, l)| l.ids.iter().cloned())
+            .chain(extra.iter().cloned())
             .collect();
         all.sort_unstable();
         all.dedup();
-        all
+        let refs = all.iter().map(|id| format!("Patient/{id}")).collect();
+        (all.into(), refs)
     }
 }
 
@@ -352,9 +385,9 @@ mod tests {
             policy,
             by_principal: vec![(
                 Arc::from("user:alice"),
-                Arc::new(PatientList {
-                    ids: allowed.iter().map(|s| (*s).to_owned()).collect(),
-                }),
+                Arc::new(PatientList::new(
+                    allowed.iter().map(|s| (*s).to_owned()).collect(),
+                )),
             )],
         }
     }

@@ -1,8 +1,8 @@
 //! OpenFGA client for the fine-grained authorization mode (stage 3, `authz`).
 //!
 //! A small client over OpenFGA's HTTP API (v1): Check, BatchCheck (1.8+ shape) and
-//! StreamedListObjects, for one tenant's [`FgaConnection`]. The proxy does not use it
-//! yet; the `OpenFgaChecker` will wrap it.
+//! StreamedListObjects, for one tenant's [`FgaConnection`]. The tenant's
+//! [`super::fga::OpenFgaChecker`] wraps it.
 //!
 //! Guarantees:
 //! - every request names the connection's pinned `authorization_model_id`;

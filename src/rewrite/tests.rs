@@ -870,10 +870,7 @@ fn fga_rewrite(target: &str, ids: &[&str], chunk: usize) -> Result<OutboundReque
     let t = token("user/*.rs", None, None);
     let req = get(target);
     let grant = grant_for(&t, &req);
-    let list = PatientNarrowing {
-        ids: ids.iter().map(|s| (*s).to_owned()).collect(),
-        chunk_size: chunk,
-    };
+    let list = PatientNarrowing::new(ids.iter().map(|s| (*s).to_owned()).collect(), chunk);
     rewrite_request_with(
         &req,
         &grant,

@@ -354,6 +354,8 @@ impl TestServer {
                         Err(_) => continue,
                     },
                 };
+                // Like OpenFGA (Go's default): no Nagle delay on streamed answers.
+                let _ = stream.set_nodelay(true);
                 let shared = accept_shared.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
