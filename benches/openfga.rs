@@ -37,7 +37,7 @@ use smart_fhir_proxy::authz::fga::FgaDecisions;
 use smart_fhir_proxy::authz::{Checker, CompartmentIndex, Permit, Release, ReleaseCtx, authorize};
 use smart_fhir_proxy::config::{RawFile, TenantConfig, validate};
 use smart_fhir_proxy::fhir::{FhirRequest, ResourceType, parse_request};
-use smart_fhir_proxy::rewrite::{PatientNarrowing, rewrite_request, rewrite_request_with};
+use smart_fhir_proxy::rewrite::{rewrite_request, rewrite_request_with};
 use smart_fhir_proxy::scope::{ScopeGrant, TokenContext, check_scopes, parse_scopes};
 use smart_fhir_proxy::token::{FhirUser, VerifiedToken};
 
@@ -219,6 +219,8 @@ struct Fixture {
     fga_token: VerifiedToken,
     fga_permit: Permit,
     answer: Value,
+    /// The same answer as the bytes the proxy gets from the upstream.
+    answer_bytes: Vec<u8>,
 }
 
 impl Fixture {
@@ -271,6 +273,7 @@ impl Fixture {
             fga_token,
             fga_permit,
             answer: answer(),
+            answer_bytes: serde_json::to_vec(&answer()).expect("answer bytes"),
         }
     }
 
@@ -283,7 +286,7 @@ impl Fixture {
             .block_on(Self::fga(checker).decide(
                 &self.fga_permit,
                 None,
-                black_box(&self.answer),
+                black_box(&self.answer_bytes),
                 &self.index,
                 &BASES,
             ))
@@ -351,14 +354,14 @@ impl Fixture {
         let hit = self.rt.block_on(Self::fga(&self.hit).decide(
             &self.fga_permit,
             None,
-            &self.answer,
+            &self.answer_bytes,
             &self.index,
             &BASES,
         ));
         let miss = self.rt.block_on(Self::fga(&self.miss).decide(
             &self.fga_permit,
             None,
-            &self.answer,
+            &self.answer_bytes,
             &self.index,
             &BASES,
         ));
@@ -433,19 +436,14 @@ fn bench_openfga(c: &mut Criterion) {
         let fga = Fixture::fga(&f.hit);
         b.iter(|| {
             let listed = f.rt.block_on(fga.listed(&f.fga_permit)).expect("listed");
-            let (ids, refs) = listed.union_sorted(&[]);
-            let patients = PatientNarrowing {
-                ids,
-                refs,
-                chunk_size: fga.chunk_size,
-            };
+            let patients = listed.union_sorted(&[]);
             rewrite_request_with(
                 black_box(&f.request),
                 &f.grant,
                 &f.fga_permit,
                 &f.index,
                 &body,
-                Some(&patients),
+                Some((&patients, fga.chunk_size)),
             )
             .expect("narrowed")
         })

@@ -864,17 +864,12 @@ fn public_type_list(names: &[String]) -> Result<Vec<crate::fhir::ResourceType>, 
 
 fn openfga_config(o: RawOpenFga) -> Result<OpenFgaConfig, Bad> {
     use crate::authz::openfga::{BreakerSettings, FgaConnection, FgaCredentials};
-    let mut api_url = http_url(&o.api_url).map_err(|m| ("authorization.openfga.api_url", m))?;
+    let api_url = http_url(&o.api_url).map_err(|m| ("authorization.openfga.api_url", m))?;
     if api_url.query().is_some() || api_url.fragment().is_some() {
         return Err((
             "authorization.openfga.api_url",
             format!("`{}` must not have a query or fragment", o.api_url),
         ));
-    }
-    // A base: calls are appended as `stores/{id}/...`.
-    if !api_url.path().ends_with('/') {
-        let path = format!("{}/", api_url.path());
-        api_url.set_path(&path);
     }
     let id_ok =
         |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
@@ -999,6 +994,13 @@ fn http_url(s: &str) -> Result<Url, String> {
     if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
         return Err(format!("`{s}` must be an http(s) URL with a host"));
     }
+    // Not echoed: the URL would carry the secret into logs and `check-config` output.
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!(
+            "a URL for `{}` must not carry credentials; give secrets through `*_env`",
+            u.host_str().unwrap_or_default()
+        ));
+    }
     Ok(u)
 }
 
@@ -1009,9 +1011,6 @@ fn base_url(s: &str) -> Result<String, String> {
     let u = http_url(s)?;
     if u.query().is_some() || u.fragment().is_some() {
         return Err(format!("`{s}` must not have a query or fragment"));
-    }
-    if !u.username().is_empty() || u.password().is_some() {
-        return Err(format!("`{s}` must not carry credentials"));
     }
     let out = u.as_str().trim_end_matches('/').to_owned();
     if out.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {

@@ -266,14 +266,9 @@ impl CursorKey {
         self.mac(&serde_json::to_vec(&parts).unwrap_or_default())
     }
 
-    /// A keyed digest of a patient list.
+    /// A keyed digest of a patient list (of its fingerprint).
     pub fn list_digest(&self, n: &crate::rewrite::Narrowing) -> String {
-        let mut message = Vec::with_capacity(n.values.iter().map(|v| v.len() + 1).sum());
-        for v in n.values.iter() {
-            message.extend_from_slice(v.as_bytes());
-            message.push(b',');
-        }
-        self.mac(&message)
+        self.mac(format!("list:{}", n.fingerprint).as_bytes())
     }
 
     /// Signs a cursor for `page`, valid for the key's lifetime from `now`.
@@ -429,7 +424,7 @@ pub fn resume(
     token: &VerifiedToken,
     user: Option<&crate::token::FhirUser>,
     req: &FhirRequest,
-    patients: Option<&PatientNarrowing>,
+    patients: Option<(&PatientNarrowing, usize)>,
     now: u64,
 ) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
     let Some(text) = cursor_param(req)? else {
@@ -520,7 +515,6 @@ pub struct Pager<'a> {
     principal: OnceCell<String>,
     request: OnceCell<String>,
     digest: OnceCell<String>,
-    list: OnceCell<String>,
     /// The parameters of the client's original request.
     pub client_params: &'a [(String, String)],
     /// The original request's narrowed upstream query.
@@ -560,7 +554,6 @@ impl<'a> Pager<'a> {
             principal: OnceCell::new(),
             request: OnceCell::new(),
             digest: OnceCell::new(),
-            list: OnceCell::new(),
             client_params,
             narrowed,
             current,
@@ -604,6 +597,30 @@ impl<'a> Pager<'a> {
         } else {
             return Ok(None);
         };
+        let (page, segment) = match &self.current.narrowing {
+            // The upstream's link repeats the chunk it was given; the cursor never
+            // carries it (it is sent again from the current list).
+            Some(n) => {
+                let pair = n.pair();
+                let page = Page {
+                    params: page.params.into_iter().filter(|p| *p != pair).collect(),
+                    ..page
+                };
+                (page, Some((n.chunk, n.send && !link_path.is_empty())))
+            }
+            None => (page, None),
+        };
+        self.cursor_url(path, page, segment).map(Some)
+    }
+
+    /// The proxy URL of a cursor for `page` (in chunk `segment` = (chunk, send) of a
+    /// patient-list narrowed search).
+    fn cursor_url(
+        &self,
+        path: &str,
+        page: Page,
+        segment: Option<(usize, bool)>,
+    ) -> Result<String, CursorError> {
         let binding = Binding {
             tenant: self.tenant,
             principal: self
@@ -615,27 +632,14 @@ impl<'a> Pager<'a> {
             self.key
                 .query_digest(&self.narrowed.path, &self.narrowed.params)
         });
-        let segment = self.current.narrowing.as_ref().map(|n| {
-            // The upstream's link repeats the chunk it was given; the cursor never
-            // carries it (it is sent again from the current list).
-            let send = n.send && !link_path.is_empty();
-            (n.chunk, send)
-        });
-        let page = match &self.current.narrowing {
-            Some(n) => {
-                let pair = n.pair();
-                Page {
-                    params: page.params.into_iter().filter(|p| *p != pair).collect(),
-                    ..page
-                }
-            }
-            None => page,
+        let segment = match (segment, &self.current.narrowing) {
+            (Some((chunk, send)), Some(n)) => Some(Segment {
+                chunk,
+                list: self.key.list_digest(n),
+                send,
+            }),
+            _ => None,
         };
-        let segment = segment.map(|(chunk, send)| Segment {
-            chunk,
-            list: self.list_digest(),
-            send,
-        });
         let cursor = self.key.issue_segment(
             &binding,
             self.client_params,
@@ -644,7 +648,7 @@ impl<'a> Pager<'a> {
             segment,
             self.now,
         )?;
-        Ok(Some(format!("{}{path}?{PARAM}={cursor}", self.public_base)))
+        Ok(format!("{}{path}?{PARAM}={cursor}", self.public_base))
     }
 
     /// Whether this answer is one chunk of a patient-list narrowed search that spans
@@ -656,18 +660,6 @@ impl<'a> Pager<'a> {
             .is_some_and(|n| n.chunks() > 1)
     }
 
-    fn list_digest(&self) -> String {
-        self.list
-            .get_or_init(|| {
-                self.current
-                    .narrowing
-                    .as_ref()
-                    .map(|n| self.key.list_digest(n))
-                    .unwrap_or_default()
-            })
-            .clone()
-    }
-
     /// The link to the first page of the next chunk, when this answer ended its chunk
     /// (the upstream gave no `next`) and another chunk follows.
     pub fn next_chunk_link(&self) -> Result<Option<String>, CursorError> {
@@ -677,35 +669,12 @@ impl<'a> Pager<'a> {
         if !n.has_next_chunk() {
             return Ok(None);
         }
-        let binding = Binding {
-            tenant: self.tenant,
-            principal: self
-                .principal
-                .get_or_init(|| self.key.principal(self.token)),
-            request: self.request.get_or_init(|| request_binding(self.req)),
-        };
-        let digest = self.digest.get_or_init(|| {
-            self.key
-                .query_digest(&self.narrowed.path, &self.narrowed.params)
-        });
         let page = Page {
             path: self.narrowed.path.clone(),
             params: self.narrowed.params.clone(),
         };
-        let segment = Segment {
-            chunk: n.chunk + 1,
-            list: self.list_digest(),
-            send: true,
-        };
-        let cursor = self.key.issue_segment(
-            &binding,
-            self.client_params,
-            digest,
-            page,
-            Some(segment),
-            self.now,
-        )?;
-        Ok(Some(format!("{}{path}?{PARAM}={cursor}", self.public_base)))
+        self.cursor_url(path, page, Some((n.chunk + 1, true)))
+            .map(Some)
     }
 
     /// The client's own request as a proxy URL.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod cursor;
 pub mod discovery;
 pub mod error;
+pub mod fetch;
 pub mod fhir;
 pub mod rewrite;
 pub mod scope;

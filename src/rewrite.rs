@@ -48,6 +48,8 @@ pub struct Narrowing {
     /// Whether the chunk goes upstream with this request (false for pages the upstream
     /// holds itself, such as HAPI's `_getpages`).
     pub send: bool,
+    /// [`PatientNarrowing::fingerprint`] of the list.
+    pub fingerprint: std::sync::Arc<str>,
 }
 
 impl Narrowing {
@@ -98,24 +100,38 @@ impl OutboundRequest {
 }
 
 /// The allowed patients of an `openfga` search (from the OpenFGA lists and any
-/// `patient/` compartment of the same token), and the chunk size.
+/// `patient/` compartment of the same token). Cached with the list it comes from, so
+/// none of this is computed per search.
 #[derive(Clone, Debug)]
 pub struct PatientNarrowing {
     /// Sorted and distinct.
     pub ids: std::sync::Arc<[String]>,
     /// The same, as `Patient/{id}` references.
     pub refs: std::sync::Arc<[String]>,
-    pub chunk_size: usize,
+    /// A digest of `ids` (SHA-256 based, not secret), so cursors can tell whether the
+    /// list changed without hashing it per page.
+    pub fingerprint: std::sync::Arc<str>,
 }
 
 impl PatientNarrowing {
     /// From sorted, distinct ids.
-    pub fn new(ids: Vec<String>, chunk_size: usize) -> Self {
+    pub fn new(ids: Vec<String>) -> Self {
         let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
+        let mut message = Vec::with_capacity(ids.iter().map(|v| v.len() + 1).sum());
+        for id in &ids {
+            message.extend_from_slice(id.as_bytes());
+            message.push(b',');
+        }
+        // HMAC-SHA256 under a fixed, public key: a collision-resistant digest from the
+        // crypto the crate already has (a keyed cursor MAC is taken over it later).
+        let key = jsonwebtoken::EncodingKey::from_secret(b"smart-fhir-proxy patient list");
+        let fingerprint =
+            jsonwebtoken::crypto::sign(&message, &key, jsonwebtoken::Algorithm::HS256)
+                .unwrap_or_default();
         PatientNarrowing {
             ids: ids.into(),
             refs,
-            chunk_size,
+            fingerprint: fingerprint.into(),
         }
     }
 }
@@ -139,7 +155,7 @@ pub fn rewrite_request_with(
     permit: &Permit,
     index: &CompartmentIndex,
     body: &Bytes,
-    patients: Option<&PatientNarrowing>,
+    patients: Option<(&PatientNarrowing, usize)>,
 ) -> Result<OutboundRequest, AuthzError> {
     let mut narrowing = None;
     // ---- paging cursors (see `crate::cursor`) ----
@@ -201,7 +217,7 @@ pub fn rewrite_request_with(
                 refuse_wholesale_includes(&params)?;
                 format!("/{t}")
             } else if permit.has_fga() {
-                let list = patients.ok_or(AuthzError::NotNarrowable {
+                let (list, chunk_size) = patients.ok_or(AuthzError::NotNarrowable {
                     interaction: req.interaction.name(),
                 })?;
                 let param = patient_param(index, rt)
@@ -214,9 +230,10 @@ pub fn rewrite_request_with(
                 narrowing = Some(Narrowing {
                     param: param.to_owned(),
                     values,
-                    chunk_size: list.chunk_size,
+                    chunk_size,
                     chunk: 0,
                     send: true,
+                    fingerprint: std::sync::Arc::clone(&list.fingerprint),
                 });
                 format!("/{t}")
             } else {
@@ -330,8 +347,8 @@ fn widen_elements(
 ) {
     let Some(rt) = rt else { return };
     let mut roots: Vec<&str> = permit
-        .compartments()
-        .flat_map(|c| index.link_roots(c.owner, rt))
+        .owner_types()
+        .flat_map(|owner| index.link_roots(owner, rt))
         .collect();
     roots.sort_unstable();
     roots.dedup();
@@ -471,7 +488,7 @@ impl Stage for RewriteSearch {
             ext::<std::sync::Arc<crate::token::VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
-            patients.as_ref(),
+            patients.as_ref().map(|(p, size)| (p, *size)),
             crate::cursor::now(),
         )?;
         if let Some((out, resumed)) = resumed {
@@ -490,7 +507,7 @@ impl Stage for RewriteSearch {
             permit,
             tenant.0.checker.index(),
             req.body(),
-            patients.as_ref(),
+            patients.as_ref().map(|(p, size)| (p, *size)),
         )?;
         req.extensions_mut().insert(out);
         Ok(Flow::Continue)
@@ -504,7 +521,7 @@ impl RewriteSearch {
     async fn fga_patients(
         &self,
         req: &mut Request<Bytes>,
-    ) -> Result<Option<PatientNarrowing>, ProxyError> {
+    ) -> Result<Option<(PatientNarrowing, usize)>, ProxyError> {
         let tenant = std::sync::Arc::clone(&tenant_of(req)?.0);
         let Some(fga) = tenant.checker.fga() else {
             return Ok(None);
@@ -526,14 +543,9 @@ impl RewriteSearch {
             .filter(|c| c.owner == crate::fhir::ResourceType::PATIENT)
             .map(|c| c.id.as_str().to_owned())
             .collect();
-        let (ids, refs) = listed.union_sorted(&extra);
-        let narrowing = PatientNarrowing {
-            ids,
-            refs,
-            chunk_size: fga.chunk_size,
-        };
+        let narrowing = listed.union_sorted(&extra);
         req.extensions_mut().insert(listed);
-        Ok(Some(narrowing))
+        Ok(Some((narrowing, fga.chunk_size)))
     }
 }
 

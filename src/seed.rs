@@ -179,14 +179,6 @@ pub fn check_fga_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// FHIR R4 `id`: `[A-Za-z0-9\-\.]{1,64}` (always a valid OpenFGA object id).
-fn is_fhir_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-}
-
 /// Store ids go into request paths: OpenFGA's are ULIDs, anything else is refused.
 fn check_store_id(id: &str) -> Result<(), String> {
     if id.len() == 26 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -343,7 +335,7 @@ pub fn page_patient_ids(bundle: &Value) -> Result<Vec<String>, String> {
             .get("id")
             .and_then(Value::as_str)
             .ok_or("a Patient without an id")?;
-        if !is_fhir_id(id) {
+        if !crate::fhir::ResourceId::is_valid(id) {
             return Err(format!("patient id `{id}` is not a valid FHIR id"));
         }
         ids.push(id.to_owned());
@@ -459,19 +451,19 @@ impl Http {
             url: url.to_owned(),
             reason: transport_reason(e, self.timeout),
         };
-        let mut response = request.send().await.map_err(unreachable)?;
+        let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-            if body.len() + chunk.len() > MAX_BODY_BYTES {
+        let body = match crate::fetch::read_capped(response, MAX_BODY_BYTES).await {
+            Ok(body) => body,
+            Err(crate::fetch::ReadError::Transport(e)) => return Err(unreachable(e)),
+            Err(_) => {
                 return Err(SeedError::Answer {
                     service,
                     what: what.to_owned(),
                     reason: format!("larger than {MAX_BODY_BYTES} bytes"),
                 });
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         if !status.is_success() {
             return Err(SeedError::Status {
                 service,

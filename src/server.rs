@@ -105,6 +105,16 @@ async fn handle(
         return r;
     }
     let (parts, body) = req.into_parts();
+    // Only POST (`_search`, operations) carries a body the proxy uses; other methods'
+    // bodies are never buffered (hyper discards them, closing the connection if needed).
+    if parts.method != http::Method::POST {
+        drop(body);
+        let req = Request::from_parts(parts, Bytes::new());
+        return match app.oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+    }
     let too_large = parts
         .headers
         .get(http::header::CONTENT_LENGTH)

@@ -25,6 +25,7 @@ use super::openfga::{FgaError, OpenFgaClient};
 use super::{AuthzError, CompartmentIndex, Permit, Reach};
 use crate::config::{MultiPatientPolicy, OpenFgaConfig};
 use crate::fhir::ResourceType;
+use crate::rewrite::PatientNarrowing;
 use crate::scope::ScopeContext;
 use crate::token::VerifiedToken;
 
@@ -66,18 +67,17 @@ pub struct OpenFgaChecker {
     /// decision cache; keyed by the pinned model too, so a model change never reuses
     /// a list.
     lists: moka::future::Cache<(Arc<str>, Principal), Arc<PatientList>>,
+    /// The pinned model id, shared by every list key.
+    model: Arc<str>,
 }
-
-/// Sorted patient ids and the same as `Patient/{id}` references.
-pub type SortedPatients = (Arc<[String]>, Arc<[String]>);
 
 /// Every patient one principal may view, complete.
 #[derive(Debug)]
 pub struct PatientList {
     pub ids: HashSet<String>,
-    /// The same ids sorted, and as `Patient/{id}` references: made once per cached list,
-    /// not per search.
-    sorted: std::sync::OnceLock<SortedPatients>,
+    /// The same ids as a search narrowing needs them: made once per cached list, not
+    /// per search.
+    sorted: std::sync::OnceLock<PatientNarrowing>,
 }
 
 impl PatientList {
@@ -88,13 +88,12 @@ impl PatientList {
         }
     }
 
-    /// `(ids, references)`, sorted.
-    pub fn sorted(&self) -> &SortedPatients {
+    /// The ids sorted, as references, and their fingerprint.
+    pub fn sorted(&self) -> &PatientNarrowing {
         self.sorted.get_or_init(|| {
             let mut ids: Vec<String> = self.ids.iter().cloned().collect();
             ids.sort_unstable();
-            let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
-            (ids.into(), refs)
+            PatientNarrowing::new(ids)
         })
     }
 }
@@ -111,6 +110,7 @@ impl OpenFgaChecker {
                 .max_capacity(1_000)
                 .time_to_live(cfg.connection.cache_ttl)
                 .build(),
+            model: Arc::from(cfg.connection.authorization_model_id.as_str()),
         })
     }
 
@@ -136,10 +136,7 @@ impl OpenFgaChecker {
     pub async fn listed(&self, permit: &Permit) -> Result<FgaListed, AuthzError> {
         let mut per_principal = Vec::new();
         for principal in permit.fga_principals() {
-            let key = (
-                Arc::from(self.client.connection().authorization_model_id.as_str()),
-                Arc::clone(principal),
-            );
+            let key = (Arc::clone(&self.model), Arc::clone(principal));
             let list = self
                 .lists
                 .try_get_with(key, async {
@@ -169,14 +166,16 @@ impl OpenFgaChecker {
         Ok(FgaListed { per_principal })
     }
 
-    /// Decisions for every patient the records in `answer` (a resource or a Bundle of
-    /// them) belong to: from `listed` where a principal's complete list is known, else
-    /// from BatchCheck (all patients of the answer at once, per principal).
+    /// Decisions for every patient the records in `answer` (the JSON of a resource or a
+    /// Bundle of them) belong to: from `listed` where a principal's complete list is
+    /// known (the answer is then not even parsed), else from BatchCheck (all patients of
+    /// the answer at once, per principal). An answer that is not JSON has no patients;
+    /// the answer check refuses it.
     pub async fn decide(
         &self,
         permit: &Permit,
         listed: Option<&FgaListed>,
-        answer: &Value,
+        answer: &[u8],
         index: &CompartmentIndex,
         bases: &[&str],
     ) -> Result<FgaDecisions, AuthzError> {
@@ -187,7 +186,11 @@ impl OpenFgaChecker {
                 by_principal.push((Arc::clone(principal), Arc::clone(list)));
                 continue;
             }
-            let patients = patients.get_or_insert_with(|| patients_in(answer, index, bases));
+            let patients = patients.get_or_insert_with(|| {
+                serde_json::from_slice::<Value>(answer)
+                    .map(|v| patients_in(&v, index, bases))
+                    .unwrap_or_default()
+            });
             let objects: Vec<String> = patients
                 .iter()
                 .map(|id| format!("{PATIENT_TYPE}:{id}"))
@@ -229,12 +232,11 @@ impl FgaListed {
     }
 
     /// Every listed patient and `extra` ones, sorted and distinct (stable chunks across
-    /// pages), as ids and as `Patient/{id}` references. One list and nothing extra (the
-    /// usual case) is shared with the cache, not copied.
-    pub fn union_sorted(&self, extra: &[String]) -> SortedPatients {
+    /// pages). One list and nothing extra (the usual case) is shared with the cache, not
+    /// copied.
+    pub fn union_sorted(&self, extra: &[String]) -> PatientNarrowing {
         if let ([(_, only)], []) = (self.per_principal.as_slice(), extra) {
-            let (ids, refs) = only.sorted();
-            return (Arc::clone(ids), Arc::clone(refs));
+            return only.sorted().clone();
         }
         let mut all: Vec<String> = self
             .per_principal
@@ -244,8 +246,7 @@ impl FgaListed {
             .collect();
         all.sort_unstable();
         all.dedup();
-        let refs = all.iter().map(|id| format!("Patient/{id}")).collect();
-        (all.into(), refs)
+        PatientNarrowing::new(all)
     }
 }
 

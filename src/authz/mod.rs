@@ -278,6 +278,17 @@ impl Permit {
         })
     }
 
+    /// The compartment types whose records the permit reaches through a compartment:
+    /// each compartment's owner, and Patient for OpenFGA principals (they reach the
+    /// Patient compartments OpenFGA allows). May repeat.
+    pub fn owner_types(&self) -> impl Iterator<Item = ResourceType> + '_ {
+        self.reaches.iter().filter_map(|(_, r)| match r {
+            Reach::Compartment(c) => Some(c.owner),
+            Reach::Fga(_) => Some(ResourceType::PATIENT),
+            Reach::All | Reach::Nothing => None,
+        })
+    }
+
     /// The compartments reachable (empty when unrestricted or nothing).
     pub fn compartments(&self) -> impl Iterator<Item = &CompartmentRef> {
         self.reaches.iter().filter_map(|(_, r)| match r {
@@ -573,10 +584,8 @@ pub fn authorize_as(
                 && req.resource_type.is_some_and(|rt| {
                     !permit.reaches_whole_type(rt, checker.index())
                         && !permit
-                            .compartments()
-                            .any(|c| checker.index().links_type(c.owner, rt))
-                        && (!permit.has_fga()
-                            || !checker.index().links_type(ResourceType::PATIENT, rt))
+                            .owner_types()
+                            .any(|owner| checker.index().links_type(owner, rt))
                 }) =>
         {
             if let Some(rt) = req.resource_type {
@@ -611,11 +620,13 @@ impl Stage for Authorize {
         let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
-        // Only `user/` scopes look at the fhirUser; resolve a PractitionerRole only then.
+        // Only `user/` scopes of compartment tenants look at the fhirUser (OpenFGA
+        // tenants use `sub`); resolve a PractitionerRole only then.
         let user = match &token.fhir_user {
             Some(u)
                 if u.resource_type == ResourceType::PRACTITIONER_ROLE
-                    && grant.contexts().contains(ScopeContext::User) =>
+                    && grant.contexts().contains(ScopeContext::User)
+                    && tenant.checker.fga().is_none() =>
             {
                 self.roles.practitioner_of(&tenant, &u.id).await?
             }

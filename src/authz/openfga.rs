@@ -33,6 +33,10 @@ pub const BATCH_CONCURRENCY: usize = 4;
 pub const CACHE_CAPACITY: u64 = 100_000;
 /// OpenFGA's default `listObjectsDeadline`.
 pub const DEFAULT_LIST_OBJECTS_DEADLINE: Duration = Duration::from_secs(3);
+/// Longest line accepted in a StreamedListObjects answer.
+const MAX_STREAM_LINE_BYTES: usize = 64 * 1024;
+/// Longest lifetime trusted from a token endpoint's `expires_in`.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A client-credentials token is renewed this long before it expires.
 const TOKEN_RENEW_MARGIN: Duration = Duration::from_secs(30);
 
@@ -163,6 +167,15 @@ impl FgaError {
             self,
             FgaError::Unavailable { .. } | FgaError::Incomplete { .. }
         )
+    }
+}
+
+/// A failed bounded read of an answer.
+fn read_error(e: crate::fetch::ReadError) -> FgaError {
+    match e {
+        crate::fetch::ReadError::Transport(e) => transport_error(&e),
+        crate::fetch::ReadError::TooLarge => FgaError::unavailable("answer too large"),
+        crate::fetch::ReadError::Json(_) => FgaError::unavailable("body error"),
     }
 }
 
@@ -374,6 +387,11 @@ impl NdjsonObjects {
             start += pos + 1;
         }
         self.pending.drain(..start);
+        // One object per line: a line longer than any object id could be is not a
+        // stream to buffer further.
+        if self.pending.len() > MAX_STREAM_LINE_BYTES {
+            return Err(FgaError::incomplete("overlong line in the object stream"));
+        }
         Ok(objects)
     }
 
@@ -522,7 +540,7 @@ impl OpenFgaClient {
         let response: CheckResponse = self
             .guarded(async {
                 let res = self.send(Endpoint::Check, &body).await?;
-                res.json().await.map_err(|e| transport_error(&e))
+                crate::fetch::read_json(res).await.map_err(read_error)
             })
             .await?;
         self.inner.cache.insert(key, response.allowed).await;
@@ -577,18 +595,25 @@ impl OpenFgaClient {
             });
         }
         // INVARIANT: on the first error the JoinSet is dropped, which aborts the other
-        // calls; no partial answer leaves this function.
-        while let Some(joined) = tasks.join_next().await {
-            let chunk_answers =
-                joined.map_err(|_| FgaError::unavailable("batch check task failed"))??;
-            for (object, allowed) in chunk_answers {
-                self.inner
-                    .cache
-                    .insert(self.key(principal, relation, &object), allowed)
-                    .await;
-                answers.insert(object, allowed);
+        // calls; no partial answer leaves this function. The whole batch, however many
+        // calls it takes, is bounded by one call's timeout.
+        let collect = async {
+            while let Some(joined) = tasks.join_next().await {
+                let chunk_answers =
+                    joined.map_err(|_| FgaError::unavailable("batch check task failed"))??;
+                for (object, allowed) in chunk_answers {
+                    self.inner
+                        .cache
+                        .insert(self.key(principal, relation, &object), allowed)
+                        .await;
+                    answers.insert(object, allowed);
+                }
             }
-        }
+            Ok::<_, FgaError>(())
+        };
+        tokio::time::timeout(self.inner.conn.timeout, collect)
+            .await
+            .map_err(|_| FgaError::unavailable("timeout"))??;
         if answers.len() != seen.len() {
             return Err(FgaError::incomplete("batch check left objects unanswered"));
         }
@@ -620,7 +645,7 @@ impl OpenFgaClient {
         let response: BatchCheckResponse = self
             .guarded(async {
                 let res = self.send(Endpoint::BatchCheck, &body).await?;
-                res.json().await.map_err(|e| transport_error(&e))
+                crate::fetch::read_json(res).await.map_err(read_error)
             })
             .await?;
         map_batch_response(objects, response)
@@ -733,7 +758,7 @@ impl OpenFgaClient {
         if status.is_success() {
             return Ok(res);
         }
-        let code = match res.json::<ApiErrorBody>().await {
+        let code = match crate::fetch::read_json::<ApiErrorBody>(res).await {
             Ok(ApiErrorBody { code: Some(c) }) => match c {
                 serde_json::Value::String(s) => s,
                 other => other.to_string(),
@@ -797,11 +822,12 @@ impl OpenFgaClient {
                         res.status().as_u16()
                     )));
                 }
-                let token: TokenResponse = res
-                    .json()
+                let token: TokenResponse = crate::fetch::read_json(res)
                     .await
                     .map_err(|_| FgaError::unavailable("token endpoint answer is malformed"))?;
-                let lifetime = Duration::from_secs(token.expires_in.unwrap_or(300));
+                // Clamped: a huge `expires_in` must not overflow the instant below.
+                let lifetime =
+                    Duration::from_secs(token.expires_in.unwrap_or(300)).min(MAX_TOKEN_LIFETIME);
                 let renew_at = Instant::now() + lifetime.saturating_sub(TOKEN_RENEW_MARGIN);
                 *cached = Some(CachedToken {
                     value: token.access_token.clone(),

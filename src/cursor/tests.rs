@@ -744,15 +744,14 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let t = token("practitioner", "user/Observation.rs", None);
     let req = get("/Observation?_count=2");
     let mut out = outbound("/Observation", &[("_count", "2")]);
+    let list = crate::rewrite::PatientNarrowing::new(vec!["a".into(), "b".into(), "c".into()]);
     out.narrowing = Some(crate::rewrite::Narrowing {
         param: "subject".to_owned(),
-        values: ["Patient/a", "Patient/b", "Patient/c"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
+        values: Arc::clone(&list.refs),
         chunk_size: 2,
         chunk: 0,
         send: true,
+        fingerprint: Arc::clone(&list.fingerprint),
     });
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &out, None, NOW);
     let principal = key.principal(&t);
@@ -797,6 +796,8 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &last, None, NOW);
     assert_eq!(pager.next_chunk_link().unwrap(), None);
     let mut other = out.narrowing.clone().unwrap();
-    other.values = ["Patient/a".to_owned()].into_iter().collect();
+    let shorter = crate::rewrite::PatientNarrowing::new(vec!["a".into()]);
+    other.values = shorter.refs;
+    other.fingerprint = shorter.fingerprint;
     assert_ne!(key.list_digest(&other), seg.list);
 }

@@ -870,14 +870,14 @@ fn fga_rewrite(target: &str, ids: &[&str], chunk: usize) -> Result<OutboundReque
     let t = token("user/*.rs", None, None);
     let req = get(target);
     let grant = grant_for(&t, &req);
-    let list = PatientNarrowing::new(ids.iter().map(|s| (*s).to_owned()).collect(), chunk);
+    let list = PatientNarrowing::new(ids.iter().map(|s| (*s).to_owned()).collect());
     rewrite_request_with(
         &req,
         &grant,
         &fga_permit(&t),
         &INDEX,
         &Bytes::new(),
-        Some(&list),
+        Some((&list, chunk)),
     )
 }
 
@@ -931,4 +931,13 @@ fn fga_search_without_a_list_is_never_forwarded_unnarrowed() {
     // An empty list narrows to nothing (stage 5 answers an empty Bundle itself).
     let out = fga_rewrite("/Observation", &[], 100).unwrap();
     assert_eq!(out.narrowing.unwrap().chunks(), 0);
+}
+
+#[test]
+fn fga_search_widens_elements_with_the_patient_links() {
+    let out = fga_rewrite("/Observation?_elements=code", &["a"], 100).unwrap();
+    let elements = &out.params.iter().find(|(k, _)| k == "_elements").unwrap().1;
+    assert!(elements.starts_with("code,"), "{elements}");
+    assert!(elements.contains("subject"), "{elements}");
+    assert!(elements.contains("performer"), "{elements}");
 }

@@ -96,8 +96,7 @@ async fn introspect(
         tracing::warn!(status = %resp.status(), "token introspection failed");
         return Err(TokenError::IntrospectionUnavailable);
     }
-    let body: Response = resp
-        .json()
+    let body: Response = crate::fetch::read_json(resp)
         .await
         .map_err(|_| TokenError::IntrospectionUnavailable)?;
     Ok(body.active)

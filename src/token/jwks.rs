@@ -231,19 +231,9 @@ async fn fetch(
         tracing::warn!(jwks.uri = %uri, status = %resp.status(), "jwks fetch failed");
         return Err(TokenError::JwksUnavailable);
     }
-    if resp
-        .content_length()
-        .is_some_and(|l| l as usize > MAX_JWKS_BYTES)
-    {
-        return Err(TokenError::JwksUnavailable);
-    }
-    let body = resp
-        .bytes()
+    let body = crate::fetch::read_capped(resp, MAX_JWKS_BYTES)
         .await
         .map_err(|_| TokenError::JwksUnavailable)?;
-    if body.len() > MAX_JWKS_BYTES {
-        return Err(TokenError::JwksUnavailable);
-    }
     let set: JwkSet = serde_json::from_slice(&body).map_err(|e| {
         tracing::warn!(jwks.uri = %uri, error = %e, "jwks is not a valid JWK Set");
         TokenError::JwksUnavailable

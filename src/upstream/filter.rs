@@ -114,13 +114,14 @@ pub fn check_answer(
     if !is_json(headers) {
         return Err(UpstreamError::BadResponse("content type").into());
     }
-    let resource: Value =
-        serde_json::from_slice(&body).map_err(|_| UpstreamError::BadResponse("json"))?;
-    let rt_name = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
+    // The type alone first (a cheap scan); a whole `Value` only where one record is
+    // checked, since a Bundle is parsed entry by entry below.
+    let rt = resource_type_of(&body)
+        .and_then(ResourceType::parse)
         .ok_or(UpstreamError::BadResponse("resourceType"))?;
-    let rt = ResourceType::parse(rt_name).ok_or(UpstreamError::BadResponse("resourceType"))?;
+    let parse = || -> Result<Value, ProxyError> {
+        serde_json::from_slice(&body).map_err(|_| UpstreamError::BadResponse("json").into())
+    };
     let denied = || -> ProxyError {
         AuthzError::Hidden {
             status: ctx.records.permit.denied_status,
@@ -132,6 +133,7 @@ pub fn check_answer(
         ctx.request.interaction,
         Interaction::Read | Interaction::Vread
     ) {
+        let resource = parse()?;
         // The answer must be the record asked for; anything else is an upstream fault.
         let same_type = Some(rt) == ctx.request.resource_type;
         let same_id = resource.get("id").and_then(Value::as_str)
@@ -152,7 +154,6 @@ pub fn check_answer(
             }
         };
     }
-    drop(resource);
 
     if rt == ResourceType::BUNDLE {
         let checked = filter_bundle(ctx, &body)?;
@@ -185,8 +186,7 @@ pub fn check_answer(
     }
     // An operation that answered with a single resource: it must be releasable on its
     // own.
-    let resource: Value =
-        serde_json::from_slice(&body).map_err(|_| UpstreamError::BadResponse("json"))?;
+    let resource = parse()?;
     match ctx.release(rt, &resource, false) {
         Release::Allowed(_) => Ok(Checked {
             body,
@@ -266,6 +266,9 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
     // may only see next to its own records waits for the second pass.
     let mut decisions: Vec<(&RawValue, Decision, EntryKind)> = Vec::with_capacity(entries.len());
     let mut referenced: HashSet<String> = HashSet::new();
+    // Only a `patient/` context (which needs a `patient` claim) releases records
+    // `IfReferenced`; without one the references of kept records are never consulted.
+    let wants_references = ctx.records.token.patient.is_some();
     for raw in &entries {
         let entry: EntryView = serde_json::from_str(raw.get())
             .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?;
@@ -293,7 +296,9 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
                     }
                     Some(rt) => match ctx.release(rt, resource, mode != Some("include")) {
                         Release::Allowed(_) => {
-                            collect_references(resource, &ctx.records.bases, &mut referenced);
+                            if wants_references {
+                                collect_references(resource, &ctx.records.bases, &mut referenced);
+                            }
                             Decision::Keep
                         }
                         Release::AllowedIfReferenced(_) => {

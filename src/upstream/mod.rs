@@ -316,7 +316,9 @@ async fn request_upstream_token(
         tracing::warn!(tenant.id = %cfg.id, status = %resp.status(), "upstream token request failed");
         return Err(UpstreamError::Credentials);
     }
-    let t: TokenResponse = resp.json().await.map_err(|_| UpstreamError::Credentials)?;
+    let t: TokenResponse = crate::fetch::read_json(resp)
+        .await
+        .map_err(|_| UpstreamError::Credentials)?;
     let value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
         .map_err(|_| UpstreamError::Credentials)?;
     // Renewed 30 s before it expires; a token that short-lived is used once.
@@ -432,22 +434,16 @@ async fn forward(
     // OpenFGA decisions for every patient of the answer, gathered before the
     // (synchronous) check of each record.
     let decisions = match tenant.checker.fga() {
-        Some(fga) if permit.has_fga() && fetched.status.is_success() => {
-            match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(answer) => Some(
-                    fga.decide(
-                        permit,
-                        req.extensions().get::<crate::authz::fga::FgaListed>(),
-                        &answer,
-                        tenant.checker.index(),
-                        &bases,
-                    )
-                    .await?,
-                ),
-                // Not JSON: the answer check refuses it.
-                Err(_) => None,
-            }
-        }
+        Some(fga) if permit.has_fga() && fetched.status.is_success() => Some(
+            fga.decide(
+                permit,
+                req.extensions().get::<crate::authz::fga::FgaListed>(),
+                &body,
+                tenant.checker.index(),
+                &bases,
+            )
+            .await?,
+        ),
         _ => None,
     };
     let ctx = filter::CheckCtx {
@@ -508,8 +504,9 @@ const MAX_CHUNKS_PER_REQUEST: usize = 16;
 
 /// Fetches `out`; for a patient-list narrowed search whose chunk ended without a match
 /// on this page, goes on with the first page (`first_page`: the narrowed search) of the
-/// next chunks (bounded), so clients do not page through empty pages. Returns the
-/// answer and the request that produced it.
+/// next chunks (bounded in number and by the tenant's upstream timeout overall), so
+/// clients do not page through empty pages. Returns the answer and the request that
+/// produced it.
 async fn fetch_chunks(
     upstream: &Upstream,
     tenant: &Tenant,
@@ -519,6 +516,9 @@ async fn fetch_chunks(
 ) -> Result<(Fetched, OutboundRequest), UpstreamError> {
     let mut out = out.clone();
     let mut tried = 0;
+    // The chunks of one request share the tenant's upstream timeout: once it is spent,
+    // the page goes out (empty, with a link to the next chunk).
+    let started = std::time::Instant::now();
     loop {
         let fetched = upstream.fetch(tenant, &out, headers).await?;
         tried += 1;
@@ -527,6 +527,7 @@ async fn fetch_chunks(
         };
         if !n.has_next_chunk()
             || tried >= MAX_CHUNKS_PER_REQUEST
+            || started.elapsed() >= tenant.config.upstream.timeout
             || !fetched.status.is_success()
             || !is_empty_last_page(&fetched.body)
         {

@@ -589,3 +589,23 @@ async fn streamed_list_is_parsed_deduplicated_and_bounded() {
         .unwrap_err();
     assert_eq!(e, FgaError::TooMany { max: 2 });
 }
+
+#[test]
+fn ndjson_line_that_never_ends_is_incomplete() {
+    let mut p = NdjsonObjects::default();
+    let chunk = vec![b'x'; 16 * 1024];
+    let mut failed = None;
+    for i in 0..8 {
+        if let Err(e) = p.push(&chunk) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = failed.expect("an endless line must fail");
+    assert!(
+        i >= 3,
+        "failed too early, after {} bytes",
+        (i + 1) * chunk.len()
+    );
+    assert_eq!(e.reason(), "fga_incomplete");
+}
