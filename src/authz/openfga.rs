@@ -596,7 +596,9 @@ impl OpenFgaClient {
         }
         // INVARIANT: on the first error the JoinSet is dropped, which aborts the other
         // calls; no partial answer leaves this function. The whole batch, however many
-        // calls it takes, is bounded by one call's timeout.
+        // calls it takes, is bounded by twice one call's timeout: longer than a single
+        // call, so a call that times out is still counted by the breaker (`guarded`)
+        // before the batch gives up.
         let collect = async {
             while let Some(joined) = tasks.join_next().await {
                 let chunk_answers =
@@ -611,7 +613,7 @@ impl OpenFgaClient {
             }
             Ok::<_, FgaError>(())
         };
-        tokio::time::timeout(self.inner.conn.timeout, collect)
+        tokio::time::timeout(self.inner.conn.timeout.saturating_mul(2), collect)
             .await
             .map_err(|_| FgaError::unavailable("timeout"))??;
         if answers.len() != seen.len() {
