@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the demo: the upstream FHIR server with demo data, the token issuer with demo
-# clients for three tenants, the OpenFGA-API-compatible test server seeded with
+# clients for three tenants, a real OpenFGA server (memory datastore) seeded with
 # `smart-fhir-proxy seed-openfga`, and (PROXY section below) the proxy in front of them:
 # `demo` and `demo2` decide records by compartments, `demo-fga` by OpenFGA.
 # State lives in .stack/demo/: pid files, logs, issuer.json, and `env` (ports, URLs,
@@ -132,14 +132,12 @@ token demo-backend:demo-backend-secret "system/*.rs" "$tenant1_aud" >/dev/null
 token demo2-backend:demo2-backend-secret "system/*.read" "$tenant2_aud" >/dev/null
 
 # --- the proxy -----------------------------------------------------------------------------
-log "building smart-fhir-proxy and the OpenFGA test server (release)"
-(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy \
-  --example openfga_test_server)
+log "building smart-fhir-proxy (release)"
+(cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy)
 proxy_bin=$REPO_ROOT/target/release/smart-fhir-proxy
 
-# --- OpenFGA (the API-compatible test server), seeded from the upstream's patients ------
-fga_url=$("$SCRIPTS_DIR/openfga-server.sh" --port "$fga_port" --data-dir "$demo/openfga" \
-  --bin "$REPO_ROOT/target/release/examples/openfga_test_server")
+# --- OpenFGA (the real server, memory datastore), seeded from the upstream's patients ---
+fga_url=$("$SCRIPTS_DIR/openfga-server.sh" --port "$fga_port" --data-dir "$demo/openfga")
 "$proxy_bin" seed-openfga --api-url "$fga_url" --fhir-base "$fhir_base" --wards 2 \
   --sample-user demo-fga-clinician >"$demo/openfga/seed.json" 2>"$demo/openfga/seed.log"
 fga_field() { "$VENV/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$demo/openfga/seed.json" "$1"; }
@@ -227,7 +225,7 @@ log "demo up in $((SECONDS - started))s"
 cat <<EOF
 FHIR server  $fhir_base   (pid $(<"$demo/fhir/server.pid"), log $demo/fhir/server.log)
 Issuer       $issuer_url   (pid $(<"$demo/issuer.pid"), log $demo/issuer.log)
-OpenFGA      $fga_url (test server, store $fga_store)   (pid $(<"$demo/openfga/openfga.pid"), log $demo/openfga/openfga.log)
+OpenFGA      $fga_url (store $fga_store)   (pid $(<"$demo/openfga/openfga.pid"), log $demo/openfga/openfga.log)
 Proxy        $tenant1_aud, $tenant2_aud and $tenant3_aud   (pid $(<"$demo/proxy.pid"), log $demo/proxy.log)
 State        $demo/env
 Stop         scripts/demo-down.sh

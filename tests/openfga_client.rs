@@ -1,14 +1,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! The proxy's OpenFGA client (`src/authz/openfga.rs`) against the OpenFGA test server
-//! (`tests/openfga/`), in process, with `fga-model/model.json` and a small world: an
-//! organization tree (hospital > dept > ward-a, ward-b), a viewer team on ward-a, an
-//! editor team on dept, 1,500 patients in ward-a, 10 in ward-b, an owner and a care team.
+//! The proxy's OpenFGA client (`src/authz/openfga.rs`) against a real OpenFGA server
+//! (`support::fga_server`, memory datastore) with `fga-model/model.json` and a small
+//! world: an organization tree (hospital > dept > ward-a, ward-b), a viewer team on
+//! ward-a, an editor team on dept, 1,500 patients in ward-a, 10 in ward-b, an owner and
+//! a care team.
 //!
-//! Answers, batching, caching, complete listing beyond ListObjects' 1,000 cap, the
-//! server's deadline, timeouts and the circuit breaker. Request counts, header and
-//! credential handling are unit-tested next to the client (a recording fake server).
+//! Answers, batching, caching, complete listing beyond ListObjects' 1,000 cap, the real
+//! server's error codes and its pre-shared-key authentication. Faults the real server
+//! cannot be made to produce on demand (a stall, a stream cut at the deadline, 5xx
+//! answers) come from the OpenFGA-API-compatible test server (`tests/openfga/`), in
+//! process: timeouts and the circuit breaker. Request counts, header and credential
+//! handling are unit-tested next to the client (a recording fake server).
 
 mod openfga;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -78,29 +83,91 @@ fn expected_can_view(principal: &str, object: &str) -> bool {
     }
 }
 
+/// Where a [`World`] lives: a real OpenFGA server of its own, or the fault-injecting
+/// test server.
+enum Server {
+    Real(support::OpenFgaServer),
+    Test(TestServer),
+}
+
 struct World {
-    server: TestServer,
+    server: Server,
     store_id: String,
     model_id: String,
+    key: Option<String>,
 }
 
 impl World {
+    /// The world on a real OpenFGA server of its own (so a test may stop it).
+    async fn real() -> World {
+        Self::real_with(support::OpenFgaOptions::default()).await
+    }
+
+    async fn real_with(options: support::OpenFgaOptions) -> World {
+        let key = options.preshared_key.clone();
+        let tuples: Vec<Value> = tuples()
+            .iter()
+            .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
+            .collect();
+        let (server, store) = tokio::task::spawn_blocking(move || {
+            let server = support::OpenFgaServer::start(options);
+            let store = server.create_store("proxy", &model(), &tuples);
+            (server, store)
+        })
+        .await
+        .unwrap();
+        World {
+            server: Server::Real(server),
+            store_id: store.store_id,
+            model_id: store.model_id,
+            key,
+        }
+    }
+
+    /// The world on the fault-injecting test server.
     async fn start(options: Options) -> World {
         let server = TestServer::start(options).await.unwrap();
         let (store_id, model_id) = server.preload("proxy", &model(), &tuples()).unwrap();
         World {
-            server,
+            server: Server::Test(server),
             store_id,
             model_id,
+            key: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        match &self.server {
+            Server::Real(s) => s.url().to_owned(),
+            Server::Test(s) => s.url(),
+        }
+    }
+
+    /// Stops a real server: nothing answers at its address any more.
+    fn stop_server(&mut self) {
+        match &self.server {
+            Server::Real(s) => s.stop(),
+            Server::Test(_) => panic!("stop_server is for the real server"),
+        }
+    }
+
+    /// Fault injection: only the test server has modes.
+    fn set_mode(&self, mode: Mode) {
+        match &self.server {
+            Server::Test(s) => s.set_mode(mode),
+            Server::Real(_) => panic!("the real OpenFGA server has no fault modes"),
         }
     }
 
     fn connection(&self) -> FgaConnection {
         FgaConnection {
-            api_url: self.server.url().parse().unwrap(),
+            api_url: self.url().parse().unwrap(),
             store_id: self.store_id.clone(),
             authorization_model_id: self.model_id.clone(),
-            credentials: FgaCredentials::None,
+            credentials: match &self.key {
+                Some(key) => FgaCredentials::ApiToken(key.clone()),
+                None => FgaCredentials::None,
+            },
             timeout: Duration::from_secs(2),
             cache_ttl: Duration::from_secs(60),
             breaker: BreakerSettings::default(),
@@ -123,7 +190,7 @@ fn sample_objects() -> Vec<String> {
 
 #[tokio::test]
 async fn check_and_batch_check_match_the_model() {
-    let world = World::start(Options::default()).await;
+    let world = World::real().await;
     let objects = sample_objects();
     for principal in [
         "user:alice",
@@ -162,7 +229,7 @@ async fn check_and_batch_check_match_the_model() {
 async fn batch_of_120_objects_is_answered_in_full() {
     // The server refuses more than 50 checks per BatchCheck, so a full answer means
     // the client split the batch (the unit tests count the calls: 50 + 50 + 20).
-    let world = World::start(Options::default()).await;
+    let world = World::real().await;
     let objects: Vec<String> = (0..110).map(a).chain((0..WARD_B_PATIENTS).map(b)).collect();
     assert_eq!(objects.len(), 120);
     let answers = world
@@ -186,7 +253,7 @@ async fn batch_of_120_objects_is_answered_in_full() {
 
 #[tokio::test]
 async fn cached_answers_are_served_without_the_server() {
-    let world = World::start(Options::default()).await;
+    let mut world = World::real().await;
     let client = world.client();
     let cached: Vec<String> = (0..60).map(a).chain([b(0)]).collect();
     let before = client
@@ -195,7 +262,7 @@ async fn cached_answers_are_served_without_the_server() {
         .unwrap();
     assert!(client.check("user:carol", "can_view", &b(3)).await.unwrap());
 
-    world.server.set_mode(Mode::Error);
+    world.stop_server();
     assert_eq!(
         client
             .batch_check("user:alice", "can_view", &cached)
@@ -229,12 +296,12 @@ async fn cached_answers_are_served_without_the_server() {
 
 #[tokio::test]
 async fn list_objects_complete_returns_all_1500_where_list_objects_stops_at_1000() {
-    let world = World::start(Options::default()).await;
+    let world = World::real().await;
     // plain ListObjects: silently capped
     let capped: Value = reqwest::Client::new()
         .post(format!(
             "{}/stores/{}/list-objects",
-            world.server.url(),
+            world.url(),
             world.store_id
         ))
         .json(&json!({
@@ -320,7 +387,7 @@ async fn stream_cut_by_the_server_deadline_is_incomplete() {
 
 #[tokio::test]
 async fn rejected_requests_name_the_code() {
-    let world = World::start(Options::default()).await;
+    let world = World::real().await;
     let client = world.client();
     let e = client
         .check("user:alice", "no_such_relation", &a(0))
@@ -328,6 +395,8 @@ async fn rejected_requests_name_the_code() {
         .unwrap_err();
     assert!(matches!(&e, FgaError::Rejected { status: 400, .. }), "{e}");
     assert_eq!(e.reason(), "fga_rejected");
+    // StreamedListObjects errors come as a gRPC status through the gateway
+    // (`{"error": {"code": 3, ..}}`), not as OpenFGA's named codes
     let e = client
         .list_objects_complete("user:alice", "can_view", "no_such_type", 10)
         .await
@@ -336,8 +405,26 @@ async fn rejected_requests_name_the_code() {
         e,
         FgaError::Rejected {
             status: 400,
-            code: "type_not_found".into()
+            code: "invalid_argument".into()
         }
+    );
+    // an unknown store
+    let mut conn = world.connection();
+    conn.store_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV".into();
+    let e = world
+        .client_with(conn)
+        .check("user:alice", "can_view", &a(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            FgaError::Rejected {
+                status: 400 | 404,
+                ..
+            }
+        ),
+        "{e:?}"
     );
 
     // the pinned model id is always sent: an unknown one is refused, not replaced by
@@ -369,12 +456,47 @@ async fn rejected_requests_name_the_code() {
 }
 
 #[tokio::test]
+async fn a_pre_shared_key_is_sent_and_a_wrong_one_is_refused() {
+    const KEY: &str = "fga-client-test-key-8c1d";
+    let world = World::real_with(support::OpenFgaOptions {
+        preshared_key: Some(KEY.to_owned()),
+        ..Default::default()
+    })
+    .await;
+    let client = world.client();
+    assert!(client.check("user:alice", "can_view", &a(0)).await.unwrap());
+    assert_eq!(
+        client
+            .list_objects_complete("user:carol", "can_view", "patient", 10)
+            .await
+            .unwrap(),
+        vec![b(3)]
+    );
+    for credentials in [
+        FgaCredentials::None,
+        FgaCredentials::ApiToken("not-the-key".into()),
+    ] {
+        let mut conn = world.connection();
+        conn.credentials = credentials;
+        let e = world
+            .client_with(conn)
+            .check("user:alice", "can_view", &a(0))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, FgaError::Rejected { status: 401, .. }),
+            "{e:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn stalled_server_is_unavailable_within_the_timeout() {
     let world = World::start(Options::default()).await;
     let mut conn = world.connection();
     conn.timeout = Duration::from_millis(300);
     let client = world.client_with(conn);
-    world.server.set_mode(Mode::Stall);
+    world.set_mode(Mode::Stall);
 
     let e = client
         .check("user:alice", "can_view", &a(0))
@@ -392,7 +514,7 @@ async fn stalled_server_is_unavailable_within_the_timeout() {
         .unwrap_err();
     assert!(matches!(e, FgaError::Unavailable { .. }), "{e}");
     // (Each of these ended by the client's timeout, not by an answer.)
-    world.server.set_mode(Mode::Ok);
+    world.set_mode(Mode::Ok);
 }
 
 #[tokio::test]
@@ -432,7 +554,7 @@ async fn repeated_failures_open_the_breaker_and_it_closes_after_the_cool_down() 
     assert!(client.check("user:alice", "can_view", &a(0)).await.unwrap());
 
     // a stalled server: each call waits for the timeout
-    world.server.set_mode(Mode::Stall);
+    world.set_mode(Mode::Stall);
     for i in 1..=3 {
         let e = client
             .check("user:alice", "can_view", &a(i))
@@ -460,7 +582,7 @@ async fn repeated_failures_open_the_breaker_and_it_closes_after_the_cool_down() 
     assert!(is_open_circuit(&e), "{e:?}");
 
     // healthy again, but still within the cool-down: still failing fast
-    world.server.set_mode(Mode::Ok);
+    world.set_mode(Mode::Ok);
     let e = client
         .check("user:alice", "can_view", &a(20))
         .await
@@ -483,7 +605,7 @@ async fn repeated_failures_open_the_breaker_and_it_closes_after_the_cool_down() 
     assert_eq!(answers.len(), sample_objects().len());
 
     // 5xx answers count as failures too; a failed trial reopens it
-    world.server.set_mode(Mode::Error);
+    world.set_mode(Mode::Error);
     for i in 30..33 {
         let e = client
             .check("user:alice", "can_view", &a(i))
@@ -499,7 +621,7 @@ async fn repeated_failures_open_the_breaker_and_it_closes_after_the_cool_down() 
         .unwrap_err();
     assert_eq!(e.reason(), "fga_unavailable");
     assert!(client.breaker_open());
-    world.server.set_mode(Mode::Ok);
+    world.set_mode(Mode::Ok);
     let e = client
         .check("user:alice", "can_view", &a(41))
         .await

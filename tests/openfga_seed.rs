@@ -1,9 +1,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! `smart-fhir-proxy seed-openfga` (`src/seed.rs`), the built binary run against the
-//! real upstream FHIR server (`tests/support/`) and the OpenFGA test server
-//! (`tests/openfga/`, in process). What the seed wrote is read back through the test
-//! server's HTTP API (Check, ListObjects) and compared with the upstream's own list of
-//! patients, fetched here independently.
+//! real upstream FHIR server (`tests/support/`) and a real OpenFGA server of its own per
+//! test (`support::fga_server`). What the seed wrote is read back through OpenFGA's HTTP
+//! API (Check, ListObjects) and compared with the upstream's own list of patients,
+//! fetched here independently. A server that accepts connections but never answers
+//! comes from the OpenFGA-API-compatible test server (`tests/openfga/`).
 
 mod openfga;
 mod support;
@@ -143,32 +144,50 @@ fn paging_upstream() -> &'static FhirServer {
     })
 }
 
-async fn fga() -> TestServer {
-    TestServer::start(Options::default()).await.unwrap()
+/// A real OpenFGA server of the test's own, and the pre-shared key it requires.
+struct Fga {
+    server: support::OpenFgaServer,
+    key: Option<String>,
 }
 
-async fn fga_post(server: &TestServer, path: &str, body: Value) -> Value {
-    let res = support::http_client()
-        .post(format!("{}{path}", server.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let v: Value = res.json().await.unwrap();
-    assert!(status.is_success(), "{path}: {status} {v}");
-    v
+impl Fga {
+    fn url(&self) -> String {
+        self.server.url().to_owned()
+    }
+
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
 }
 
-async fn stores(server: &TestServer) -> Vec<String> {
-    let v: Value = support::http_client()
-        .get(format!("{}/stores", server.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
+/// A real OpenFGA server of this test's own (so store counts are the test's).
+async fn fga() -> Fga {
+    real_fga(None).await
+}
+
+/// A real OpenFGA server that requires the pre-shared `key`, or none.
+async fn real_fga(key: Option<&str>) -> Fga {
+    let key = key.map(str::to_owned);
+    let options = support::OpenFgaOptions {
+        preshared_key: key.clone(),
+        ..Default::default()
+    };
+    let server = tokio::task::spawn_blocking(move || support::OpenFgaServer::start(options))
         .await
         .unwrap();
+    Fga { server, key }
+}
+
+async fn fga_post(server: &Fga, path: &str, body: Value) -> Value {
+    support::fga_server::fga_post(&format!("{}{path}", server.url()), server.key(), &body).await
+}
+
+async fn stores(server: &Fga) -> Vec<String> {
+    let mut request = support::http_client().get(format!("{}/stores", server.url()));
+    if let Some(key) = server.key() {
+        request = request.bearer_auth(key);
+    }
+    let v: Value = request.send().await.unwrap().json().await.unwrap();
     v["stores"]
         .as_array()
         .unwrap()
@@ -179,13 +198,13 @@ async fn stores(server: &TestServer) -> Vec<String> {
 
 /// The store the report names, as the test server sees it.
 struct Seeded<'a> {
-    server: &'a TestServer,
+    server: &'a Fga,
     store: String,
     model: String,
 }
 
 impl<'a> Seeded<'a> {
-    fn from_report(server: &'a TestServer, report: &Value) -> Self {
+    fn from_report(server: &'a Fga, report: &Value) -> Self {
         Seeded {
             server,
             store: report["store_id"].as_str().unwrap().to_owned(),
@@ -396,8 +415,9 @@ async fn reuses_a_store_given_by_id() {
 #[tokio::test(flavor = "multi_thread")]
 async fn names_the_token_variables_and_never_prints_the_tokens() {
     let fhir = support::fhir_server();
-    let server = fga().await;
     const FGA_SECRET: &str = "fga-secret-5f1c9a";
+    // The real server refuses every call without this key.
+    let server = real_fga(Some(FGA_SECRET)).await;
     const FHIR_SECRET: &str = "fhir-secret-77d0e2";
     let run = seed(
         &[
@@ -467,7 +487,7 @@ async fn fails_clearly_when_openfga_is_unreachable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_does_not_answer_times_out() {
     let fhir = support::fhir_server();
-    let server = fga().await;
+    let server = TestServer::start(Options::default()).await.unwrap();
     server.set_mode(Mode::Stall);
     let started = std::time::Instant::now();
     let run = seed(

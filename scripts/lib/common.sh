@@ -6,13 +6,17 @@
 #   STACK_DIR    installed components and demo state [SMART_FHIR_STACK_DIR, default REPO_ROOT/.stack]
 #   VENV         Python venv with sekmet-fhir and carebundle (STACK_DIR/venv)
 #   ISSUER_DIR   scripts/issuer (oidc-provider, its node_modules)
+#   OPENFGA_BIN  the OpenFGA server binary [OPENFGA_BIN, default STACK_DIR/bin/openfga]
+#   HAPI_DIR     the built HAPI FHIR server (STACK_DIR/hapi)
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
 STACK_DIR=${SMART_FHIR_STACK_DIR:-$REPO_ROOT/.stack}
 VENV=$STACK_DIR/venv
 ISSUER_DIR=$SCRIPTS_DIR/issuer
-export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR
+OPENFGA_BIN=${OPENFGA_BIN:-$STACK_DIR/bin/openfga}
+HAPI_DIR=$STACK_DIR/hapi
+export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR OPENFGA_BIN HAPI_DIR
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

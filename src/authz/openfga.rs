@@ -346,11 +346,56 @@ pub(crate) struct ListObjectsRequest<'a> {
     pub user: &'a str,
 }
 
-/// OpenFGA's error body.
+/// OpenFGA's error body: `{"code": "type_not_found", "message": ..}` from the unary
+/// endpoints, `{"error": {"code": 3, "message": ..}}` (a gRPC status) from the streamed
+/// one, whose errors come through the gateway's stream error handler.
 #[derive(Debug, Default, Deserialize)]
 struct ApiErrorBody {
     #[serde(default)]
     code: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<StreamError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamError {
+    #[serde(default)]
+    code: Option<i64>,
+}
+
+impl ApiErrorBody {
+    /// The error code to name: OpenFGA's own, else the gRPC status name.
+    fn code(self) -> String {
+        match (self.code, self.error.and_then(|e| e.code)) {
+            (Some(serde_json::Value::String(s)), _) => s,
+            (Some(other), _) => other.to_string(),
+            (None, Some(grpc)) => grpc_status_name(grpc).to_owned(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// The canonical name of a gRPC status code, lower case as OpenFGA writes its own codes.
+fn grpc_status_name(code: i64) -> &'static str {
+    match code {
+        1 => "cancelled",
+        2 => "unknown",
+        3 => "invalid_argument",
+        4 => "deadline_exceeded",
+        5 => "not_found",
+        6 => "already_exists",
+        7 => "permission_denied",
+        8 => "resource_exhausted",
+        9 => "failed_precondition",
+        10 => "aborted",
+        11 => "out_of_range",
+        12 => "unimplemented",
+        13 => "internal",
+        14 => "unavailable",
+        15 => "data_loss",
+        16 => "unauthenticated",
+        _ => "unknown",
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -760,13 +805,10 @@ impl OpenFgaClient {
         if status.is_success() {
             return Ok(res);
         }
-        let code = match crate::fetch::read_json::<ApiErrorBody>(res).await {
-            Ok(ApiErrorBody { code: Some(c) }) => match c {
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            },
-            _ => String::new(),
-        };
+        let code = crate::fetch::read_json::<ApiErrorBody>(res)
+            .await
+            .map(ApiErrorBody::code)
+            .unwrap_or_default();
         if status.is_client_error()
             && status != reqwest::StatusCode::TOO_MANY_REQUESTS
             && status != reqwest::StatusCode::REQUEST_TIMEOUT

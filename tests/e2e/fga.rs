@@ -1,8 +1,9 @@
 //! `openfga` tenants end to end: the proxy binary against a real upstream FHIR server
 //! of their own (the base bundle plus 1,100 generated patients, each with one
-//! Observation, and `obs-cross`: subject p1, performer p2) and the OpenFGA-API-compatible
-//! test server (`tests/openfga/`), whose answers `tests/openfga_server.rs` proves equal
-//! to the real engine's.
+//! Observation, and `obs-cross`: subject p1, performer p2) and a real OpenFGA server
+//! (`support::openfga`, stores written through its HTTP API). Faults that the real
+//! server cannot be made to produce on demand (errors, stalls, a stream cut at its
+//! deadline) come from the OpenFGA-API-compatible test server (`tests/openfga/`).
 //!
 //! The world (per test, in a store of its own): `organization:hospital` is the parent of
 //! `ward-a`; `group:team-a` members view `ward-a`, `group:team-h` members view `hospital`;
@@ -68,13 +69,6 @@ fn fhir() -> &'static FhirServer {
     })
 }
 
-/// The OpenFGA test server shared by the tests here (own runtime, so it outlives each
-/// test's). Fault tests start servers of their own.
-fn fga() -> &'static TestServer {
-    static SERVER: OnceLock<TestServer> = OnceLock::new();
-    SERVER.get_or_init(|| start_fga(Options::default()))
-}
-
 fn start_fga(options: Options) -> TestServer {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -121,8 +115,20 @@ fn world() -> Vec<TupleKey> {
     tuples
 }
 
-/// A store with the world's tuples on `server`: `(api_url, store_id, model_id)`.
-fn store(server: &TestServer) -> (String, String, String) {
+/// A store of its own with the world's tuples on the real OpenFGA server, created
+/// through its HTTP API: `(api_url, store_id, model_id)`.
+fn store() -> (String, String, String) {
+    let tuples: Vec<Value> = world()
+        .iter()
+        .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
+        .collect();
+    let s = support::openfga().create_store("fga-e2e", &model(), &tuples);
+    (s.api_url, s.store_id, s.model_id)
+}
+
+/// The same world on a fault-injecting test server (faults the real server cannot be
+/// made to produce on demand: errors, stalls, streams cut at its deadline).
+fn test_store(server: &TestServer) -> (String, String, String) {
     let (s, m) = server.preload("fga-e2e", &model(), &world()).unwrap();
     (server.url(), s, m)
 }
@@ -241,7 +247,7 @@ const PR_SCOPES: &str = "user/Patient.rs user/Observation.rs";
 
 #[tokio::test]
 async fn a_care_team_member_reads_its_patients_records_and_not_others() {
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![("fga", settings(&store, json!({})))]);
     let read = |path: &'static str| get(&proxy, "fga", "practitioner-pr1", PR_SCOPES, path);
     for path in [
@@ -287,7 +293,7 @@ async fn a_care_team_member_reads_its_patients_records_and_not_others() {
 
 #[tokio::test]
 async fn searches_return_exactly_the_allowed_patients_records_beyond_1000() {
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![(
         "fga",
         settings(&store, json!({ "search_chunk_size": 200 })),
@@ -390,7 +396,7 @@ async fn searches_return_exactly_the_allowed_patients_records_beyond_1000() {
 
 #[tokio::test]
 async fn an_included_record_of_another_patient_is_dropped() {
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![
         (
             "anyof",
@@ -495,7 +501,7 @@ async fn eventually(proxy: &Proxy, tenant: &str, client: &str, path: &str, want:
 
 #[tokio::test]
 async fn organization_and_group_changes_take_effect_after_the_cache_ttl() {
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![
         ("short", settings(&store, json!({ "cache_ttl_seconds": 1 }))),
         (
@@ -561,7 +567,7 @@ async fn organization_and_group_changes_take_effect_after_the_cache_ttl() {
 
 #[tokio::test]
 async fn a_system_token_sees_its_consented_patients_and_a_patient_token_its_compartment() {
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![("fga", settings(&store, json!({})))]);
     let ids = search_all(
         &proxy,
@@ -606,7 +612,7 @@ async fn a_system_token_sees_its_consented_patients_and_a_patient_token_its_comp
 #[tokio::test]
 async fn truncation_is_never_silent() {
     // More allowed patients than the tenant lists: refused, not cut.
-    let store = store(fga());
+    let store = store();
     let proxy = start(vec![(
         "fga",
         settings(&store, json!({ "max_listed_patients": 1000 })),
@@ -638,7 +644,7 @@ async fn truncation_is_never_silent() {
         },
         ..Options::default()
     });
-    let slow_store = self::store(&slow);
+    let slow_store = test_store(&slow);
     let proxy = start(vec![(
         "fga",
         settings(&slow_store, json!({ "list_objects_deadline_ms": 300 })),
@@ -657,7 +663,7 @@ async fn openfga_down_is_503_and_the_breaker_stops_calling_it() {
         "01HZZZZZZZZZZZZZZZZZZZZZZZ".to_owned(),
     );
     let faulty = start_fga(Options::default());
-    let faulty_store = store(&faulty);
+    let faulty_store = test_store(&faulty);
     let proxy = start(vec![
         ("down", settings(&closed, json!({}))),
         (

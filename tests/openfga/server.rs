@@ -285,6 +285,19 @@ impl ApiError {
     fn response(&self) -> Response<Body> {
         json_response(self.status, &self.body())
     }
+
+    /// As OpenFGA's gateway answers a StreamedListObjects that fails before streaming:
+    /// the same HTTP status, the body a gRPC status (`{"error": {"code": 3, ..}}`).
+    fn stream_response(&self) -> Response<Body> {
+        let grpc = match self.status {
+            StatusCode::BAD_REQUEST => 3,
+            StatusCode::NOT_FOUND => 5,
+            StatusCode::UNAUTHORIZED => 16,
+            _ => 13,
+        };
+        let body = json!({"error": {"code": grpc, "message": self.message, "details": []}});
+        json_response(self.status, &body)
+    }
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -469,9 +482,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::POST, [store, "check"]) => check(&shared, store, &body),
         (&Method::POST, [store, "batch-check"]) => batch_check(&shared, store, &body),
         (&Method::POST, [store, "list-objects"]) => list_objects(&shared, store, &body).await,
-        (&Method::POST, [store, "streamed-list-objects"]) => {
-            streamed_list_objects(&shared, store, &body)
-        }
+        (&Method::POST, [store, "streamed-list-objects"]) => Ok(streamed_list_objects(
+            &shared, store, &body,
+        )
+        .unwrap_or_else(|e| e.stream_response())),
         (_, [] | [_] | [_, "authorization-models"] | [_, "authorization-models", _])
         | (
             _,

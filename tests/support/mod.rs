@@ -40,6 +40,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod fga_server;
+#[allow(unused_imports)]
+pub use fga_server::{FgaStore, OpenFgaOptions, OpenFgaServer, openfga};
+
 /// Client secret of every client of the shared issuer.
 pub const TEST_SECRET: &str = "test-secret";
 

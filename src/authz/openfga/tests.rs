@@ -12,6 +12,27 @@ use serde_json::{Value, json};
 use super::*;
 
 // ---------------------------------------------------------------------------------------
+// error bodies
+
+#[test]
+fn error_codes_come_from_openfga_or_the_grpc_status_of_a_stream() {
+    let code = |body: &str| serde_json::from_str::<ApiErrorBody>(body).unwrap().code();
+    assert_eq!(
+        code(r#"{"code":"type_not_found","message":"type 'x' not found"}"#),
+        "type_not_found"
+    );
+    // what OpenFGA's gateway answers for a StreamedListObjects refused before streaming
+    assert_eq!(
+        code(r#"{"error":{"code":3,"message":"type 'x' not found","details":[]}}"#),
+        "invalid_argument"
+    );
+    assert_eq!(code(r#"{"error":{"code":16}}"#), "unauthenticated");
+    assert_eq!(code(r#"{"error":{"code":99}}"#), "unknown");
+    assert_eq!(code(r#"{"code":2000}"#), "2000");
+    assert_eq!(code("{}"), "");
+}
+
+// ---------------------------------------------------------------------------------------
 // circuit breaker
 
 fn breaker(threshold: u32, cool_down_ms: u64) -> Breaker {
