@@ -4,10 +4,10 @@
 # run, in front of the same upstream. Two upstreams:
 #   static  examples/static_upstream.rs, fixed answers in microseconds: shows the proxy's
 #           own cost (token, scopes, narrowing, response checks, URL rewriting);
-#   real    the sekmet-fhir test server with tests/fixtures/base-bundle.json.
+#   real    the HAPI FHIR JPA server with tests/fixtures/base-bundle.json.
 # Besides the compartment tenants, two `openfga` tenants per upstream decide `user/`
-# scopes with the OpenFGA-API-compatible test server (examples/openfga_test_server.rs,
-# fga-model/model.json, a care team viewing an organization tree with p1, p2 and p10):
+# scopes with a real OpenFGA server (memory datastore; a store with
+# fga-model/model.json and a care team viewing an organization tree with p1, p2 and p10):
 # `cache_ttl_seconds: 3600` (decisions cached: the proxy's own cost) and
 # `cache_ttl_seconds: 0` (every request asks OpenFGA over loopback: a BatchCheck per read,
 # a StreamedListObjects per search). Their rows are compared with the same pass-through.
@@ -37,7 +37,7 @@ trap cleanup EXIT
 "$SCRIPTS_DIR/install.sh" >&2
 log "building release binaries"
 (cd "$REPO_ROOT" && cargo build --release --locked --quiet --bin smart-fhir-proxy \
-  --example passthrough --example static_upstream --example loadgen --example openfga_test_server)
+  --example passthrough --example static_upstream --example loadgen)
 bin=$REPO_ROOT/target/release
 start() { # LOG CMD...: start in the background, remember the pid
   local logfile=$1
@@ -68,14 +68,17 @@ start "$work/pass-real.log" "$bin/examples/passthrough" "127.0.0.1:$pass_real_po
   echo '{"user": "organization:bench-ward", "relation": "assigned_organization", "object": "patient:p10"}'
   echo ']'
 } >"$work/fga-tuples.json"
-openfga_url=$("$SCRIPTS_DIR/openfga-server.sh" --port 0 --data-dir "$work/openfga" --parent-pid $$ \
-  --bin "$bin/examples/openfga_test_server" \
-  -- --model "$REPO_ROOT/fga-model/model.json" --tuples "$work/fga-tuples.json") \
-  || die "OpenFGA test server did not start"
+openfga_url=$("$SCRIPTS_DIR/openfga-server.sh" --port 0 --data-dir "$work/openfga" --parent-pid $$) \
+  || die "OpenFGA did not start"
 pids+=("$(<"$work/openfga/openfga.pid")")
-fga_store=$(sed -n 's/^OPENFGA_STORE_ID=//p' "$work/openfga/openfga.log")
-fga_model=$(sed -n 's/^OPENFGA_AUTHORIZATION_MODEL_ID=//p' "$work/openfga/openfga.log")
-[[ -n $fga_store && -n $fga_model ]] || die "OpenFGA test server printed no store"
+fga_json() { "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }
+fga_store=$(curl -fsS -X POST "$openfga_url/stores" -d '{"name": "bench"}' | fga_json id)
+fga_model=$(curl -fsS -X POST "$openfga_url/stores/$fga_store/authorization-models" \
+  -d @"$REPO_ROOT/fga-model/model.json" | fga_json authorization_model_id)
+"$VENV/bin/python" -c 'import json, sys; print(json.dumps({"writes": {"tuple_keys": json.load(open(sys.argv[1]))}, "authorization_model_id": sys.argv[2]}))' \
+  "$work/fga-tuples.json" "$fga_model" >"$work/fga-write.json"
+curl -fsS -o /dev/null -X POST "$openfga_url/stores/$fga_store/write" -d @"$work/fga-write.json" \
+  || die "writing the OpenFGA tuples failed"
 
 issuer_url=http://127.0.0.1:$issuer_port
 cat >"$work/issuer.json" <<JSON

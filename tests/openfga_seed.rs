@@ -260,6 +260,13 @@ impl<'a> Seeded<'a> {
     }
 }
 
+/// A request for a page of 4 Patients: the search itself, or a page of the search HAPI
+/// keeps (`[base]?_getpages=<id>&_getpagesoffset=N&_count=4`).
+fn is_page_of_4(request: &str) -> bool {
+    (request.starts_with("GET /fhir/Patient?") || request.starts_with("GET /fhir?_getpages="))
+        && request.split(['?', '&']).any(|p| p == "_count=4")
+}
+
 /// Patients of ward `k` (1-based) when `ids` are dealt round robin over `wards`.
 fn dealt(ids: &[String], wards: usize, k: usize) -> BTreeSet<String> {
     ids.iter()
@@ -275,11 +282,7 @@ async fn assigns_every_upstream_patient_to_a_ward_across_pages() {
     let server = fga().await;
     let upstream = upstream_patient_ids(fhir.base_url()).await;
     assert_eq!(upstream.len(), 3 + EXTRA_PATIENTS);
-    let searches_before = fhir
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("GET /fhir/Patient?") && r.contains("_count=4"))
-        .count();
+    let searches_before = fhir.requests().iter().filter(|r| is_page_of_4(r)).count();
 
     let run = seed(
         &[
@@ -313,11 +316,12 @@ async fn assigns_every_upstream_patient_to_a_ward_across_pages() {
         }})
     );
 
-    // paging: one search per page of 4, the next links followed to the end
+    // paging: one request per page of 4 (the search, then HAPI's `_getpages` links),
+    // the next links followed to the end
     let searches: Vec<String> = fhir
         .requests()
         .into_iter()
-        .filter(|r| r.starts_with("GET /fhir/Patient?") && r.contains("_count=4"))
+        .filter(|r| is_page_of_4(r))
         .collect();
     assert_eq!(
         searches.len() - searches_before,

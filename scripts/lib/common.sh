@@ -4,7 +4,7 @@
 # Paths (override with the environment variables in brackets):
 #   REPO_ROOT    repository root
 #   STACK_DIR    installed components and demo state [SMART_FHIR_STACK_DIR, default REPO_ROOT/.stack]
-#   VENV         Python venv with sekmet-fhir and carebundle (STACK_DIR/venv)
+#   VENV         Python venv with carebundle and the fga CLI (STACK_DIR/venv)
 #   ISSUER_DIR   scripts/issuer (oidc-provider, its node_modules)
 #   OPENFGA_BIN  the OpenFGA server binary [OPENFGA_BIN, default STACK_DIR/bin/openfga]
 #   HAPI_DIR     the built HAPI FHIR server (STACK_DIR/hapi)
@@ -23,8 +23,11 @@ die() { log "error: $*"; exit 1; }
 
 # require_installed: fail with a pointer to install.sh when a component is missing.
 require_installed() {
-  [[ -x $VENV/bin/sekmet && -x $VENV/bin/carebundle ]] \
-    || die "FHIR server not installed ($VENV missing): run scripts/install.sh"
+  [[ -f $HAPI_DIR/app.jar ]] \
+    || die "FHIR server not installed ($HAPI_DIR/app.jar missing): run scripts/install.sh"
+  [[ -x $VENV/bin/carebundle ]] \
+    || die "demo data generator not installed ($VENV missing): run scripts/install.sh"
+  [[ -x $OPENFGA_BIN ]] || die "OpenFGA not installed ($OPENFGA_BIN missing): run scripts/install.sh"
   [[ -f $ISSUER_DIR/node_modules/oidc-provider/package.json ]] \
     || die "token issuer not installed ($ISSUER_DIR/node_modules missing): run scripts/install.sh"
   command -v node >/dev/null || die "node not found on PATH"

@@ -42,11 +42,14 @@ async fn upstream_urls_are_rewritten_to_the_proxy() {
     let page2 = get(next, Some(&t)).await;
     assert_eq!(page2.status, 200, "{}", page2.text);
     assert_eq!(page2.entry_ids().len(), 2);
-    // An absolute reference to the upstream inside a resource is rewritten too.
-    let a = get(&format!("{base}/Observation/obs-p1-absolute-ref"), Some(&t)).await;
+    // An absolute upstream URL inside a resource is rewritten too. (HAPI stores
+    // references to its own base as relative ones, so the URL is an attachment's.)
+    let t = token("backend", "system/Practitioner.rs", "demo").await;
+    let a = get(&format!("{base}/Practitioner/pr1"), Some(&t)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(
-        a.json()["subject"]["reference"],
-        format!("{base}/Patient/p1")
+        a.json()["photo"][0]["url"],
+        format!("{base}/Binary/photo-pr1")
     );
 }
 

@@ -1,5 +1,5 @@
 //! End-to-end tests: the proxy binary against the real upstream FHIR server
-//! (sekmet-fhir) and the real token issuer (oidc-provider), all on 127.0.0.1.
+//! (HAPI FHIR JPA server) and the real token issuer (oidc-provider), all on 127.0.0.1.
 //! Data: `tests/fixtures/base-bundle.json` (see its README for ids and compartments).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

@@ -1,5 +1,6 @@
-//! Real components for integration tests: the upstream FHIR server (sekmet-fhir) and
-//! the OAuth2 token issuer (oidc-provider), started through the scripts in `scripts/`.
+//! Real components for integration tests: the upstream FHIR server (HAPI FHIR JPA
+//! server), the OAuth2 token issuer (oidc-provider) and OpenFGA ([`fga_server`]),
+//! started through the scripts in `scripts/`.
 //!
 //! Use from an integration test with `mod support;`. Per test binary there is one
 //! shared FHIR server with `tests/fixtures/base-bundle.json` loaded ([`fhir_server`])
@@ -75,8 +76,8 @@ pub fn base_bundle_path() -> PathBuf {
 /// Panics with the fix when a component is missing.
 pub fn require_installed() {
     let needed = [
-        stack_dir().join("venv/bin/uvicorn"),
-        stack_dir().join("venv/bin/sekmet"),
+        stack_dir().join("hapi/app.jar"),
+        stack_dir().join("bin/openfga"),
         scripts_dir().join("issuer/node_modules/oidc-provider/package.json"),
     ];
     for path in needed {
@@ -210,8 +211,6 @@ fn read_pid(file: &Path) -> u32 {
 pub struct FhirServerOptions {
     /// Bundles to load after start; `__FHIR_BASE__` in them becomes the base URL.
     pub load: Vec<PathBuf>,
-    /// Answer with absolute references (`Patient/p1` -> `BASE/Patient/p1`).
-    pub absolute_references: bool,
     /// Base URL the server writes into `fullUrl`, links and `Location` instead of its own.
     pub public_base: Option<String>,
     /// No access log (then [`FhirServer::requests`] sees nothing).
@@ -223,14 +222,13 @@ impl Default for FhirServerOptions {
     fn default() -> Self {
         Self {
             load: vec![base_bundle_path()],
-            absolute_references: false,
             public_base: None,
             quiet: false,
         }
     }
 }
 
-/// A running sekmet-fhir server (`scripts/fhir-server.sh`).
+/// A running HAPI FHIR JPA server (`scripts/fhir-server.sh`), data in memory.
 #[derive(Debug)]
 pub struct FhirServer {
     base_url: String,
@@ -257,9 +255,6 @@ impl FhirServer {
             ];
             for file in &options.load {
                 args.extend(["--load".to_owned(), file.display().to_string()]);
-            }
-            if options.absolute_references {
-                args.push("--absolute-references".to_owned());
             }
             if let Some(base) = &options.public_base {
                 args.extend(["--public-base".to_owned(), base.clone()]);
@@ -292,7 +287,7 @@ impl FhirServer {
         self.port
     }
 
-    /// Directory with `settings.yaml`, `sekmet.db`, `server.log`, `server.pid`.
+    /// Directory with `server.log` (access log), `hapi.log`, `server.pid`.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
