@@ -444,6 +444,7 @@ fn bench_openfga(c: &mut Criterion) {
                 &f.index,
                 &body,
                 Some((&patients, fga.chunk_size)),
+                smart_fhir_proxy::config::CompartmentSearch::Native,
             )
             .expect("narrowed")
         })

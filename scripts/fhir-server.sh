@@ -15,6 +15,8 @@
 #   --persist              keep the database in D/hapi.mv.db (default: in memory, gone on stop)
 #   --public-base URL      base URL the server writes into fullUrl, links and Location
 #                          (default: derived from each request, http://127.0.0.1:P/fhir)
+#   --compartment-search   add compartment search (Patient/p1/Observation), which a stock
+#                          HAPI JPA server does not have (the project's CompartmentSearchFilter)
 #   --quiet                no access log (by default every request is logged to server.log,
 #                          one line `127.0.0.1 - "GET /fhir/...?... HTTP/1.1" 200`)
 #   --timeout S            seconds to wait for readiness (default 120)
@@ -29,7 +31,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 usage() { print_usage "${BASH_SOURCE[0]}"; exit 64; }
 
 port="" data_dir="" parent_pid="" reset=false persist=false public_base="" timeout=120 foreground=false
-quiet=false fast=true xmx=768m build_dir=$STACK_DIR/hapi
+quiet=false fast=true xmx=768m build_dir=$STACK_DIR/hapi compartment=false
 loads=()
 while (($# > 0)); do
   case $1 in
@@ -41,6 +43,7 @@ while (($# > 0)); do
     --persist) persist=true; shift ;;
     --public-base) public_base=${2:?}; shift 2 ;;
     --quiet) quiet=true; shift ;;
+    --compartment-search) compartment=true; shift ;;
     --timeout) timeout=${2:?}; shift 2 ;;
     --foreground) foreground=true; shift ;;
     --build-dir) build_dir=${2:?}; shift 2 ;;
@@ -86,6 +89,7 @@ if $fast; then
 fi
 args=(--port "$port")
 [[ -n $public_base ]] && args+=(--public-base "$public_base")
+$compartment && args+=(--compartment-search)
 $quiet || { : >>"$access_log"; args+=(--access-log "$access_log"); }
 if $persist; then args+=(--db "file:$data_dir/hapi"); else args+=(--db mem); fi
 

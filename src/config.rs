@@ -64,6 +64,24 @@ pub struct RawUpstream {
     pub timeout_ms: u64,
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    #[serde(default)]
+    pub compartment_search: CompartmentSearch,
+}
+
+/// How the upstream is asked for a search inside a compartment
+/// (`upstream.compartment_search`).
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CompartmentSearch {
+    /// FHIR compartment search, `[Owner]/[id]/[type]?...`, for servers that implement
+    /// it (the union of every linking parameter of the CompartmentDefinition).
+    Native,
+    /// A type search on one linking parameter, `[type]?...&[param]=[Owner]/[id]`
+    /// (`_id=[id]` on the owner's own type): works on every FHIR server, HAPI's JPA
+    /// server included, which has no compartment search. Records linked to the owner
+    /// only through another parameter are not found (they stay readable one by one).
+    #[default]
+    ByParameter,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -399,6 +417,7 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub max_response_bytes: usize,
+    pub compartment_search: CompartmentSearch,
 }
 
 #[derive(Debug, Clone)]
@@ -630,6 +649,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         connect_timeout: Duration::from_millis(up.connect_timeout_ms),
         timeout: Duration::from_millis(up.timeout_ms),
         max_response_bytes: up.max_response_bytes,
+        compartment_search: up.compartment_search,
     };
 
     let tk = t.token;

@@ -459,6 +459,7 @@ pub fn resume(
         tenant.checker.index(),
         &Bytes::new(),
         patients,
+        tenant.config.upstream.compartment_search,
     )?;
     // The current token must narrow the original request exactly as the one the cursor
     // was issued to did; otherwise the stored page could be wider than it may see.

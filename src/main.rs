@@ -147,7 +147,11 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             println!("{}: {} tenant(s), valid", path.display(), tenants.len());
             for t in &tenants {
                 println!("- {} at {}", t.id, t.public_base);
-                println!("    upstream     {}", t.upstream.base);
+                let compartments = match t.upstream.compartment_search {
+                    config::CompartmentSearch::Native => "compartment search (native)",
+                    config::CompartmentSearch::ByParameter => "searched by linking parameter",
+                };
+                println!("    upstream     {} ({compartments})", t.upstream.base);
                 println!("    issuers      {}", t.token.issuers.join(", "));
                 println!("    audience     {}", t.token.audience);
                 println!("    jwks         {}", t.token.jwks_uri);

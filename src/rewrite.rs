@@ -3,9 +3,12 @@
 //! A pure function of the parsed request, the scope grant and the permit: it rebuilds
 //! the upstream path from the parsed parts (never from the raw client URL) and, for
 //! searches by compartment-bound tokens, narrows them so the upstream only looks at
-//! allowed records: a type search becomes the compartment search
-//! `[Owner]/[id]/[type]` (the FHIR-defined union of every linking parameter), a search
-//! on the compartment's own type gets `_id=[id]`. Client parameters are kept; repeated
+//! allowed records: a type search becomes a search inside the compartment, and a
+//! search inside a compartment is sent as the upstream can answer it
+//! ([`CompartmentSearch`]): the compartment search `[Owner]/[id]/[type]` (the
+//! FHIR-defined union of every linking parameter) or a type search on one linking
+//! parameter (`[type]?...&subject=Patient/p1`); a search on the compartment's own
+//! type gets `_id=[id]`. Client parameters are kept; repeated
 //! parameters are ANDed by FHIR, so they can only narrow further. Scope constraints
 //! (`?category=...`) are appended. Whatever comes back is still re-checked in stage 5.
 
@@ -13,8 +16,9 @@ use bytes::Bytes;
 use http::{Method, Request};
 
 use crate::authz::{AuthzError, CompartmentIndex, Permit};
+use crate::config::CompartmentSearch;
 use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction};
+use crate::fhir::{FhirRequest, Interaction, ResourceType};
 use crate::scope::{ScopeGrant, SearchConstraint};
 use crate::stack::{Flow, Stage, ext, tenant_of};
 
@@ -144,11 +148,20 @@ pub fn rewrite_request(
     index: &CompartmentIndex,
     body: &Bytes,
 ) -> Result<OutboundRequest, AuthzError> {
-    rewrite_request_with(req, grant, permit, index, body, None)
+    rewrite_request_with(
+        req,
+        grant,
+        permit,
+        index,
+        body,
+        None,
+        CompartmentSearch::Native,
+    )
 }
 
 /// As [`rewrite_request`]; `patients` is the allowed patient list of an `openfga`
-/// search (required for type searches of patient data by OpenFGA principals).
+/// search (required for type searches of patient data by OpenFGA principals), `how`
+/// the way the tenant's upstream is asked for searches inside a compartment.
 pub fn rewrite_request_with(
     req: &FhirRequest,
     grant: &ScopeGrant,
@@ -156,6 +169,7 @@ pub fn rewrite_request_with(
     index: &CompartmentIndex,
     body: &Bytes,
     patients: Option<(&PatientNarrowing, usize)>,
+    how: CompartmentSearch,
 ) -> Result<OutboundRequest, AuthzError> {
     let mut narrowing = None;
     // ---- paging cursors (see `crate::cursor`) ----
@@ -245,7 +259,7 @@ pub fn rewrite_request_with(
                         format!("/{t}")
                     }
                     [c] if index.links_type(c.owner, rt) => {
-                        format!("/{}/{}/{t}", c.owner, c.id)
+                        compartment_search(how, index, c.owner, c.id.as_str(), rt, &mut params)?
                     }
                     // Stage 3 already refuses this; kept so the narrowing never forwards
                     // a search it could not narrow.
@@ -276,8 +290,13 @@ pub fn rewrite_request_with(
             if !permit.is_unrestricted() {
                 refuse_inference_params(&params)?;
             }
-            let target = req.resource_type.map(|t| t.as_str()).unwrap_or("*");
-            format!("/{}/{}/{target}", c.owner, c.id)
+            match req.resource_type {
+                Some(rt) => {
+                    compartment_search(how, index, c.owner, c.id.as_str(), rt, &mut params)?
+                }
+                // Every type of the compartment: the upstream's to answer or refuse.
+                None => format!("/{}/{}/*", c.owner, c.id),
+            }
         }
         Interaction::Operation(op, level) => {
             use crate::fhir::OperationLevel;
@@ -317,6 +336,48 @@ pub fn rewrite_request_with(
         conditional: permit.is_unrestricted(),
         narrowing,
     })
+}
+
+/// The upstream path of a search of `rt` inside the compartment `owner/id`: the FHIR
+/// compartment search where the upstream implements it, else a type search on the
+/// owner's own type (`_id`) or on the type's linking parameter ([`linking_param`]),
+/// appended to `params`. A type the compartment does not link is refused.
+fn compartment_search(
+    how: CompartmentSearch,
+    index: &CompartmentIndex,
+    owner: ResourceType,
+    id: &str,
+    rt: ResourceType,
+    params: &mut Vec<(String, String)>,
+) -> Result<String, AuthzError> {
+    match how {
+        CompartmentSearch::Native => Ok(format!("/{owner}/{id}/{rt}")),
+        CompartmentSearch::ByParameter if owner == rt => {
+            params.push(("_id".to_owned(), id.to_owned()));
+            Ok(format!("/{rt}"))
+        }
+        CompartmentSearch::ByParameter => {
+            let param = linking_param(index, owner, rt)
+                .ok_or(AuthzError::OutsideCompartment { resource_type: rt })?;
+            params.push((param.to_owned(), format!("{owner}/{id}")));
+            Ok(format!("/{rt}"))
+        }
+    }
+}
+
+/// The one parameter a search of `rt` inside an `owner` compartment is narrowed with
+/// when the upstream has no compartment search: for the Patient compartment the
+/// type's patient parameter ([`patient_param`]), else the first linking parameter of
+/// the CompartmentDefinition.
+pub fn linking_param(
+    index: &CompartmentIndex,
+    owner: ResourceType,
+    rt: ResourceType,
+) -> Option<&str> {
+    if owner == ResourceType::PATIENT {
+        return patient_param(index, rt).filter(|p| *p != "_id");
+    }
+    index.params(owner, rt).first().map(String::as_str)
 }
 
 /// The parameter a search of `rt` is narrowed to a patient list with: `_id` on
@@ -508,6 +569,7 @@ impl Stage for RewriteSearch {
             tenant.0.checker.index(),
             req.body(),
             patients.as_ref().map(|(p, size)| (p, *size)),
+            tenant.0.config.upstream.compartment_search,
         )?;
         req.extensions_mut().insert(out);
         Ok(Flow::Continue)

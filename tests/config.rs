@@ -56,6 +56,8 @@ fn example_file_is_valid_and_explained() {
         "OpenFga",
         "store_id: \"01JD5Q1X4T3M8N2P6R9S0V7W5Y\"",
         "permission-v2",
+        "(searched by linking parameter)",
+        "(compartment search (native))",
     ] {
         assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
     }
@@ -123,6 +125,10 @@ fn invalid_files_exit_64_with_a_precise_message() {
         (
             |v| v["tenants"]["demo"]["authorization"] = serde_json::json!({"mode": "magic"}),
             &["magic"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["upstream"]["compartment_search"] = "sometimes".into(),
+            &["sometimes", "upstream.compartment_search"],
         ),
         (
             |v| v["tenants"]["demo"]["authorization"]["denied_read_status"] = 418.into(),

@@ -75,10 +75,12 @@ fn issue(key: &CursorKey) -> String {
     .unwrap()
 }
 
+/// A compartment-mode tenant whose upstream has compartment search (the pages below
+/// are those of `rewrite_request`, which sends compartment searches as such).
 fn tenant() -> Tenant {
     let raw: crate::config::RawFile = serde_json::from_value(json!({"tenants": {"t1": {
         "public_base_url": PUBLIC,
-        "upstream": {"base_url": "http://127.0.0.1:8081/fhir"},
+        "upstream": {"base_url": "http://127.0.0.1:8081/fhir", "compartment_search": "native"},
         "token": {
             "issuers": ["https://issuer.example"],
             "jwks_uri": "https://issuer.example/jwks",

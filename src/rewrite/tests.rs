@@ -72,6 +72,23 @@ fn rewrite(t: &VerifiedToken, req: &FhirRequest) -> Result<OutboundRequest, Auth
     rewrite_with_body(t, req, b"")
 }
 
+/// As [`rewrite`], for an upstream without compartment search.
+fn rewrite_by_parameter(t: &VerifiedToken, target: &str) -> Result<OutboundRequest, AuthzError> {
+    let req = get(target);
+    let grant = grant_for(t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &req, t, &grant).unwrap();
+    rewrite_request_with(
+        &req,
+        &grant,
+        &permit,
+        &INDEX,
+        &Bytes::new(),
+        None,
+        CompartmentSearch::ByParameter,
+    )
+}
+
 fn ok(t: &VerifiedToken, target: &str) -> OutboundRequest {
     rewrite(t, &get(target)).unwrap()
 }
@@ -117,6 +134,78 @@ fn type_search_for_patient_token_becomes_compartment_search() {
             &[("code", "1234-5"), ("date", "ge2020"), ("code", "x")]
         )
     );
+}
+
+#[test]
+fn without_compartment_search_a_type_search_is_narrowed_by_the_linking_parameter() {
+    let t = patient_token("patient/*.rs");
+    // Patient compartment: the type's patient parameter (`patient`, else `subject`),
+    // appended after the client's, which FHIR ANDs with it.
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Observation?code=1234-5&subject=Patient/p2").unwrap(),
+        outbound(
+            "/Observation",
+            &[
+                ("code", "1234-5"),
+                ("subject", "Patient/p2"),
+                ("subject", "Patient/p1")
+            ]
+        )
+    );
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Condition").unwrap(),
+        outbound("/Condition", &[("patient", "Patient/p1")])
+    );
+    // the owner's own type: `_id`, as before
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Patient?name=x").unwrap(),
+        outbound("/Patient", &[("name", "x"), ("_id", "p1")])
+    );
+    // a compartment search by the client is translated the same way
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Patient/p1/Observation?category=laboratory").unwrap(),
+        outbound(
+            "/Observation",
+            &[("category", "laboratory"), ("subject", "Patient/p1")]
+        )
+    );
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Patient/p1/Patient").unwrap(),
+        outbound("/Patient", &[("_id", "p1")])
+    );
+    // operations and every-type compartment searches are left to the upstream
+    assert_eq!(
+        rewrite_by_parameter(&t, "/Patient/p1/$everything")
+            .unwrap()
+            .path,
+        "/Patient/p1/$everything"
+    );
+    // other compartments: the first linking parameter of the definition
+    let pr = token("user/*.rs", None, Some("Practitioner/pr1"));
+    assert_eq!(
+        rewrite_by_parameter(&pr, "/Observation?status=final").unwrap(),
+        outbound(
+            "/Observation",
+            &[("status", "final"), ("performer", "Practitioner/pr1")]
+        )
+    );
+    assert_eq!(
+        rewrite_by_parameter(&pr, "/Patient").unwrap(),
+        outbound("/Patient", &[("general-practitioner", "Practitioner/pr1")])
+    );
+}
+
+#[test]
+fn without_compartment_search_a_type_the_compartment_does_not_link_is_refused() {
+    let t = system_token("system/*.rs");
+    let e = rewrite_by_parameter(&t, "/Patient/p1/Medication").unwrap_err();
+    assert!(
+        matches!(e, AuthzError::OutsideCompartment { resource_type } if resource_type.as_str() == "Medication"),
+        "{e:?}"
+    );
+    // the same search where the upstream has compartment search: forwarded as it is
+    let req = get("/Patient/p1/Medication");
+    assert_eq!(rewrite(&t, &req).unwrap().path, "/Patient/p1/Medication");
 }
 
 #[test]
@@ -878,6 +967,7 @@ fn fga_rewrite(target: &str, ids: &[&str], chunk: usize) -> Result<OutboundReque
         &INDEX,
         &Bytes::new(),
         Some((&list, chunk)),
+        crate::config::CompartmentSearch::Native,
     )
 }
 

@@ -594,6 +594,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
+            compartment_search: crate::config::CompartmentSearch::Native,
         }
     }
 

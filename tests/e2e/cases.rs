@@ -13,7 +13,8 @@
 //!  "expect": {"status": 404, "reason": "resource_not_found",
 //!             "ids": ["Observation/obs-p1-glucose"], "ids_exclude": ["..."],
 //!             "total": 6, "same_as": "Observation/no-such-observation",
-//!             "upstream": "GET /fhir/Patient/p1/Observation?", "no_upstream_call": true}}
+//!             "upstream": ["GET /fhir/Observation?", "&subject=Patient/p1"],
+//!             "no_upstream_call": true}}
 //! ```
 //!
 //! - `request.method` is `GET` (default) or `POST`; `path` is relative to the tenant base
@@ -29,8 +30,8 @@
 //! - `total`: the Bundle's `total`; `null` means it must be absent (entries were dropped).
 //! - `same_as`: a GET of this path with the same token gets the same status and body
 //!   (a denied record must look exactly like a missing one).
-//! - `upstream`: some request the upstream received for this case contains this text,
-//!   as logged or percent-decoded; `no_upstream_call`: the upstream received nothing for
+//! - `upstream`: some request the upstream received for this case contains this text
+//!   (or each of a list of texts), as logged or percent-decoded; `no_upstream_call`: the upstream received nothing for
 //!   this case. The access log is shared by concurrent tests, so a case with either check
 //!   gets a unique, result-neutral marker parameter appended to its query
 //!   (`_lastUpdated=lt2NNN`, a year far in the future) and only log lines carrying it count.
@@ -102,10 +103,24 @@ struct Expect {
     total: Option<Option<u64>>,
     #[serde(default)]
     same_as: Option<String>,
-    #[serde(default)]
-    upstream: Option<String>,
+    /// One text, or several that must all be in the same request line.
+    #[serde(default, deserialize_with = "one_or_many")]
+    upstream: Option<Vec<String>>,
     #[serde(default)]
     no_upstream_call: bool,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Texts {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match Texts::deserialize(d)? {
+        Texts::One(t) => vec![t],
+        Texts::Many(ts) => ts,
+    }))
 }
 
 /// Distinguishes an explicit `null` from an absent key.
@@ -344,11 +359,13 @@ impl Runner {
                 problems.push(format!("the upstream was called: {seen:?}"));
             }
             if let Some(want) = &expect.upstream
-                && !seen
-                    .iter()
-                    .any(|l| l.contains(want.as_str()) || decoded(l).contains(want.as_str()))
+                && !seen.iter().any(|l| {
+                    let d = decoded(l);
+                    want.iter()
+                        .all(|w| l.contains(w.as_str()) || d.contains(w.as_str()))
+                })
             {
-                problems.push(format!("no upstream request contains `{want}`"));
+                problems.push(format!("no upstream request contains all of {want:?}"));
             }
         }
         if problems.is_empty() {

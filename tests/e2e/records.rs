@@ -80,11 +80,13 @@ async fn searches_are_narrowed_to_the_patient() {
     }
     let a = p1("patient/Patient.rs", "Patient?_id=p1,p2").await;
     assert_eq!(a.entry_ids(), ["Patient/p1"]);
-    // The upstream saw the compartment form, not the client's query.
+    // The upstream saw the narrowed type search (no compartment search: the tenant's
+    // upstream is asked by parameter), not the client's query alone.
     let seen = support::fhir_server().requests();
     assert!(
-        seen.iter()
-            .any(|r| r.contains("/fhir/Patient/p1/Observation")),
+        seen.iter().any(
+            |r| r.starts_with("GET /fhir/Observation?") && r.ends_with("&subject=Patient%2Fp1")
+        ),
         "{seen:?}"
     );
 }
@@ -358,4 +360,127 @@ async fn a_practitioner_role_acts_as_its_practitioner() {
     let a = get(&format!("{base}/Observation"), Some(&t)).await;
     assert_eq!(a.status, 403, "{}", a.text);
     assert_eq!(a.reason(), "no_user_compartment");
+}
+
+/// A tenant whose upstream does FHIR compartment search itself
+/// (`upstream.compartment_search: native`; the shared server has it added).
+fn native_proxy() -> crate::harness::Proxy {
+    let fhir = support::fhir_server();
+    let issuer = support::issuer();
+    crate::harness::Proxy::start(|port| {
+        let mut t = crate::harness::tenant("native", port, fhir.base_url(), issuer);
+        t["upstream"]["compartment_search"] = "native".into();
+        crate::harness::tenants(vec![("native", t)])
+    })
+}
+
+#[tokio::test]
+async fn native_compartment_search_is_forwarded_as_such_and_pages() {
+    let proxy = native_proxy();
+    let base = proxy.base("native");
+    let t = support::token("patient-p1", "patient/Observation.rs", &base).await;
+    // A type search is narrowed to the compartment search, with a marker of its own.
+    let a = get(
+        &format!("{base}/Observation?_lastUpdated=lt2890&_count=4"),
+        Some(&t),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let mut ids = a.entry_ids();
+    let seen = support::fhir_server().requests();
+    assert!(
+        seen.iter()
+            .any(|r| r == "GET /fhir/Patient/p1/Observation?_lastUpdated=lt2890&_count=4"),
+        "{seen:?}"
+    );
+    // The second page comes through a proxy cursor like any other.
+    let next = a.json()["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_owned)
+        .expect("a next link");
+    assert!(
+        next.starts_with(&format!("{base}/Observation?_cursor=")),
+        "{next}"
+    );
+    let b = get(&next, Some(&t)).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    ids.extend(b.entry_ids());
+    assert_eq!(sorted(ids), P1_OBS);
+    // Another patient's compartment looks missing, as in by-parameter mode.
+    let other = get(&format!("{base}/Patient/p2/Observation"), Some(&t)).await;
+    assert_eq!(other.status, 404, "{}", other.text);
+}
+
+/// PUTs `resource` on the shared upstream directly (not through the proxy), then
+/// DELETEs it there, so the upstream answers 410 for it. `Flag` is a type no other
+/// test counts.
+async fn deleted_on_the_upstream(resource: serde_json::Value) {
+    let url = format!(
+        "{}/{}/{}",
+        support::fhir_server().base_url(),
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    let http = support::http_client();
+    let put = http
+        .put(&url)
+        .header("content-type", "application/fhir+json")
+        .body(resource.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "PUT {url}: {}", put.status());
+    let delete = http.delete(&url).send().await.unwrap();
+    assert!(
+        delete.status().is_success(),
+        "DELETE {url}: {}",
+        delete.status()
+    );
+    let gone = http
+        .get(&url)
+        .header("accept", "application/fhir+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410, "HAPI answers a deleted record with 410");
+}
+
+#[tokio::test]
+async fn deleted_records_look_missing_and_their_old_versions_are_still_checked() {
+    for (id, patient) in [("flag-p1-deleted", "p1"), ("flag-p2-deleted", "p2")] {
+        deleted_on_the_upstream(serde_json::json!({
+            "resourceType": "Flag", "id": id, "status": "active",
+            "code": {"text": "test flag"},
+            "subject": {"reference": format!("Patient/{patient}")}
+        }))
+        .await;
+    }
+    let missing = p1("patient/Flag.rs", "Flag/no-such-flag").await;
+    assert_eq!(missing.status, 404, "{}", missing.text);
+    // Gone, whoever's it was: the same answer as a record that never existed.
+    for path in ["Flag/flag-p1-deleted", "Flag/flag-p2-deleted"] {
+        let a = p1("patient/Flag.rs", path).await;
+        assert_eq!(
+            (a.status, &a.text),
+            (missing.status, &missing.text),
+            "{path}"
+        );
+    }
+    let t = token("backend", "system/Flag.rs", "demo").await;
+    let a = get(
+        &format!("{}/Flag/flag-p2-deleted", shared().base("demo")),
+        Some(&t),
+    )
+    .await;
+    assert_eq!(a.status, 404, "{}", a.text);
+    // The version before the deletion still exists upstream: p1 may read its own, not p2's.
+    let own = p1("patient/Flag.rs", "Flag/flag-p1-deleted/_history/1").await;
+    assert_eq!(own.status, 200, "{}", own.text);
+    assert_eq!(own.json()["subject"]["reference"], "Patient/p1");
+    let other = p1("patient/Flag.rs", "Flag/flag-p2-deleted/_history/1").await;
+    assert_eq!((other.status, &other.text), (missing.status, &missing.text));
 }

@@ -211,6 +211,9 @@ fn read_pid(file: &Path) -> u32 {
 pub struct FhirServerOptions {
     /// Bundles to load after start; `__FHIR_BASE__` in them becomes the base URL.
     pub load: Vec<PathBuf>,
+    /// Add compartment search (`Patient/p1/Observation`), which a stock HAPI JPA
+    /// server lacks (`scripts/fhir-server.sh --compartment-search`).
+    pub compartment_search: bool,
     /// Base URL the server writes into `fullUrl`, links and `Location` instead of its own.
     pub public_base: Option<String>,
     /// No access log (then [`FhirServer::requests`] sees nothing).
@@ -222,6 +225,7 @@ impl Default for FhirServerOptions {
     fn default() -> Self {
         Self {
             load: vec![base_bundle_path()],
+            compartment_search: false,
             public_base: None,
             quiet: false,
         }
@@ -261,6 +265,9 @@ impl FhirServer {
             }
             if options.quiet {
                 args.push("--quiet".to_owned());
+            }
+            if options.compartment_search {
+                args.push("--compartment-search".to_owned());
             }
             match run_start_script("fhir-server.sh", &args) {
                 Ok((base_url, pgid)) => {
@@ -317,11 +324,18 @@ impl Drop for FhirServer {
     }
 }
 
-/// The FHIR server shared by the tests of this binary, with the base bundle loaded.
+/// The FHIR server shared by the tests of this binary, with the base bundle loaded and
+/// compartment search added (for tenants with `upstream.compartment_search: native`;
+/// the others never send one, as in front of a stock HAPI server).
 /// Do not change its data; start a [`FhirServer`] of your own for that.
 pub fn fhir_server() -> &'static FhirServer {
     static SERVER: OnceLock<FhirServer> = OnceLock::new();
-    SERVER.get_or_init(|| FhirServer::start(FhirServerOptions::default()))
+    SERVER.get_or_init(|| {
+        FhirServer::start(FhirServerOptions {
+            compartment_search: true,
+            ..FhirServerOptions::default()
+        })
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -78,11 +78,14 @@ public final class Main {
 					"/*",
 					EnumSet.of(DispatcherType.REQUEST));
 		}
-		context.addFilter(
-				new FilterHolder(new CompartmentSearchFilter(
-						ctx.getBean(FhirContext.class), ctx.getBean(ca.uhn.fhir.jpa.api.dao.DaoRegistry.class))),
-				"/fhir/*",
-				EnumSet.of(DispatcherType.REQUEST));
+		if (options.compartmentSearch) {
+			// Stock HAPI JPA servers have no compartment search; only on request.
+			context.addFilter(
+					new FilterHolder(new CompartmentSearchFilter(
+							ctx.getBean(FhirContext.class), ctx.getBean(ca.uhn.fhir.jpa.api.dao.DaoRegistry.class))),
+					"/fhir/*",
+					EnumSet.of(DispatcherType.REQUEST));
+		}
 		ServletHolder holder = new ServletHolder("fhir", fhir);
 		holder.setInitOrder(1);
 		context.addServlet(holder, "/fhir/*");

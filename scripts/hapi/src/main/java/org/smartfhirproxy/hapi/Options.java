@@ -14,8 +14,10 @@ public final class Options {
 	public String db = "mem";
 	/** Turn Patient/$match (HAPI MDM, MATCH_ONLY mode) off. */
 	public boolean mdm = true;
+	/** Add compartment search (Patient/p1/Observation), which stock HAPI JPA servers lack. */
+	public boolean compartmentSearch = false;
 
-	static final String USAGE = "usage: Main --port P [--public-base URL] [--access-log FILE] [--db mem|file:PATH] [--no-mdm]";
+	static final String USAGE = "usage: Main --port P [--public-base URL] [--access-log FILE] [--db mem|file:PATH] [--no-mdm] [--compartment-search]";
 
 	static Options parse(String[] args) {
 		Options o = new Options();
@@ -27,6 +29,7 @@ public final class Options {
 				case "--access-log" -> o.accessLog = value(args, ++i, a);
 				case "--db" -> o.db = value(args, ++i, a);
 				case "--no-mdm" -> o.mdm = false;
+				case "--compartment-search" -> o.compartmentSearch = true;
 				case "-h", "--help" -> throw new IllegalArgumentException(USAGE);
 				default -> throw new IllegalArgumentException("unknown argument: " + a + "\n" + USAGE);
 			}
