@@ -50,8 +50,9 @@ static_port=$(free_port); pass_static_port=$(free_port); pass_real_port=$(free_p
 proxy_port=$(free_port); issuer_port=$(free_port); fhir_port=$(free_port)
 start "$work/static.log" "$bin/examples/static_upstream" "127.0.0.1:$static_port" 20
 start "$work/pass-static.log" "$bin/examples/passthrough" "127.0.0.1:$pass_static_port" "http://127.0.0.1:$static_port/fhir"
+# Full JIT for HAPI (no --fast-start), and a warm-up below before anything is measured.
 fhir_base=$("$SCRIPTS_DIR/fhir-server.sh" --port "$fhir_port" --data-dir "$work/fhir" --parent-pid $$ \
-  --load "$REPO_ROOT/tests/fixtures/base-bundle.json" --quiet)
+  --load "$REPO_ROOT/tests/fixtures/base-bundle.json" --quiet --no-fast-start --xmx 1g)
 pids+=("$(<"$work/fhir/server.pid")")
 start "$work/pass-real.log" "$bin/examples/passthrough" "127.0.0.1:$pass_real_port" "$fhir_base"
 
@@ -156,6 +157,18 @@ run() { # NAME N URL [TOKEN]
   [[ -n ${4:-} ]] && args+=(--header "Authorization: Bearer $4")
   "$bin/examples/loadgen" "${args[@]}" | sed "s/^/{\"name\":\"$1\",\"result\":/; s/\$/}/"
 }
+# Warm-up, not measured: HAPI's JIT and caches, the proxy's pools and token cache.
+warm_requests=${BENCH_WARM_REQUESTS:-400}
+log "warming up HAPI and the proxies ($warm_requests requests per real scenario)"
+for url_token in \
+  "http://127.0.0.1:$pass_real_port/t/Observation/obs-p1-glucose|" \
+  "http://127.0.0.1:$proxy_port/real/Observation/obs-p1-glucose|$real_token" \
+  "http://127.0.0.1:$pass_real_port/t/Observation?subject=Patient/p1|" \
+  "http://127.0.0.1:$proxy_port/real/Observation|$real_token" \
+  "http://127.0.0.1:$pass_real_port/t/Observation?_count=50|" \
+  "http://127.0.0.1:$proxy_port/fga-hit/Observation?_count=50|${fga_token[fga-hit]}"; do
+  run warm-up "$warm_requests" "${url_token%%|*}" "${url_token#*|}" >/dev/null
+done
 log "running: $requests requests per static scenario, $real_requests per real one, concurrency $concurrency"
 {
   run static-read-passthrough "$requests" "http://127.0.0.1:$pass_static_port/t/Observation/obs-0"
@@ -164,7 +177,8 @@ log "running: $requests requests per static scenario, $real_requests per real on
   run static-search-proxy "$requests" "http://127.0.0.1:$proxy_port/static/Observation" "$static_token"
   run real-read-passthrough "$real_requests" "http://127.0.0.1:$pass_real_port/t/Observation/obs-p1-glucose"
   run real-read-proxy "$real_requests" "http://127.0.0.1:$proxy_port/real/Observation/obs-p1-glucose" "$real_token"
-  run real-search-passthrough "$real_requests" "http://127.0.0.1:$pass_real_port/t/Patient/p1/Observation"
+  # The search the proxy sends for the patient token (HAPI has no compartment search).
+  run real-search-passthrough "$real_requests" "http://127.0.0.1:$pass_real_port/t/Observation?subject=Patient/p1"
   run real-search-proxy "$real_requests" "http://127.0.0.1:$proxy_port/real/Observation" "$real_token"
   for cache in hit miss; do
     run "static-read-fga-$cache" "$requests" "http://127.0.0.1:$proxy_port/fga-$cache-static/Observation/obs-0" "${fga_token[fga-$cache-static]}"
