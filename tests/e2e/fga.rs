@@ -725,3 +725,76 @@ async fn openfga_down_is_503_and_the_breaker_stops_calling_it() {
         proxy.log()
     );
 }
+
+#[tokio::test]
+async fn a_server_with_a_pre_shared_key_is_called_with_it_and_a_wrong_key_fails_closed() {
+    const KEY: &str = "fga-e2e-preshared-key-41d7";
+    let server = support::OpenFgaServer::start(support::OpenFgaOptions {
+        preshared_key: Some(KEY.to_owned()),
+        ..Default::default()
+    });
+    let tuples: Vec<Value> = world()
+        .iter()
+        .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
+        .collect();
+    let s = server.create_store("fga-e2e-key", &model(), &tuples);
+    let store = (s.api_url, s.store_id, s.model_id);
+    let credentials =
+        |var: &str| json!({ "credentials": { "method": "api_token", "api_token_env": var } });
+    let list = vec![
+        ("keyed", settings(&store, credentials("FGA_E2E_RIGHT_KEY"))),
+        (
+            "wrongkey",
+            settings(&store, credentials("FGA_E2E_WRONG_KEY")),
+        ),
+    ];
+    let list: Vec<(String, Value)> = list.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let proxy = Proxy::start_with_env(
+        move |port| {
+            tenants(
+                list.iter()
+                    .map(|(id, extra)| {
+                        let store = serde_json::from_value::<(String, String, String)>(
+                            extra["store"].clone(),
+                        )
+                        .unwrap();
+                        let mut settings = extra.clone();
+                        settings.as_object_mut().unwrap().remove("store");
+                        (id.as_str(), fga_tenant(id, port, &store, settings))
+                    })
+                    .collect(),
+            )
+        },
+        &[
+            ("FGA_E2E_RIGHT_KEY", KEY),
+            ("FGA_E2E_WRONG_KEY", "not-the-key"),
+        ],
+    );
+    // A read (BatchCheck) and a search (StreamedListObjects) with the right key.
+    let (status, body) = get(
+        &proxy,
+        "keyed",
+        "practitioner-pr1",
+        PR_SCOPES,
+        "/Patient/p1",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(
+        &proxy,
+        "keyed",
+        "practitioner-pr1",
+        PR_SCOPES,
+        "/Observation?_count=5",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["entry"].as_array().map(Vec::len), Some(5), "{body}");
+    // OpenFGA refuses the wrong key (401): fail closed, and the key is never logged.
+    for path in ["/Patient/p1", "/Observation"] {
+        let (status, body) = get(&proxy, "wrongkey", "practitioner-pr1", PR_SCOPES, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+        assert_eq!(outcome_reason(&body), "fga_rejected", "{body}");
+    }
+    assert!(!proxy.log().contains(KEY), "the key was logged");
+}

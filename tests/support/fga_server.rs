@@ -8,7 +8,6 @@
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -201,21 +200,4 @@ async fn write_tuples(store: &FgaStore, key: Option<&str>, writes: &[Value], del
         });
         fga_post(&url, key, &body).await;
     }
-}
-
-/// Waits until `url/healthz` answers (used after a restart).
-pub async fn wait_healthy(url: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Ok(r) = super::http_client()
-            .get(format!("{url}/healthz"))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("OpenFGA at {url} is not healthy");
 }
