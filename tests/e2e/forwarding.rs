@@ -1,7 +1,7 @@
 //! Forwarding: URL rewriting, malformed input, tenant isolation, upstream faults,
 //! configuration reload.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{
     self, Fault, FaultServer, Proxy, get, shared, tenant, tenants, token, write_json,
@@ -327,10 +327,105 @@ async fn every_decision_is_audited_without_the_token() {
     assert!(!shared().log().contains(&t));
 }
 
+/// POSTs `Patient/$match` with `patient` as the `resource` parameter.
+async fn post_match(url: &str, token: &str, patient: Value) -> harness::Answer {
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "resource", "resource": patient},
+        {"name": "count", "valueInteger": 10}
+    ]});
+    harness::answer(
+        support::http_client()
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(params.to_string()),
+    )
+    .await
+}
+
+/// The `match-grade` extension of each entry's `search`, by entry id.
+fn match_grades(a: &harness::Answer) -> Vec<(String, String)> {
+    a.json()["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let grade = e["search"]["extension"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["url"] == "http://hl7.org/fhir/StructureDefinition/match-grade")
+                .and_then(|x| x["valueCode"].as_str())
+                .unwrap_or("none");
+            (
+                format!("Patient/{}", e["resource"]["id"].as_str().unwrap_or("?")),
+                grade.to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn match_goes_to_the_upstreams_mdm_and_its_candidates_are_scored() {
+    // HAPI's own `$match` (MDM, match-only): scored candidates with `match-grade`.
+    let base = shared().base("demo");
+    let url = format!("{base}/Patient/$match");
+    let t = token("backend", "system/Patient.rs", "demo").await;
+    let copy_of_p1 = json!({"resourceType": "Patient",
+        "name": [{"family": "Patient-One", "given": ["Amy"]}], "birthDate": "1970-01-01"});
+    let a = post_match(&url, &t, copy_of_p1.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        match_grades(&a),
+        [("Patient/p1".to_owned(), "certain".to_owned())],
+        "{}",
+        a.text
+    );
+    let certain_score = a.json()["entry"][0]["search"]["score"].as_f64().unwrap();
+    // Same name, another birth date: a possible match only.
+    let near = json!({"resourceType": "Patient",
+        "name": [{"family": "Patient-One", "given": ["Amy"]}], "birthDate": "1999-09-09"});
+    let a = post_match(&url, &t, near).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        match_grades(&a),
+        [("Patient/p1".to_owned(), "possible".to_owned())],
+        "{}",
+        a.text
+    );
+    let near_score = a.json()["entry"][0]["search"]["score"].as_f64().unwrap();
+    assert!(
+        certain_score > near_score,
+        "{certain_score} vs {near_score}"
+    );
+    // Nobody like this: an empty searchset.
+    let nobody = json!({"resourceType": "Patient",
+        "name": [{"family": "Nobody", "given": ["Zed"]}], "birthDate": "2001-01-01"});
+    let a = post_match(&url, &t, nobody).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(a.entry_ids().is_empty(), "{}", a.text);
+    // The upstream's own refusal (no resource) passes through as its OperationOutcome.
+    let a = harness::answer(
+        support::http_client()
+            .post(&url)
+            .bearer_auth(&t)
+            .header("content-type", "application/fhir+json")
+            .body(r#"{"resourceType":"Parameters","parameter":[]}"#),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.json()["resourceType"], "OperationOutcome", "{}", a.text);
+    // A compartment-bound token is refused before the upstream, whatever it sends.
+    let p = token("patient-p1", "patient/Patient.rs", "demo").await;
+    let a = post_match(&url, &p, copy_of_p1).await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    assert_eq!(a.reason(), "search_not_narrowable");
+}
+
 #[tokio::test]
 async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
-    // The test FHIR server has no `$match`; a loopback server answers in its place so
-    // the forwarding and the filtering of the result can be observed.
+    // A loopback server answers in the upstream's place with what HAPI would never
+    // send (an Observation among the candidates), so the filtering can be observed.
     let answer = json!({
         "resourceType": "Bundle", "type": "searchset", "total": 4,
         "entry": [
