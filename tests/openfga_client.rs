@@ -364,6 +364,27 @@ async fn list_objects_complete_returns_all_1500_where_list_objects_stops_at_1000
 }
 
 #[tokio::test]
+async fn stream_cut_by_the_real_servers_deadline_is_incomplete() {
+    // OpenFGA ends a StreamedListObjects at its `listObjectsDeadline` without saying so
+    // (with 5 ms it stopped after 500 of 3,000 objects, a clean end of stream): the
+    // client, told the same deadline, cannot prove the list complete.
+    let world = World::real_with(support::OpenFgaOptions {
+        args: vec!["--listObjects-deadline".into(), "1ms".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = world.connection();
+    conn.list_objects_deadline = Duration::from_millis(1);
+    let e = world
+        .client_with(conn)
+        .list_objects_complete("user:alice", "can_view", "patient", 5000)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FgaError::Incomplete { .. }), "{e}");
+    assert_eq!(e.reason(), "fga_incomplete");
+}
+
+#[tokio::test]
 async fn stream_cut_by_the_server_deadline_is_incomplete() {
     let world = World::start(Options {
         list_objects_deadline: Duration::from_millis(400),
