@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs the test stack if needed
-# (idempotent), runs the OpenFGA model's store tests (fga-model/check.sh), then checks
-# formatting and lints, and runs every test: unit tests,
-# integration tests against the real FHIR server and token issuer, and the benches
-# in test mode (each benchmark runs once).
+# (idempotent), runs the OpenFGA model's store tests (fga-model/check.sh), checks the
+# layer order of src/ (scripts/check-layers.py), then checks formatting and lints, and
+# runs every test: unit tests, integration tests against the real FHIR server (HAPI),
+# OpenFGA and token issuer, and the benches in test mode (each benchmark runs once).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/install.sh
 # The OpenFGA model: model.json in step with model.fga, store tests in the real engine.
 fga-model/check.sh
+# The one-way layering of src/ (docs/architecture.md): no new upward import.
+python3 scripts/check-layers.py
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # Benches first (each benchmark runs once), so the suites' summaries close the output.

@@ -63,6 +63,8 @@ if $cds; then
     -cp "$build_dir/lib/*:$build_dir/app.jar" org.smartfhirproxy.hapi.Main --port "$port" \
     --access-log "$tmp/access.log" >"$tmp/out" 2>"$tmp/err" </dev/null &
   pid=$!
+  # However this script ends, the trial server does not outlive it.
+  trap 'stop_pid "$pid" 5; rm -rf "$tmp"' EXIT
   ok=false
   if "$SCRIPTS_DIR/lib/wait-http.sh" "http://127.0.0.1:$port/fhir/metadata" 180 "$pid"; then
     # Exercise the common paths so their classes are archived too.
@@ -87,6 +89,7 @@ if $cds; then
     want=$sum
   fi
   rm -rf "$tmp"
+  trap - EXIT
 fi
 
 echo "$want" >"$stamp"
