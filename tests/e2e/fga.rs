@@ -150,21 +150,30 @@ fn fga_tenant(id: &str, port: u16, store: &(String, String, String), extra: Valu
 }
 
 fn start(list: Vec<(&str, Value)>) -> Proxy {
+    start_with_env(list, &[])
+}
+
+/// As [`start`], with environment variables for the proxy (credentials).
+fn start_with_env(list: Vec<(&str, Value)>, env: &[(&str, &str)]) -> Proxy {
     let list: Vec<(String, Value)> = list.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    Proxy::start(move |port| {
-        tenants(
-            list.iter()
-                .map(|(id, extra)| {
-                    let store =
-                        serde_json::from_value::<(String, String, String)>(extra["store"].clone())
-                            .unwrap();
-                    let mut settings = extra.clone();
-                    settings.as_object_mut().unwrap().remove("store");
-                    (id.as_str(), fga_tenant(id, port, &store, settings))
-                })
-                .collect(),
-        )
-    })
+    Proxy::start_with_env(
+        move |port| {
+            tenants(
+                list.iter()
+                    .map(|(id, extra)| {
+                        let store = serde_json::from_value::<(String, String, String)>(
+                            extra["store"].clone(),
+                        )
+                        .unwrap();
+                        let mut settings = extra.clone();
+                        settings.as_object_mut().unwrap().remove("store");
+                        (id.as_str(), fga_tenant(id, port, &store, settings))
+                    })
+                    .collect(),
+            )
+        },
+        env,
+    )
 }
 
 fn settings(store: &(String, String, String), extra: Value) -> Value {
@@ -741,30 +750,14 @@ async fn a_server_with_a_pre_shared_key_is_called_with_it_and_a_wrong_key_fails_
     let store = (s.api_url, s.store_id, s.model_id);
     let credentials =
         |var: &str| json!({ "credentials": { "method": "api_token", "api_token_env": var } });
-    let list = vec![
-        ("keyed", settings(&store, credentials("FGA_E2E_RIGHT_KEY"))),
-        (
-            "wrongkey",
-            settings(&store, credentials("FGA_E2E_WRONG_KEY")),
-        ),
-    ];
-    let list: Vec<(String, Value)> = list.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let proxy = Proxy::start_with_env(
-        move |port| {
-            tenants(
-                list.iter()
-                    .map(|(id, extra)| {
-                        let store = serde_json::from_value::<(String, String, String)>(
-                            extra["store"].clone(),
-                        )
-                        .unwrap();
-                        let mut settings = extra.clone();
-                        settings.as_object_mut().unwrap().remove("store");
-                        (id.as_str(), fga_tenant(id, port, &store, settings))
-                    })
-                    .collect(),
-            )
-        },
+    let proxy = start_with_env(
+        vec![
+            ("keyed", settings(&store, credentials("FGA_E2E_RIGHT_KEY"))),
+            (
+                "wrongkey",
+                settings(&store, credentials("FGA_E2E_WRONG_KEY")),
+            ),
+        ],
         &[
             ("FGA_E2E_RIGHT_KEY", KEY),
             ("FGA_E2E_WRONG_KEY", "not-the-key"),
