@@ -105,10 +105,7 @@ impl World {
 
     async fn real_with(options: support::OpenFgaOptions) -> World {
         let key = options.preshared_key.clone();
-        let tuples: Vec<Value> = tuples()
-            .iter()
-            .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
-            .collect();
+        let tuples: Vec<Value> = tuples().iter().map(TupleKey::to_json).collect();
         let (server, store) = tokio::task::spawn_blocking(move || {
             let server = support::OpenFgaServer::start(options);
             let store = server.create_store("proxy", &model(), &tuples);

@@ -115,14 +115,16 @@ fn world() -> Vec<TupleKey> {
     tuples
 }
 
-/// A store of its own with the world's tuples on the real OpenFGA server, created
-/// through its HTTP API: `(api_url, store_id, model_id)`.
+/// A store of its own with the world's tuples on the shared real OpenFGA server,
+/// created through its HTTP API: `(api_url, store_id, model_id)`.
 fn store() -> (String, String, String) {
-    let tuples: Vec<Value> = world()
-        .iter()
-        .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
-        .collect();
-    let s = support::openfga().create_store("fga-e2e", &model(), &tuples);
+    store_on(support::openfga())
+}
+
+/// As [`store`], on `server`.
+fn store_on(server: &support::OpenFgaServer) -> (String, String, String) {
+    let tuples: Vec<Value> = world().iter().map(TupleKey::to_json).collect();
+    let s = server.create_store("fga-e2e", &model(), &tuples);
     (s.api_url, s.store_id, s.model_id)
 }
 
@@ -474,7 +476,7 @@ async fn an_included_record_of_another_patient_is_dropped() {
 }
 
 async fn write_tuples(store: &(String, String, String), writes: &[TupleKey], deletes: &[TupleKey]) {
-    let keys = |ts: &[TupleKey]| json!({ "tuple_keys": ts.iter().map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object})).collect::<Vec<_>>() });
+    let keys = |ts: &[TupleKey]| json!({ "tuple_keys": ts.iter().map(TupleKey::to_json).collect::<Vec<_>>() });
     let mut body = json!({ "authorization_model_id": store.2 });
     if !writes.is_empty() {
         body["writes"] = keys(writes);
@@ -742,12 +744,7 @@ async fn a_server_with_a_pre_shared_key_is_called_with_it_and_a_wrong_key_fails_
         preshared_key: Some(KEY.to_owned()),
         ..Default::default()
     });
-    let tuples: Vec<Value> = world()
-        .iter()
-        .map(|t| json!({"user": t.user, "relation": t.relation, "object": t.object}))
-        .collect();
-    let s = server.create_store("fga-e2e-key", &model(), &tuples);
-    let store = (s.api_url, s.store_id, s.model_id);
+    let store = store_on(&server);
     let credentials =
         |var: &str| json!({ "credentials": { "method": "api_token", "api_token_env": var } });
     let proxy = start_with_env(

@@ -509,6 +509,11 @@ impl TupleKey {
             user: user.to_owned(),
         }
     }
+
+    /// OpenFGA's JSON form, `{"user", "relation", "object"}`, as Write takes it.
+    pub fn to_json(&self) -> Value {
+        json!({"user": self.user, "relation": self.relation, "object": self.object})
+    }
 }
 
 impl std::fmt::Display for TupleKey {

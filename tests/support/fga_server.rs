@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 
-use super::{Background, read_pid, require_installed, run_start_script, scratch_dir};
+use super::{
+    Background, read_pid, require_installed, run_start_script, scratch_dir, start_with_retries,
+};
 
 /// OpenFGA's default `--max-tuples-per-write`.
 const TUPLES_PER_WRITE: usize = 100;
@@ -46,8 +48,7 @@ impl OpenFgaServer {
     /// Starts a server of its own on free ports; stops on drop.
     pub fn start(options: OpenFgaOptions) -> OpenFgaServer {
         require_installed();
-        let mut last_error = String::new();
-        for _ in 0..3 {
+        start_with_retries("OpenFGA", || {
             let dir = scratch_dir("openfga");
             let mut args = vec![
                 "--port".to_owned(),
@@ -64,20 +65,15 @@ impl OpenFgaServer {
                 args.push("--".to_owned());
                 args.extend(options.args.iter().cloned());
             }
-            match run_start_script("openfga-server.sh", &args) {
-                Ok((url, pgid)) => {
-                    let pid = read_pid(&dir.join("openfga.pid"));
-                    return OpenFgaServer {
-                        url,
-                        key: options.preshared_key.clone(),
-                        dir,
-                        process: Background { pid, pgid },
-                    };
-                }
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("cannot start OpenFGA: {last_error}");
+            let (url, pgid) = run_start_script("openfga-server.sh", &args)?;
+            let pid = read_pid(&dir.join("openfga.pid"));
+            Ok(OpenFgaServer {
+                url,
+                key: options.preshared_key.clone(),
+                dir,
+                process: Background { pid, pgid },
+            })
+        })
     }
 
     /// HTTP API URL, `http://127.0.0.1:PORT`.

@@ -196,6 +196,19 @@ fn run_start_script(script: &str, args: &[String]) -> Result<(String, u32), Stri
     }
 }
 
+/// Runs `attempt` up to three times (a free port may be taken before the server binds
+/// it); panics with the last error naming `what`.
+fn start_with_retries<T>(what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        match attempt() {
+            Ok(started) => return started,
+            Err(e) => last_error = e,
+        }
+    }
+    panic!("cannot start {what}: {last_error}");
+}
+
 fn read_pid(file: &Path) -> u32 {
     fs::read_to_string(file)
         .ok()
@@ -245,8 +258,7 @@ impl FhirServer {
     /// Starts a server of its own on a free port with a fresh database; stops on drop.
     pub fn start(options: FhirServerOptions) -> FhirServer {
         require_installed();
-        let mut last_error = String::new();
-        for _ in 0..3 {
+        start_with_retries("the FHIR server", || {
             let port = free_port();
             let data_dir = scratch_dir("fhir");
             let mut args = vec![
@@ -269,20 +281,15 @@ impl FhirServer {
             if options.compartment_search {
                 args.push("--compartment-search".to_owned());
             }
-            match run_start_script("fhir-server.sh", &args) {
-                Ok((base_url, pgid)) => {
-                    let pid = read_pid(&data_dir.join("server.pid"));
-                    return FhirServer {
-                        base_url,
-                        port,
-                        data_dir,
-                        process: Background { pid, pgid },
-                    };
-                }
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("cannot start the FHIR server: {last_error}");
+            let (base_url, pgid) = run_start_script("fhir-server.sh", &args)?;
+            let pid = read_pid(&data_dir.join("server.pid"));
+            Ok(FhirServer {
+                base_url,
+                port,
+                data_dir,
+                process: Background { pid, pgid },
+            })
+        })
     }
 
     /// FHIR base URL, `http://127.0.0.1:PORT/fhir` (no trailing slash).
@@ -517,8 +524,7 @@ impl Issuer {
     pub fn start(config: IssuerConfig) -> Issuer {
         require_installed();
         let keys = config.keys.clone().unwrap_or_else(generate_keys);
-        let mut last_error = String::new();
-        for _ in 0..3 {
+        start_with_retries("the issuer", || {
             let port = free_port();
             let mut issuer = Issuer {
                 url: format!("http://127.0.0.1:{port}"),
@@ -528,12 +534,9 @@ impl Issuer {
                 keys: keys.clone(),
                 process: None,
             };
-            match issuer.launch() {
-                Ok(()) => return issuer,
-                Err(e) => last_error = e,
-            }
-        }
-        panic!("cannot start the issuer: {last_error}");
+            issuer.launch()?;
+            Ok(issuer)
+        })
     }
 
     fn launch(&mut self) -> Result<(), String> {
