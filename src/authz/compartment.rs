@@ -12,7 +12,7 @@
 //! foreign absolute references never do; ids are compared whole, so `Patient/p1`
 //! never matches `Patient/p10`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -86,6 +86,9 @@ pub struct CompartmentIndex {
     /// Every R4 SearchParameter, for evaluating scope constraints on records. Empty
     /// (every constraint unsupported, i.e. granting nothing) unless built by `official`.
     search_params: SearchParamIndex,
+    /// The first element of every linking path (`subject`, `performer`, ...), of any
+    /// type: the top-level members a compartment check reads besides `id`.
+    roots: HashSet<String>,
 }
 
 impl CompartmentIndex {
@@ -181,6 +184,9 @@ impl CompartmentIndex {
                 paths.sort();
                 paths.dedup();
                 if !params.is_empty() {
+                    index
+                        .roots
+                        .extend(paths.iter().filter_map(|p| p.first()).cloned());
                     index.params.insert((owner, rt), params);
                     index.links.insert((owner, rt), paths);
                 }
@@ -195,6 +201,13 @@ impl CompartmentIndex {
             .get(&(owner, rt))
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// Whether a compartment check of some resource type reads the top-level member
+    /// `member` (besides `id`, which it always may). Answers are projected to these
+    /// members before they are checked ([`crate::fhir::answer`]).
+    pub fn reads_member(&self, member: &str) -> bool {
+        self.roots.contains(member)
     }
 
     /// Whether resources of type `rt` can be in a compartment of type `owner` at all

@@ -186,11 +186,7 @@ impl OpenFgaChecker {
                 by_principal.push((Arc::clone(principal), Arc::clone(list)));
                 continue;
             }
-            let patients = patients.get_or_insert_with(|| {
-                serde_json::from_slice::<Value>(answer)
-                    .map(|v| patients_in(&v, index, bases))
-                    .unwrap_or_default()
-            });
+            let patients = patients.get_or_insert_with(|| patients_in(answer, index, bases));
             let objects: Vec<String> = patients
                 .iter()
                 .map(|id| format!("{PATIENT_TYPE}:{id}"))
@@ -275,9 +271,18 @@ impl FgaDecisions {
     }
 }
 
-/// The distinct patients of every resource in `answer` (itself, or each Bundle entry's
-/// resource).
-pub fn patients_in(answer: &Value, index: &CompartmentIndex, bases: &[&str]) -> Vec<String> {
+/// The patients whose compartments the records of an answer are in (every Bundle
+/// entry's, or the one resource's), sorted and distinct. The answer is read in one
+/// pass, each resource projected to its compartment links; an answer that cannot be
+/// read has no patients (and its check fails on its own).
+pub fn patients_in(answer: &[u8], index: &CompartmentIndex, bases: &[&str]) -> Vec<String> {
+    let keep = |member: &str| index.reads_member(member);
+    let Some(read) = std::str::from_utf8(answer)
+        .ok()
+        .and_then(|text| crate::fhir::answer::read(text, &keep).ok())
+    else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     let mut add = |resource: &Value| {
         if let Some(rt) = resource
@@ -288,19 +293,13 @@ pub fn patients_in(answer: &Value, index: &CompartmentIndex, bases: &[&str]) -> 
             out.extend(index.owners(ResourceType::PATIENT, rt, resource, bases));
         }
     };
-    if answer.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-        for entry in answer
-            .get("entry")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(r) = entry.get("resource") {
-                add(r);
-            }
-        }
+    if read.resource_type.as_deref() == Some("Bundle") {
+        read.entries
+            .iter()
+            .filter_map(|e| e.resource.as_ref())
+            .for_each(&mut add);
     } else {
-        add(answer);
+        add(&read.resource);
     }
     out.sort_unstable();
     out.dedup();
@@ -419,11 +418,14 @@ mod tests {
             {"resource": {"resourceType": "Practitioner", "id": "x"}}
         ]});
         assert_eq!(
-            patients_in(&bundle, &index, &["https://up/fhir"]),
+            patients_in(bundle.to_string().as_bytes(), &index, &["https://up/fhir"]),
             vec!["p1", "p2", "p3"]
         );
         let single =
             json!({"resourceType": "Condition", "id": "c", "subject": {"reference": "Patient/p7"}});
-        assert_eq!(patients_in(&single, &index, &[]), vec!["p7"]);
+        assert_eq!(
+            patients_in(single.to_string().as_bytes(), &index, &[]),
+            vec!["p7"]
+        );
     }
 }

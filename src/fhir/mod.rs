@@ -1,6 +1,8 @@
 //! Shared FHIR model used by every stage: resource types, the parsed request, and
 //! OperationOutcome rendering.
 
+pub mod answer;
+pub mod json;
 pub mod outcome;
 pub mod parse;
 pub mod reference;

@@ -10,16 +10,14 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use std::collections::HashSet;
 
-use indexmap::IndexMap;
-use serde::Deserialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::authz::{AuthzError, Release, ReleaseCtx};
 use crate::error::ProxyError;
+use crate::fhir::answer::{self, Answer, Keep};
 use crate::fhir::{FhirRequest, Interaction, ResourceType};
 
-use super::UpstreamError;
+use super::{BaseRewrite, UpstreamError};
 
 /// The checked answer body.
 #[derive(Debug)]
@@ -39,11 +37,46 @@ pub struct CheckCtx<'a> {
     pub records: ReleaseCtx<'a>,
     /// Turns Bundle links into proxy links (`None`: every link is dropped).
     pub paging: Option<crate::cursor::Pager<'a>>,
+    /// Upstream URLs to the proxy's, applied to everything handed out.
+    pub rewrite: BaseRewrite<'a>,
 }
 
 impl CheckCtx<'_> {
     fn release(&self, rt: ResourceType, resource: &Value, primary: bool) -> Release {
         self.records.release(rt, resource, primary)
+    }
+}
+
+/// The top-level members of a resource that its checks read besides `resourceType`
+/// and `id`: compartment links of any type, and the elements of the token's scope
+/// constraints. Everything else is skipped unparsed.
+struct Reads<'a> {
+    ctx: &'a ReleaseCtx<'a>,
+    /// From scope constraints (rare; usually empty).
+    constrained: Vec<&'a str>,
+}
+
+impl<'a> Reads<'a> {
+    fn new(ctx: &'a ReleaseCtx<'a>) -> Self {
+        let params = ctx.index.search_params();
+        let mut constrained: Vec<&str> = ctx
+            .token
+            .scopes
+            .resource_scopes()
+            .iter()
+            .flat_map(|s| s.constraints.iter())
+            .flat_map(|(name, _)| params.roots(name))
+            .map(String::as_str)
+            .collect();
+        constrained.sort_unstable();
+        constrained.dedup();
+        Reads { ctx, constrained }
+    }
+}
+
+impl Keep for Reads<'_> {
+    fn keep(&self, member: &str) -> bool {
+        self.ctx.index.reads_member(member) || self.constrained.contains(&member)
     }
 }
 
@@ -101,9 +134,13 @@ pub fn check_answer(
         {
             return Err(UpstreamError::NotFound.into());
         }
-        if is_json(headers) && resource_type_of(&body) == Some("OperationOutcome") {
+        let outcome = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|text| answer::read(text, &|_: &str| false).ok())
+            .is_some_and(|a| a.resource_type.as_deref() == Some("OperationOutcome"));
+        if is_json(headers) && outcome {
             return Ok(Checked {
-                body,
+                body: ctx.rewrite.bytes(&body),
                 dropped: 0,
                 kept: 0,
                 reason: "upstream_outcome",
@@ -114,26 +151,36 @@ pub fn check_answer(
     if !is_json(headers) {
         return Err(UpstreamError::BadResponse("content type").into());
     }
-    // The type alone first (a cheap scan); a whole `Value` only where one record is
-    // checked, since a Bundle is parsed entry by entry below.
-    let rt = resource_type_of(&body)
+    // One pass over the whole answer: validated, each resource projected.
+    let text = std::str::from_utf8(&body).map_err(|_| UpstreamError::BadResponse("json"))?;
+    let reads = Reads::new(&ctx.records);
+    let answer = answer::read(text, &reads).map_err(|e| match e {
+        answer::AnswerError::Json(_) => UpstreamError::BadResponse("json"),
+        answer::AnswerError::NotResource => UpstreamError::BadResponse("resourceType"),
+    })?;
+    let rt = answer
+        .resource_type
+        .as_deref()
         .and_then(ResourceType::parse)
         .ok_or(UpstreamError::BadResponse("resourceType"))?;
-    let parse = || -> Result<Value, ProxyError> {
-        serde_json::from_slice(&body).map_err(|_| UpstreamError::BadResponse("json").into())
-    };
     let denied = || -> ProxyError {
         AuthzError::Hidden {
             status: ctx.records.permit.denied_status,
         }
         .into()
     };
+    let released = |reason| Checked {
+        body: ctx.rewrite.bytes(&body),
+        dropped: 0,
+        kept: 0,
+        reason,
+    };
 
     if matches!(
         ctx.request.interaction,
         Interaction::Read | Interaction::Vread
     ) {
-        let resource = parse()?;
+        let resource = &answer.resource;
         // The answer must be the record asked for; anything else is an upstream fault.
         let same_type = Some(rt) == ctx.request.resource_type;
         let same_id = resource.get("id").and_then(Value::as_str)
@@ -141,13 +188,8 @@ pub fn check_answer(
         if !same_type || !same_id {
             return Err(UpstreamError::BadResponse("read answered another record").into());
         }
-        return match ctx.release(rt, &resource, true) {
-            Release::Allowed(_) => Ok(Checked {
-                body,
-                dropped: 0,
-                kept: 0,
-                reason: "record_allowed",
-            }),
+        return match ctx.release(rt, resource, true) {
+            Release::Allowed(_) => Ok(released("record_allowed")),
             // Non-patient data a patient token may only see next to its own records.
             Release::AllowedIfReferenced(_) | Release::DeniedType | Release::DeniedRecord => {
                 Err(denied())
@@ -156,9 +198,7 @@ pub fn check_answer(
     }
 
     if rt == ResourceType::BUNDLE {
-        let checked = filter_bundle(ctx, &body)?;
-        // The history of a record the token may not see must look like a missing
-        // record, not like an empty history.
+        let checked = filter_bundle(ctx, &answer, text.len())?;
         // The history of a record the token may not see must look like a missing
         // record. An empty history says nothing either way (the upstream may answer
         // a missing id, `_count=0` or `_since` in the future with an empty 200 and a
@@ -177,34 +217,14 @@ pub fn check_answer(
         return Ok(checked);
     }
     if rt == ResourceType::OPERATION_OUTCOME {
-        return Ok(Checked {
-            body,
-            dropped: 0,
-            kept: 0,
-            reason: "upstream_outcome",
-        });
+        return Ok(released("upstream_outcome"));
     }
     // An operation that answered with a single resource: it must be releasable on its
     // own.
-    let resource = parse()?;
-    match ctx.release(rt, &resource, false) {
-        Release::Allowed(_) => Ok(Checked {
-            body,
-            dropped: 0,
-            kept: 0,
-            reason: "record_allowed",
-        }),
+    match ctx.release(rt, &answer.resource, false) {
+        Release::Allowed(_) => Ok(released("record_allowed")),
         _ => Err(denied()),
     }
-}
-
-fn resource_type_of(body: &[u8]) -> Option<&str> {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(rename = "resourceType", borrow)]
-        resource_type: Option<&'a str>,
-    }
-    serde_json::from_slice::<Head<'_>>(body).ok()?.resource_type
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -215,7 +235,8 @@ enum EntryKind {
 }
 
 enum Decision {
-    Keep,
+    /// Keep; `true` if a record was released (its references may release others).
+    Keep(bool),
     Drop,
     /// Keep only if a kept entry references this `Type/id`.
     IfReferenced(String),
@@ -243,152 +264,159 @@ fn collect_references(resource: &Value, bases: &[&str], out: &mut HashSet<String
     }
 }
 
-#[derive(Deserialize)]
-struct EntryView {
-    resource: Option<Value>,
-    search: Option<SearchView>,
-}
-
-#[derive(Deserialize)]
-struct SearchView {
-    mode: Option<String>,
-}
-
-fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError> {
-    let top: IndexMap<String, Box<RawValue>> =
-        serde_json::from_slice(body).map_err(|_| UpstreamError::BadResponse("bundle"))?;
-    let entries: Vec<Box<RawValue>> = match top.get("entry") {
-        Some(raw) => serde_json::from_str(raw.get())
-            .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?,
-        None => Vec::new(),
+fn decide(ctx: &CheckCtx<'_>, entry: &answer::Entry<'_>) -> Decision {
+    let mode = entry.mode.as_deref();
+    let Some(resource) = &entry.resource else {
+        // History entries of deletions carry no resource: only for unrestricted
+        // tokens, since their request URL names the record.
+        return if ctx.records.permit.is_unrestricted() {
+            Decision::Keep(false)
+        } else {
+            Decision::Drop
+        };
     };
+    let Some(rt) = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .and_then(ResourceType::parse)
+    else {
+        return Decision::Drop;
+    };
+    if rt == ResourceType::OPERATION_OUTCOME && mode == Some("outcome") {
+        return Decision::Keep(false);
+    }
+    match ctx.release(rt, resource, mode != Some("include")) {
+        Release::Allowed(_) => Decision::Keep(true),
+        Release::AllowedIfReferenced(_) => match resource.get("id").and_then(Value::as_str) {
+            Some(id) => Decision::IfReferenced(format!("{rt}/{id}")),
+            None => Decision::Drop,
+        },
+        Release::DeniedType | Release::DeniedRecord => Decision::Drop,
+    }
+}
+
+fn filter_bundle(
+    ctx: &CheckCtx<'_>,
+    answer: &Answer<'_>,
+    size: usize,
+) -> Result<Checked, ProxyError> {
+    if answer.malformed_entries {
+        return Err(UpstreamError::BadResponse("bundle.entry").into());
+    }
     // First pass: decide each entry on its own. Non-patient data that a patient token
     // may only see next to its own records waits for the second pass.
-    let mut decisions: Vec<(&RawValue, Decision, EntryKind)> = Vec::with_capacity(entries.len());
+    let decisions: Vec<(Decision, EntryKind)> = answer
+        .entries
+        .iter()
+        .map(|entry| {
+            let kind = match entry.mode.as_deref() {
+                Some("include") => EntryKind::Include,
+                Some("outcome") => EntryKind::Outcome,
+                _ => EntryKind::Match,
+            };
+            (decide(ctx, entry), kind)
+        })
+        .collect();
+    // Second pass, only if something waits: the references of every released record
+    // (read from its text; such answers are rare: `_include`d non-patient data for a
+    // `patient/` token).
     let mut referenced: HashSet<String> = HashSet::new();
-    // Only a `patient/` context (which needs a `patient` claim) releases records
-    // `IfReferenced`; without one the references of kept records are never consulted.
-    let wants_references = ctx.records.token.patient.is_some();
-    for raw in &entries {
-        let entry: EntryView = serde_json::from_str(raw.get())
-            .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?;
-        let mode = entry.search.as_ref().and_then(|s| s.mode.as_deref());
-        let kind = match mode {
-            Some("include") => EntryKind::Include,
-            Some("outcome") => EntryKind::Outcome,
-            _ => EntryKind::Match,
-        };
-        let decision = match &entry.resource {
-            // History entries of deletions carry no resource: only for unrestricted
-            // tokens, since their request URL names the record.
-            None if ctx.records.permit.is_unrestricted() => Decision::Keep,
-            None => Decision::Drop,
-            Some(resource) => {
-                match resource
-                    .get("resourceType")
-                    .and_then(Value::as_str)
-                    .and_then(ResourceType::parse)
-                {
-                    Some(rt)
-                        if rt == ResourceType::OPERATION_OUTCOME && mode == Some("outcome") =>
-                    {
-                        Decision::Keep
-                    }
-                    Some(rt) => match ctx.release(rt, resource, mode != Some("include")) {
-                        Release::Allowed(_) => {
-                            if wants_references {
-                                collect_references(resource, &ctx.records.bases, &mut referenced);
-                            }
-                            Decision::Keep
-                        }
-                        Release::AllowedIfReferenced(_) => {
-                            match resource.get("id").and_then(Value::as_str) {
-                                Some(id) => Decision::IfReferenced(format!("{rt}/{id}")),
-                                None => Decision::Drop,
-                            }
-                        }
-                        Release::DeniedType | Release::DeniedRecord => Decision::Drop,
-                    },
-                    None => Decision::Drop,
-                }
+    if decisions
+        .iter()
+        .any(|(d, _)| matches!(d, Decision::IfReferenced(_)))
+    {
+        for (entry, (decision, _)) in answer.entries.iter().zip(&decisions) {
+            if let (Decision::Keep(true), Some(raw)) = (decision, entry.resource_raw) {
+                let resource: Value = serde_json::from_str(raw)
+                    .map_err(|_| UpstreamError::BadResponse("bundle.entry"))?;
+                collect_references(&resource, &ctx.records.bases, &mut referenced);
             }
-        };
-        decisions.push((raw, decision, kind));
+        }
     }
-    // Second pass: keep waiting entries that a released record references.
-    let mut verdicts: Vec<(&RawValue, bool, EntryKind)> = decisions
+    let mut verdicts: Vec<(bool, EntryKind)> = decisions
         .into_iter()
-        .map(|(raw, decision, kind)| {
+        .map(|(decision, kind)| {
             let keep = match decision {
-                Decision::Keep => true,
+                Decision::Keep(_) => true,
                 Decision::Drop => false,
                 Decision::IfReferenced(local) => referenced.contains(&local),
             };
-            (raw, keep, kind)
+            (keep, kind)
         })
         .collect();
-    let dropped_any = verdicts.iter().any(|(_, keep, _)| !keep);
+    let dropped_any = verdicts.iter().any(|(keep, _)| !keep);
     // Upstream warnings may describe what was dropped: for restricted tokens they go
     // whenever anything else went.
     if dropped_any && !ctx.records.permit.is_unrestricted() {
-        for (_, keep, kind) in &mut verdicts {
+        for (keep, kind) in &mut verdicts {
             if *kind == EntryKind::Outcome {
                 *keep = false;
             }
         }
     }
-    let mut kept: Vec<&RawValue> = Vec::with_capacity(verdicts.len());
     let (mut dropped, mut kept_records, mut dropped_matches) = (0usize, 0usize, 0usize);
-    for (raw, keep, kind) in verdicts {
-        if keep {
-            kept.push(raw);
-            if kind != EntryKind::Outcome {
+    for (keep, kind) in &verdicts {
+        if *keep {
+            if *kind != EntryKind::Outcome {
                 kept_records += 1;
             }
         } else {
             dropped += 1;
-            if kind == EntryKind::Match {
+            if *kind == EntryKind::Match {
                 dropped_matches += 1;
             }
         }
     }
-    let top = rewrite_links(ctx, top)?;
+    let any_kept = verdicts.iter().any(|(keep, _)| *keep);
+    let links = proxy_links(ctx, answer.member("link").map(|m| m.value))?;
     // One chunk of a search narrowed to a patient list counts only that chunk.
     let segmented = ctx.paging.as_ref().is_some_and(|p| p.segmented());
-    let mut out: Vec<u8> = Vec::with_capacity(body.len());
+    let mut out: Vec<u8> = Vec::with_capacity(size + 256);
     out.push(b'{');
     let mut first = true;
-    for (key, value) in &top {
+    let mut separate = |out: &mut Vec<u8>| {
+        if !std::mem::replace(&mut first, false) {
+            out.push(b',');
+        }
+    };
+    for member in &answer.members {
+        let key = member.key.as_ref();
         // `total` counts matches only: it goes when a match was dropped, and stays when
         // only included records were, so its presence says nothing about them.
         if key == "total" && (dropped_matches > 0 || segmented) {
             continue;
         }
-        if key == "entry" && kept.is_empty() {
+        if (key == "entry" && !any_kept) || (key == "link" && links.is_none()) {
             continue;
         }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(
-            serde_json::to_string(key)
-                .map_err(|_| UpstreamError::BadResponse("bundle"))?
-                .as_bytes(),
-        );
+        separate(&mut out);
+        out.extend_from_slice(member.raw_key.as_bytes());
         out.push(b':');
-        if key == "entry" {
-            out.push(b'[');
-            for (i, e) in kept.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
+        match key {
+            "entry" => {
+                out.push(b'[');
+                let kept = answer
+                    .entries
+                    .iter()
+                    .zip(&verdicts)
+                    .filter(|(_, (keep, _))| *keep);
+                for (i, (entry, _)) in kept.enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    ctx.rewrite.append(entry.raw.as_bytes(), &mut out);
                 }
-                out.extend_from_slice(e.get().as_bytes());
+                out.push(b']');
             }
-            out.push(b']');
-        } else {
-            out.extend_from_slice(value.get().as_bytes());
+            "link" => out.extend_from_slice(links.as_deref().unwrap_or("[]").as_bytes()),
+            _ => ctx.rewrite.append(member.value.as_bytes(), &mut out),
         }
+    }
+    // Links where the upstream gave none (the next chunk of a narrowed search) go last.
+    if let (None, Some(links)) = (answer.member("link"), &links) {
+        separate(&mut out);
+        out.extend_from_slice(b"\"link\":");
+        out.extend_from_slice(links.as_bytes());
     }
     out.push(b'}');
     Ok(Checked {
@@ -407,14 +435,12 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
 /// request (or a cursor for this page), the paging relations become cursor URLs
 /// ([`crate::cursor::Pager::link`]), and anything else, including links to anywhere but
 /// the tenant's public base, is dropped; with no link left the key goes too.
-fn rewrite_links(
-    ctx: &CheckCtx<'_>,
-    mut top: IndexMap<String, Box<RawValue>>,
-) -> Result<IndexMap<String, Box<RawValue>>, ProxyError> {
-    let links: Vec<Value> = match top.get("link") {
-        Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
-        None => Vec::new(),
-    };
+/// `link` is the upstream's `link` member text; the answer is the new member's JSON
+/// text, `None` for no link at all.
+fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>, ProxyError> {
+    let links: Vec<Value> = link
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default();
     let mut out: Vec<Value> = Vec::with_capacity(links.len() + 1);
     if let Some(pager) = &ctx.paging {
         for link in &links {
@@ -424,7 +450,7 @@ fn rewrite_links(
                 continue;
             };
             let proxied = pager
-                .link(relation, url)
+                .link(relation, &ctx.rewrite.url(url))
                 .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
             if let Some(url) = proxied {
                 out.push(serde_json::json!({ "relation": relation, "url": url }));
@@ -444,15 +470,15 @@ fn rewrite_links(
         }
     }
     if out.is_empty() {
-        top.shift_remove("link");
-        return Ok(top);
+        return Ok(None);
     }
-    let value = serde_json::value::to_raw_value(&out)
-        .map_err(|_| UpstreamError::BadResponse("bundle.link"))?;
-    // Replacing an existing key keeps its position.
-    top.insert("link".to_owned(), value);
-    Ok(top)
+    serde_json::to_string(&out)
+        .map(Some)
+        .map_err(|_| UpstreamError::BadResponse("bundle.link").into())
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod value_path;

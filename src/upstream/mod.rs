@@ -331,33 +331,70 @@ async fn request_upstream_token(
 
 /// Replaces every occurrence of the upstream base with the public base.
 pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -> Bytes {
-    let from = upstream.base.as_bytes();
-    let finder = memchr::memmem::Finder::new(from);
-    let mut matches = finder.find_iter(body).peekable();
-    if from.is_empty() || matches.peek().is_none() {
-        // Nothing to rewrite: `Bytes::copy_from_slice` is the one copy made.
-        return Bytes::copy_from_slice(body);
+    BaseRewrite {
+        from: &upstream.base,
+        to: public_base,
     }
-    let to = public_base.as_bytes();
-    let mut out = Vec::with_capacity(body.len() + 256);
-    let mut last = 0;
-    for at in matches {
-        // Only the whole base: `http://up/fhir` must not turn `http://up/fhir2/...` into
-        // `https://proxy/t2/...`.
-        let end = at + from.len();
-        let whole = matches!(
-            body.get(end),
-            None | Some(b'/' | b'"' | b'?' | b'#' | b'\\')
-        );
-        if !whole || at < last {
-            continue;
+    .bytes(body)
+}
+
+/// Upstream URLs in answers become the proxy's: every whole occurrence of the
+/// upstream base (`from`) is replaced with the tenant's public base (`to`).
+#[derive(Clone, Copy, Debug)]
+pub struct BaseRewrite<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+}
+
+impl BaseRewrite<'_> {
+    /// `text` rewritten. Without an occurrence, `Bytes::copy_from_slice` is the one
+    /// copy made.
+    pub fn bytes(&self, text: &[u8]) -> Bytes {
+        if self.from.is_empty() || memchr::memmem::find(text, self.from.as_bytes()).is_none() {
+            return Bytes::copy_from_slice(text);
         }
-        out.extend_from_slice(body.get(last..at).unwrap_or_default());
-        out.extend_from_slice(to);
-        last = end;
+        let mut out = Vec::with_capacity(text.len() + 256);
+        self.append(text, &mut out);
+        Bytes::from(out)
     }
-    out.extend_from_slice(body.get(last..).unwrap_or_default());
-    Bytes::from(out)
+
+    /// Appends `text`, rewritten, to `out`.
+    pub fn append(&self, text: &[u8], out: &mut Vec<u8>) {
+        let from = self.from.as_bytes();
+        if from.is_empty() {
+            out.extend_from_slice(text);
+            return;
+        }
+        let to = self.to.as_bytes();
+        let mut last = 0;
+        for at in memchr::memmem::find_iter(text, from) {
+            // Only the whole base: `http://up/fhir` must not turn `http://up/fhir2/...`
+            // into `https://proxy/t2/...`.
+            let end = at + from.len();
+            let whole = matches!(
+                text.get(end),
+                None | Some(b'/' | b'"' | b'?' | b'#' | b'\\')
+            );
+            if !whole || at < last {
+                continue;
+            }
+            out.extend_from_slice(text.get(last..at).unwrap_or_default());
+            out.extend_from_slice(to);
+            last = end;
+        }
+        out.extend_from_slice(text.get(last..).unwrap_or_default());
+    }
+
+    /// A URL, rewritten.
+    pub fn url<'u>(&self, url: &'u str) -> std::borrow::Cow<'u, str> {
+        if self.from.is_empty() || !url.contains(self.from) {
+            return std::borrow::Cow::Borrowed(url);
+        }
+        let mut out = Vec::with_capacity(url.len() + 64);
+        self.append(url.as_bytes(), &mut out);
+        // Whole UTF-8 strings are spliced at UTF-8 boundaries.
+        String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(url), std::borrow::Cow::Owned)
+    }
 }
 
 fn rewrite_header(
@@ -429,7 +466,7 @@ async fn forward(
     let first_page = resumed.map(|r| &r.narrowed).unwrap_or(out);
     let (fetched, out) = fetch_chunks(upstream, tenant, out, first_page, req.headers()).await?;
     let out = &out;
-    let body = rewrite_base(&fetched.body, &cfg.upstream, &cfg.public_base);
+    let body = &fetched.body;
     let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
     // OpenFGA decisions for every patient of the answer, gathered before the
     // (synchronous) check of each record.
@@ -438,7 +475,7 @@ async fn forward(
             fga.decide(
                 permit,
                 req.extensions().get::<crate::authz::fga::FgaListed>(),
-                &body,
+                body,
                 tenant.checker.index(),
                 &bases,
             )
@@ -466,8 +503,12 @@ async fn forward(
             req.extensions().get::<crate::cursor::Resumed>(),
             crate::cursor::now(),
         )),
+        rewrite: BaseRewrite {
+            from: &cfg.upstream.base,
+            to: &cfg.public_base,
+        },
     };
-    let checked = filter::check_answer(&ctx, fetched.status, &fetched.headers, body)?;
+    let checked = filter::check_answer(&ctx, fetched.status, &fetched.headers, body.clone())?;
     if let (true, Some(audit)) = (
         checked.dropped > 0,
         req.extensions().get::<crate::audit::AuditSlot>(),

@@ -15,6 +15,10 @@ use crate::token::{FhirUser, VerifiedToken};
 const PUBLIC: &str = "https://proxy.example/t1";
 const UPSTREAM: &str = "http://127.0.0.1:8081/fhir";
 const FHIR_JSON: &str = "application/fhir+json";
+const REWRITE: BaseRewrite<'static> = BaseRewrite {
+    from: UPSTREAM,
+    to: PUBLIC,
+};
 
 static INDEX: LazyLock<Arc<CompartmentIndex>> =
     LazyLock::new(|| Arc::new(CompartmentIndex::official().unwrap()));
@@ -109,6 +113,7 @@ impl Fixture {
                 fga: None,
             },
             paging: out.as_ref().map(|o| self.pager(o)),
+            rewrite: REWRITE,
         };
         let mut headers = HeaderMap::new();
         if let Some(ct) = content_type {
@@ -484,6 +489,7 @@ fn content_type_that_is_not_visible_ascii_is_bad_response() {
             fga: None,
         },
         paging: None,
+        rewrite: REWRITE,
     };
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -1169,10 +1175,11 @@ fn bundle_links_never_carry_upstream_urls() {
         "resourceType": "Bundle", "type": "searchset",
         "link": [
             {"relation": "self", "url": format!("{PUBLIC}/Observation?_count=2&_offset=0")},
-            // sekmet-fhir drops the compartment of the narrowed search from its links.
-            {"relation": "next", "url": format!("{PUBLIC}/Observation?_count=2&_offset=2")},
-            // Not rewritten to the public base: a foreign URL, dropped.
-            {"relation": "previous", "url": format!("{UPSTREAM}/Observation?_offset=0")},
+            // The upstream's own URL, rewritten to the public base and made a cursor
+            // (the upstream dropped the compartment of the narrowed search).
+            {"relation": "next", "url": format!("{UPSTREAM}/Observation?_count=2&_offset=2")},
+            // Not the upstream base (a longer path), so not rewritten: foreign, dropped.
+            {"relation": "previous", "url": format!("{UPSTREAM}2/Observation?_offset=0")},
             {"relation": "last", "url": "https://elsewhere.example/fhir/Observation"},
             {"relation": "alternate", "url": format!("{PUBLIC}/Observation?_format=xml")},
             {"relation": "first"},
@@ -1229,6 +1236,7 @@ fn bundle_without_paging_context_loses_its_links() {
             fga: None,
         },
         paging: None,
+        rewrite: REWRITE,
     };
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
@@ -1365,3 +1373,5 @@ fn single_record_client_errors_look_missing_for_restricted_tokens() {
     let c = fx.check(400, outcome).unwrap();
     assert_eq!(c.reason, "upstream_outcome");
 }
+
+mod differential;

@@ -1,0 +1,282 @@
+//! An upstream answer read in one pass, without a DOM.
+//!
+//! The record checks read only a few elements of a resource: its type and id and the
+//! elements that link it into compartments or that a scope's constraints name. The
+//! reader ([`super::json::Reader`]) walks the answer once, validating all of it, and
+//! builds a *projection* of each resource: a `serde_json::Value` object holding only
+//! the top-level members a [`Keep`] set names (whole), so the checks written against
+//! `Value` decide exactly as on the full resource while everything else is skipped as
+//! bytes. For a Bundle it also hands out each entry's text, so kept entries are spliced
+//! back unchanged.
+//!
+//! Semantics follow `serde_json` on the same text: a member that occurs twice counts
+//! with its last value (at its first position, for the Bundle's own members).
+
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+
+use super::json::{JsonError, Reader, Str};
+
+/// The top-level members of a resource that the checks read.
+pub trait Keep {
+    fn keep(&self, member: &str) -> bool;
+}
+
+impl<F: Fn(&str) -> bool> Keep for F {
+    fn keep(&self, member: &str) -> bool {
+        self(member)
+    }
+}
+
+/// Why an answer could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error(transparent)]
+    Json(#[from] JsonError),
+    /// Valid JSON, but not a FHIR resource (the top level is not an object, or
+    /// `resourceType` occurs twice).
+    #[error("not a resource")]
+    NotResource,
+}
+
+/// One member of the answer's top-level object.
+#[derive(Debug, Clone)]
+pub struct Member<'a> {
+    pub key: Cow<'a, str>,
+    /// The key as written, with its quotes.
+    pub raw_key: &'a str,
+    /// The value's text.
+    pub value: &'a str,
+}
+
+/// One element of a Bundle's `entry` array.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    /// The entry's text.
+    pub raw: &'a str,
+    /// The projected `resource` (`None`: absent or `null`; a non-object resource is
+    /// projected as `Value::Null`).
+    pub resource: Option<Value>,
+    /// The text of the (last) `resource` member.
+    pub resource_raw: Option<&'a str>,
+    /// `search.mode`.
+    pub mode: Option<Cow<'a, str>>,
+}
+
+/// What one pass over an answer found.
+#[derive(Debug)]
+pub struct Answer<'a> {
+    /// `resourceType`, if it is a string.
+    pub resource_type: Option<Cow<'a, str>>,
+    /// The top-level members in order, each key once.
+    pub members: Vec<Member<'a>>,
+    /// The top-level resource, projected.
+    pub resource: Value,
+    /// The `entry` array's elements (empty without one).
+    pub entries: Vec<Entry<'a>>,
+    /// `entry` is not an array of well-formed entries (an entry that is no object,
+    /// `resource` or `search.mode` twice, a `search` or `search.mode` of the wrong
+    /// kind). Only a Bundle's entries matter; other resources' `entry` (List) is not
+    /// an error.
+    pub malformed_entries: bool,
+}
+
+impl Answer<'_> {
+    pub fn member(&self, key: &str) -> Option<&Member<'_>> {
+        self.members.iter().find(|m| m.key == key)
+    }
+}
+
+/// Reads an answer, projecting the top-level resource and (for any `entry` array)
+/// each entry's resource by `keep`.
+pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError> {
+    let mut r = Reader::new(src);
+    if r.peek() != Some(b'{') {
+        // Validate anyway: "not JSON" and "not a resource" are different faults.
+        r.skip()?;
+        r.finish()?;
+        return Err(AnswerError::NotResource);
+    }
+    let mut members: Vec<Member<'a>> = Vec::new();
+    let mut projected = Map::new();
+    let mut resource_type: Option<Option<Cow<'a, str>>> = None;
+    let mut entries = Vec::new();
+    let mut malformed_entries = false;
+    let mut twice = false;
+    r.object(|r, key| {
+        let raw_key = key.quoted();
+        let name = decode_key(key, r)?;
+        let value = if name == "entry" && r.peek() == Some(b'[') {
+            let start = value_start(r);
+            entries.clear();
+            malformed_entries = false;
+            r.array(|r| {
+                match entry(r, src, keep)? {
+                    Some(e) => entries.push(e),
+                    None => malformed_entries = true,
+                }
+                Ok(())
+            })?;
+            src.get(start..r.position()).unwrap_or_default()
+        } else {
+            let value = r.skip()?;
+            if name == "entry" {
+                entries.clear();
+                malformed_entries = true;
+            }
+            value
+        };
+        if name == "resourceType" {
+            if resource_type.is_some() {
+                twice = true;
+            }
+            resource_type = Some(string_value(value));
+        }
+        if name == "resourceType" || name == "id" || keep.keep(&name) {
+            projected.insert(name.clone().into_owned(), parse(value, r)?);
+        }
+        match members.iter_mut().find(|m| m.key == name) {
+            Some(m) => {
+                m.value = value;
+            }
+            None => members.push(Member {
+                key: name,
+                raw_key,
+                value,
+            }),
+        }
+        Ok(())
+    })?;
+    r.finish()?;
+    if twice {
+        return Err(AnswerError::NotResource);
+    }
+    Ok(Answer {
+        resource_type: resource_type.flatten(),
+        members,
+        resource: Value::Object(projected),
+        entries,
+        malformed_entries,
+    })
+}
+
+/// One Bundle entry; `None` if it is malformed (the reader is then past it).
+fn entry<'a>(
+    r: &mut Reader<'a>,
+    src: &'a str,
+    keep: &dyn Keep,
+) -> Result<Option<Entry<'a>>, JsonError> {
+    if r.peek() != Some(b'{') {
+        r.skip()?;
+        return Ok(None);
+    }
+    let start = value_start(r);
+    let (mut resource, mut resource_raw, mut mode) = (None, None, None);
+    let (mut seen_resource, mut seen_search, mut ok) = (false, false, true);
+    r.object(|r, key| {
+        if key.is("resource") {
+            ok &= !std::mem::replace(&mut seen_resource, true);
+            let at = value_start(r);
+            resource = match r.peek() {
+                Some(b'{') => Some(project(r, keep)?),
+                Some(b'n') => {
+                    r.skip()?;
+                    None
+                }
+                _ => {
+                    r.skip()?;
+                    Some(Value::Null)
+                }
+            };
+            resource_raw = src.get(at..r.position());
+        } else if key.is("search") {
+            ok &= !std::mem::replace(&mut seen_search, true);
+            match r.peek() {
+                Some(b'{') => {
+                    let mut seen_mode = false;
+                    mode = None;
+                    r.object(|r, key| {
+                        if !key.is("mode") {
+                            r.skip()?;
+                            return Ok(());
+                        }
+                        ok &= !std::mem::replace(&mut seen_mode, true);
+                        match r.peek() {
+                            Some(b'"') => match r.string()?.decode() {
+                                Some(m) => mode = Some(m),
+                                None => ok = false,
+                            },
+                            Some(b'n') => {
+                                r.skip()?;
+                            }
+                            _ => {
+                                r.skip()?;
+                                ok = false;
+                            }
+                        }
+                        Ok(())
+                    })?;
+                }
+                Some(b'n') => {
+                    r.skip()?;
+                    mode = None;
+                }
+                _ => {
+                    r.skip()?;
+                    ok = false;
+                }
+            }
+        } else {
+            r.skip()?;
+        }
+        Ok(())
+    })?;
+    let raw = src.get(start..r.position()).unwrap_or_default();
+    Ok(ok.then_some(Entry {
+        raw,
+        resource,
+        resource_raw,
+        mode,
+    }))
+}
+
+/// A resource object projected to `resourceType`, `id` and the members `keep` names.
+fn project(r: &mut Reader<'_>, keep: &dyn Keep) -> Result<Value, JsonError> {
+    let mut out = Map::new();
+    r.object(|r, key| {
+        let name = decode_key(key, r)?;
+        if name == "resourceType" || name == "id" || keep.keep(&name) {
+            let value = r.skip()?;
+            out.insert(name.into_owned(), parse(value, r)?);
+        } else {
+            r.skip()?;
+        }
+        Ok(())
+    })?;
+    Ok(Value::Object(out))
+}
+
+fn decode_key<'a>(key: Str<'a>, r: &Reader<'_>) -> Result<Cow<'a, str>, JsonError> {
+    // The reader only hands out well-formed strings; one that does not decode (a lone
+    // surrogate) has been refused already, so this is a broken invariant, not input.
+    key.decode().ok_or(JsonError { at: r.position() })
+}
+
+fn parse(text: &str, r: &Reader<'_>) -> Result<Value, JsonError> {
+    serde_json::from_str(text).map_err(|_| JsonError { at: r.position() })
+}
+
+fn string_value(text: &str) -> Option<Cow<'_, str>> {
+    let mut r = Reader::new(text);
+    match r.peek() {
+        Some(b'"') => r.string().ok()?.decode(),
+        _ => None,
+    }
+}
+
+/// Where the value the reader is at begins.
+fn value_start(r: &mut Reader<'_>) -> usize {
+    r.peek();
+    r.position()
+}
