@@ -2,12 +2,21 @@
 //!
 //! The outermost layer puts an [`AuditSlot`] into the request; each stage fills in what
 //! it proved (tenant, principal, interaction, patient); the outermost layer emits the
-//! record once, with the decision and the stable reason id, on the `audit` tracing
-//! target. Records name who, what, which patient and why; never a token, and no patient
-//! data beyond ids.
+//! record once, with the decision and the stable reason id. Records name who, what,
+//! which patient and why; never a token, and no patient data beyond ids.
+//!
+//! Off the request path: with a [`AuditSink`] installed (the server does at start-up)
+//! the finished record is handed to a bounded queue and formatted and written by one
+//! writer thread, in the shape of the `audit` tracing target's lines. When the queue is
+//! full the operator's [`Overflow`] choice applies: count the record as dropped, or
+//! fail the request closed (503). Without a sink (library use, unit tests) the record
+//! goes to the `audit` tracing target directly.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use crate::fhir::FhirRequest;
 use crate::token::VerifiedToken;
@@ -86,27 +95,483 @@ impl AuditSlot {
     }
 
     /// Emits the record. `decision` is `allow` or `deny`; `reason` a stable id.
-    pub fn emit(&self, status: u16, decision: &'static str, reason: &str) {
+    /// `Err` only if the record could not be queued and the sink fails closed.
+    pub fn emit(&self, status: u16, decision: &'static str, reason: &str) -> Result<(), AuditFull> {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        self.with(|r| {
-            tracing::info!(
-                target: "audit",
-                latency_ms,
-                tenant.id = r.tenant.as_deref().unwrap_or("-"),
-                client.id = r.client_id.as_deref().unwrap_or("-"),
-                subject = r.subject.as_deref().unwrap_or("-"),
-                fhir.user = r.fhir_user.as_deref().unwrap_or("-"),
-                fhir.interaction = r.interaction.unwrap_or("-"),
-                fhir.operation = r.operation.as_deref().unwrap_or("-"),
-                fhir.resource_type = r.resource_type.unwrap_or("-"),
-                fhir.resource_id = r.resource_id.as_deref().unwrap_or("-"),
-                patient = r.patient.as_deref().unwrap_or("-"),
-                authz.decision = decision,
-                authz.reason = reason,
-                http.status = status,
-                notes = %r.notes.join(" "),
-                "decision"
+        let Some(sink) = SINK.get() else {
+            self.with(|r| trace_record(r, latency_ms, status, decision, reason));
+            return Ok(());
+        };
+        let mut record = AuditRecord::default();
+        self.with(|r| std::mem::swap(r, &mut record));
+        sink.send(Finished {
+            record,
+            at: SystemTime::now(),
+            latency_ms,
+            status,
+            decision,
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+fn trace_record(r: &AuditRecord, latency_ms: f64, status: u16, decision: &str, reason: &str) {
+    tracing::info!(
+        target: "audit",
+        latency_ms,
+        tenant.id = r.tenant.as_deref().unwrap_or("-"),
+        client.id = r.client_id.as_deref().unwrap_or("-"),
+        subject = r.subject.as_deref().unwrap_or("-"),
+        fhir.user = r.fhir_user.as_deref().unwrap_or("-"),
+        fhir.interaction = r.interaction.unwrap_or("-"),
+        fhir.operation = r.operation.as_deref().unwrap_or("-"),
+        fhir.resource_type = r.resource_type.unwrap_or("-"),
+        fhir.resource_id = r.resource_id.as_deref().unwrap_or("-"),
+        patient = r.patient.as_deref().unwrap_or("-"),
+        authz.decision = decision,
+        authz.reason = reason,
+        http.status = status,
+        notes = %r.notes.join(" "),
+        "decision"
+    );
+}
+
+/// The audit queue was full and the sink fails closed: the request must not be
+/// answered as if it had been recorded.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the audit log is not keeping up")]
+pub struct AuditFull;
+
+/// What happens to a record when the audit queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The request fails with 503: nothing is released unrecorded.
+    FailClosed,
+    /// The record is dropped and counted (`audit.dropped` in a warning line).
+    Drop,
+}
+
+/// How audit lines are written (as the process's other log lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    Json,
+    Text,
+}
+
+/// A record handed to the writer.
+struct Finished {
+    record: AuditRecord,
+    at: SystemTime,
+    latency_ms: f64,
+    status: u16,
+    decision: &'static str,
+    reason: String,
+}
+
+/// The process's audit queue and its writer thread.
+pub struct AuditSink {
+    tx: SyncSender<Finished>,
+    overflow: Overflow,
+    dropped: Arc<AtomicU64>,
+    /// Queued and not yet written.
+    pending: Arc<AtomicU64>,
+}
+
+static SINK: OnceLock<AuditSink> = OnceLock::new();
+
+impl AuditSink {
+    /// Starts the writer thread (writing to standard error) and makes it the
+    /// process's sink. Once per process; a second call fails.
+    pub fn install(capacity: usize, overflow: Overflow, format: LineFormat) -> Result<(), String> {
+        // One lock of standard error per batch: the batch's lines never interleave with
+        // the process's other log lines.
+        let stderr = || Box::new(std::io::stderr().lock()) as Box<dyn Write>;
+        let sink = AuditSink::start(capacity, overflow, format, Box::new(stderr))?;
+        SINK.set(sink)
+            .map_err(|_| "the audit sink is installed already".to_owned())
+    }
+
+    /// A sink whose writer thread writes lines to what `out` opens (one lock per
+    /// batch of queued records).
+    fn start(
+        capacity: usize,
+        overflow: Overflow,
+        format: LineFormat,
+        out: Box<dyn Fn() -> Box<dyn Write> + Send>,
+    ) -> Result<AuditSink, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(AtomicU64::new(0));
+        let (counter, written) = (Arc::clone(&dropped), Arc::clone(&pending));
+        std::thread::Builder::new()
+            .name("audit-writer".to_owned())
+            .spawn(move || write_loop(&rx, format, &counter, &written, &*out))
+            .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+        Ok(AuditSink {
+            tx,
+            overflow,
+            dropped,
+            pending,
+        })
+    }
+
+    fn send(&self, f: Finished) -> Result<(), AuditFull> {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.try_send(f);
+        if sent.is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        match sent {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) if self.overflow == Overflow::Drop => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            // Full and failing closed, or the writer is gone (it never exits while
+            // the sender lives, so only if it panicked): not recorded.
+            Err(_) => {
+                if self.overflow == Overflow::Drop {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(AuditFull)
+            }
+        }
+    }
+}
+
+/// Waits (at most `timeout`) until every queued record is written; for a graceful
+/// shutdown. Without a sink, returns at once.
+pub fn drain(timeout: std::time::Duration) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let until = Instant::now() + timeout;
+    while sink.pending.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn write_loop(
+    rx: &Receiver<Finished>,
+    format: LineFormat,
+    dropped: &AtomicU64,
+    pending: &AtomicU64,
+    out: &dyn Fn() -> Box<dyn Write>,
+) {
+    let mut line = Vec::with_capacity(512);
+    let mut reported = 0u64;
+    // Blocks until a record comes; ends when every sender is gone.
+    while let Ok(first) = rx.recv() {
+        let mut w = out();
+        let mut next = Some(first);
+        let mut written = 0;
+        while let Some(f) = next {
+            line.clear();
+            format_line(&mut line, &f, format);
+            // A failing log sink cannot be reported anywhere better; the next
+            // records try again.
+            let _ = w.write_all(&line);
+            written += 1;
+            next = rx.try_recv().ok();
+        }
+        let now = dropped.load(Ordering::Relaxed);
+        if now > reported {
+            line.clear();
+            format_dropped(&mut line, now - reported, now, format);
+            let _ = w.write_all(&line);
+            reported = now;
+        }
+        let _ = w.flush();
+        drop(w);
+        pending.fetch_sub(written, Ordering::AcqRel);
+    }
+}
+
+/// One line, as the `audit` tracing target's events look in `format`.
+fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
+    let r = &f.record;
+    let notes = r.notes.join(" ");
+    let fields: [(&str, &str); 13] = [
+        ("tenant.id", r.tenant.as_deref().unwrap_or("-")),
+        ("client.id", r.client_id.as_deref().unwrap_or("-")),
+        ("subject", r.subject.as_deref().unwrap_or("-")),
+        ("fhir.user", r.fhir_user.as_deref().unwrap_or("-")),
+        ("fhir.interaction", r.interaction.unwrap_or("-")),
+        ("fhir.operation", r.operation.as_deref().unwrap_or("-")),
+        ("fhir.resource_type", r.resource_type.unwrap_or("-")),
+        ("fhir.resource_id", r.resource_id.as_deref().unwrap_or("-")),
+        ("patient", r.patient.as_deref().unwrap_or("-")),
+        ("authz.decision", f.decision),
+        ("authz.reason", &f.reason),
+        ("http.status", ""),
+        ("notes", &notes),
+    ];
+    let timestamp = rfc3339(f.at);
+    match format {
+        LineFormat::Json => {
+            let mut o = serde_json::Map::new();
+            o.insert("timestamp".into(), timestamp.into());
+            o.insert("level".into(), "INFO".into());
+            o.insert("message".into(), "decision".into());
+            o.insert("latency_ms".into(), f.latency_ms.into());
+            for (k, v) in fields {
+                let v = if k == "http.status" {
+                    serde_json::Value::from(f.status)
+                } else {
+                    serde_json::Value::from(v)
+                };
+                o.insert(k.into(), v);
+            }
+            o.insert("target".into(), "audit".into());
+            // A map of strings and numbers always serializes.
+            let _ = serde_json::to_writer(&mut *out, &o);
+        }
+        LineFormat::Text => {
+            let _ = write!(
+                out,
+                "{timestamp}  INFO audit: decision latency_ms={}",
+                f.latency_ms
             );
-        });
+            for (k, v) in fields {
+                if k == "http.status" {
+                    let _ = write!(out, " {k}={}", f.status);
+                } else {
+                    let _ = write!(out, " {k}={v}");
+                }
+            }
+        }
+    }
+    out.push(b'\n');
+}
+
+fn format_dropped(out: &mut Vec<u8>, now: u64, total: u64, format: LineFormat) {
+    let timestamp = rfc3339(SystemTime::now());
+    let message = "audit records dropped: the audit queue was full";
+    match format {
+        LineFormat::Json => {
+            let line = serde_json::json!({
+                "timestamp": timestamp, "level": "WARN", "message": message,
+                "audit.dropped": now, "audit.dropped_total": total,
+                "target": "smart_fhir_proxy::audit",
+            });
+            let _ = serde_json::to_writer(&mut *out, &line);
+        }
+        LineFormat::Text => {
+            let _ = write!(
+                out,
+                "{timestamp}  WARN smart_fhir_proxy::audit: {message} audit.dropped={now} audit.dropped_total={total}"
+            );
+        }
+    }
+    out.push(b'\n');
+}
+
+/// `2026-12-04T03:56:28.123456Z`.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::time::Duration;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer that says when the writer thread opens it, then blocks until `gate`
+    /// opens, so the queue fills.
+    fn gated(
+        out: Shared,
+        gate: Arc<Mutex<()>>,
+        opened: std::sync::mpsc::Sender<()>,
+    ) -> Box<dyn Fn() -> Box<dyn Write> + Send> {
+        let opened = Mutex::new(opened);
+        Box::new(move || {
+            let _ = opened.lock().unwrap().send(());
+            drop(gate.lock().unwrap());
+            Box::new(out.clone())
+        })
+    }
+
+    fn finished(reason: &str) -> Finished {
+        Finished {
+            record: AuditRecord {
+                tenant: Some("t1".into()),
+                patient: Some("p1".into()),
+                interaction: Some("read"),
+                notes: vec!["entries.dropped=2".into()],
+                ..AuditRecord::default()
+            },
+            at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_820_588_123_456),
+            latency_ms: 1.5,
+            status: 200,
+            decision: "allow",
+            reason: reason.into(),
+        }
+    }
+
+    fn lines(out: &Shared) -> Vec<String> {
+        String::from_utf8(out.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn wait_for(out: &Shared, n: usize) -> Vec<String> {
+        for _ in 0..500 {
+            let l = lines(out);
+            if l.len() >= n {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        lines(out)
+    }
+
+    #[test]
+    fn json_lines_have_the_audit_targets_shape() {
+        let mut line = Vec::new();
+        format_line(&mut line, &finished("record_allowed"), LineFormat::Json);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["target"], "audit");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "decision");
+        assert_eq!(v["timestamp"], "2025-12-04T03:56:28.123456Z");
+        assert_eq!(v["tenant.id"], "t1");
+        assert_eq!(v["patient"], "p1");
+        assert_eq!(v["client.id"], "-");
+        assert_eq!(v["authz.decision"], "allow");
+        assert_eq!(v["authz.reason"], "record_allowed");
+        assert_eq!(v["http.status"], 200);
+        assert_eq!(v["notes"], "entries.dropped=2");
+        assert_eq!(v["latency_ms"], 1.5);
+        assert!(line.ends_with(b"\n"));
+        let mut text = Vec::new();
+        format_line(&mut text, &finished("record_allowed"), LineFormat::Text);
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.starts_with(
+                "2025-12-04T03:56:28.123456Z  INFO audit: decision latency_ms=1.5 tenant.id=t1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(" http.status=200 "), "{text}");
+    }
+
+    #[test]
+    fn timestamps_are_utc_rfc3339() {
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000Z");
+        let end = SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_799);
+        assert_eq!(rfc3339(end), "2099-12-31T23:59:59.000000Z");
+    }
+
+    #[test]
+    fn queued_records_are_written_in_order() {
+        let out = Shared::default();
+        let o = out.clone();
+        let sink = AuditSink::start(
+            16,
+            Overflow::FailClosed,
+            LineFormat::Json,
+            Box::new(move || Box::new(o.clone())),
+        )
+        .unwrap();
+        for i in 0..10 {
+            sink.send(finished(&format!("r{i}"))).unwrap();
+        }
+        let l = wait_for(&out, 10);
+        let reasons: Vec<String> = l
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["authz.reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            (0..10).map(|i| format!("r{i}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_full_queue_fails_closed_or_counts_drops() {
+        for overflow in [Overflow::FailClosed, Overflow::Drop] {
+            let out = Shared::default();
+            let gate = Arc::new(Mutex::new(()));
+            let closed = gate.lock().unwrap();
+            let (opened_tx, opened) = std::sync::mpsc::channel();
+            let sink = AuditSink::start(
+                2,
+                overflow,
+                LineFormat::Json,
+                gated(out.clone(), Arc::clone(&gate), opened_tx),
+            )
+            .unwrap();
+            // The writer takes one record and waits at the gate; two more fill the
+            // queue; the rest overflow.
+            let mut results = vec![sink.send(finished("r0")).is_ok()];
+            opened.recv().unwrap();
+            results.extend((1..8).map(|i| sink.send(finished(&format!("r{i}"))).is_ok()));
+            match overflow {
+                Overflow::FailClosed => {
+                    assert!(results[..3].iter().all(|ok| *ok), "{results:?}");
+                    assert!(results[3..].iter().all(|ok| !ok), "{results:?}");
+                }
+                Overflow::Drop => assert!(results.iter().all(|ok| *ok)),
+            }
+            drop(closed);
+            let l = wait_for(&out, 3);
+            assert_eq!(
+                l.len(),
+                if overflow == Overflow::Drop { 4 } else { 3 },
+                "{l:?}"
+            );
+            if overflow == Overflow::Drop {
+                let warn: serde_json::Value = serde_json::from_str(&l[3]).unwrap();
+                assert_eq!(warn["level"], "WARN");
+                assert_eq!(warn["audit.dropped"], 5);
+            }
+        }
     }
 }

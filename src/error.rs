@@ -30,6 +30,10 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    /// The audit record of an answer could not be queued and the audit sink fails
+    /// closed: nothing goes out unrecorded.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditFull),
     /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
@@ -48,6 +52,7 @@ impl ProxyError {
             ProxyError::Authz(e) => e.status(),
             ProxyError::Upstream(e) => e.status(),
             ProxyError::Cursor(e) => e.status(),
+            ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +82,7 @@ impl ProxyError {
             ProxyError::Authz(e) => e.reason(),
             ProxyError::Upstream(e) => e.reason(),
             ProxyError::Cursor(e) => e.reason(),
+            ProxyError::Audit(_) => "audit_unavailable",
             ProxyError::Internal(_) => "internal",
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use smart_fhir_proxy::audit;
 use smart_fhir_proxy::authz::CompartmentIndex;
 use smart_fhir_proxy::cursor::{self, CursorKey};
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
@@ -123,6 +124,20 @@ struct ServeArgs {
     /// Lifetime of paging cursors, in seconds.
     #[arg(long, env = "SFP_CURSOR_TTL_SECONDS", default_value_t = cursor::DEFAULT_TTL_SECONDS)]
     cursor_ttl_seconds: u64,
+    /// Audit records waiting for the writer thread, at most.
+    #[arg(long, env = "SFP_AUDIT_QUEUE", default_value_t = 16_384,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    audit_queue: u64,
+    /// When the audit queue is full: `fail-closed` answers 503 (nothing is released
+    /// unrecorded), `drop` answers and counts the lost record.
+    #[arg(long, env = "SFP_AUDIT_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
+    audit_overflow: AuditOverflow,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuditOverflow {
+    FailClosed,
+    Drop,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -240,6 +255,19 @@ fn init_logging(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging(args.log_format);
+    let overflow = match args.audit_overflow {
+        AuditOverflow::FailClosed => audit::Overflow::FailClosed,
+        AuditOverflow::Drop => audit::Overflow::Drop,
+    };
+    let format = match args.log_format {
+        LogFormat::Json => audit::LineFormat::Json,
+        LogFormat::Text => audit::LineFormat::Text,
+    };
+    let queue = usize::try_from(args.audit_queue).unwrap_or(usize::MAX);
+    if let Err(e) = audit::AuditSink::install(queue, overflow, format) {
+        tracing::error!(error = %e, "cannot start the audit writer");
+        return ExitCode::FAILURE;
+    }
     // The same instance config validation uses: built once per process.
     let compartments = match CompartmentIndex::official_shared() {
         Ok(c) => c,
@@ -308,6 +336,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             Duration::from_secs(10),
         )
         .await;
+        // Records still queued are written before the process ends.
+        audit::drain(Duration::from_secs(5));
         ExitCode::SUCCESS
     })
 }

@@ -167,8 +167,11 @@ where
                         .get::<Decision>()
                         .map(|d| d.0)
                         .unwrap_or("allowed");
-                    audit.emit(resp.status().as_u16(), "allow", reason);
-                    Ok(resp)
+                    match audit.emit(resp.status().as_u16(), "allow", reason) {
+                        Ok(()) => Ok(resp),
+                        // Not recorded, so not released.
+                        Err(e) => Ok(render_error(&e.into(), None, None)),
+                    }
                 }
                 Err(e) => Ok(render_error(&e, Some(&audit), None)),
             }
@@ -194,7 +197,8 @@ pub fn render_error(
         tracing::debug!(error = %e, authz.reason = e.reason(), "request refused");
     }
     if let Some(a) = audit {
-        a.emit(status.as_u16(), "deny", e.reason());
+        // A refusal goes out whether or not its record could be queued.
+        let _ = a.emit(status.as_u16(), "deny", e.reason());
     }
     let body =
         OperationOutcome::error(e.issue_code(), e.client_reason(), e.client_message()).to_json();
