@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use crate::config::TenantConfig;
 use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, Interaction};
+use crate::pipeline::{Decision, Flow, Stage, ext, fhir_json};
 use crate::rewrite::OutboundRequest;
-use crate::stack::{Decision, Flow, Stage, ext, fhir_json, tenant_of};
-use crate::tenant::Tenant;
+use crate::tenant::{Tenant, tenant_of};
 use crate::upstream::{Upstream, UpstreamError, rewrite_base};
 
 /// The interactions the proxy forwards; the CapabilityStatement advertises no others.
@@ -76,6 +76,8 @@ impl ServeDiscovery {
 }
 
 impl Stage for ServeDiscovery {
+    type Error = ProxyError;
+
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let tenant = &tenant_of(req)?.0;

@@ -9,6 +9,7 @@ use http::StatusCode;
 use crate::authz::AuthzError;
 use crate::cursor::CursorError;
 use crate::fhir::RequestError;
+use crate::pipeline::Internal;
 use crate::scope::ScopeError;
 use crate::tenant::TenantError;
 use crate::token::TokenError;
@@ -34,6 +35,12 @@ pub enum ProxyError {
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
     Internal(&'static str),
+}
+
+impl From<Internal> for ProxyError {
+    fn from(e: Internal) -> Self {
+        ProxyError::Internal(e.0)
+    }
 }
 
 impl ProxyError {

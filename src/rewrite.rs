@@ -19,8 +19,9 @@ use crate::authz::{AuthzError, CompartmentIndex, Permit};
 use crate::config::CompartmentSearch;
 use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, Interaction, ResourceType};
+use crate::pipeline::{Flow, Stage, ext};
 use crate::scope::{ScopeGrant, SearchConstraint};
-use crate::stack::{Flow, Stage, ext, tenant_of};
+use crate::tenant::tenant_of;
 
 /// What will be sent upstream, relative to the tenant's upstream base.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -538,6 +539,8 @@ impl RewriteSearch {
 }
 
 impl Stage for RewriteSearch {
+    type Error = ProxyError;
+
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let patients = self.fga_patients(req).await?;
         // ---- paging cursors (see `crate::cursor`) ----

@@ -24,7 +24,7 @@ use crate::authz::CompartmentIndex;
 use crate::config::{self, ConfigError, TenantConfig};
 use crate::error::ProxyError;
 use crate::fhir::{FhirRequest, parse_request};
-use crate::stack::{Flow, Stage};
+use crate::pipeline::{Flow, Internal, Stage, ext};
 
 /// One configured tenant with its runtime parts.
 #[derive(Debug)]
@@ -45,6 +45,11 @@ impl Tenant {
 /// The tenant a request resolved to (written by this stage only).
 #[derive(Clone, Debug)]
 pub struct TenantCtx(pub Arc<Tenant>);
+
+/// The tenant of a request (written by stage 0).
+pub fn tenant_of(req: &Request<Bytes>) -> Result<&TenantCtx, Internal> {
+    ext::<TenantCtx>(req, "missing TenantCtx")
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TenantError {
@@ -236,6 +241,8 @@ impl ResolveTenant {
 }
 
 impl Stage for ResolveTenant {
+    type Error = ProxyError;
+
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let (tenant_id, rest) = split_tenant(req.uri().path()).ok_or(TenantError::Unknown)?;
         let tenant = self.registry.get(tenant_id).ok_or(TenantError::Unknown)?;

@@ -27,8 +27,9 @@ use serde_json::Value;
 use crate::config::{AuthorizationConfig, TenantConfig};
 use crate::error::ProxyError;
 use crate::fhir::{CompartmentRef, FhirRequest, Interaction, ResourceType};
+use crate::pipeline::{Flow, Stage, ext};
 use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
-use crate::stack::{Flow, Stage, ext, tenant_of};
+use crate::tenant::tenant_of;
 use crate::token::{FhirUser, VerifiedToken};
 pub use compartment::CompartmentIndex;
 
@@ -616,6 +617,8 @@ impl Authorize {
 }
 
 impl Stage for Authorize {
+    type Error = ProxyError;
+
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;

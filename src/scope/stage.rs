@@ -7,12 +7,14 @@ use http::Request;
 use super::{ScopeGrant, TokenContext, check_scopes};
 use crate::error::ProxyError;
 use crate::fhir::FhirRequest;
-use crate::stack::{Flow, Stage, ext};
+use crate::pipeline::{Flow, Stage, ext};
 use crate::token::VerifiedToken;
 
 pub struct CheckScope;
 
 impl Stage for CheckScope {
+    type Error = ProxyError;
+
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let token = ext::<std::sync::Arc<VerifiedToken>>(req, "missing VerifiedToken")?;

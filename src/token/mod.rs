@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use crate::config::TokenConfig;
 use crate::fhir::{ResourceId, ResourceType};
+use crate::pipeline::{Flow, Stage};
 use crate::scope::{ScopeSet, parse_scopes};
+use crate::tenant::tenant_of;
 use jwks::{JwksKeySource, JwksPolicy};
 
 /// Longest bearer token accepted (bytes).
@@ -437,12 +439,11 @@ impl ValidateToken {
     }
 }
 
-impl crate::stack::Stage for ValidateToken {
-    async fn run(
-        &self,
-        req: &mut http::Request<bytes::Bytes>,
-    ) -> Result<crate::stack::Flow, crate::error::ProxyError> {
-        let tenant = Arc::clone(&crate::stack::tenant_of(req)?.0);
+impl Stage for ValidateToken {
+    type Error = crate::error::ProxyError;
+
+    async fn run(&self, req: &mut http::Request<bytes::Bytes>) -> Result<Flow, Self::Error> {
+        let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = bearer_token(req.headers())?;
         let verified = self
             .verifier
@@ -455,6 +456,6 @@ impl crate::stack::Stage for ValidateToken {
         req.headers_mut().remove(http::header::AUTHORIZATION);
         // INVARIANT: the extension is `Arc<VerifiedToken>` (a cache hit shares it).
         req.extensions_mut().insert::<Arc<VerifiedToken>>(verified);
-        Ok(crate::stack::Flow::Continue)
+        Ok(Flow::Continue)
     }
 }

@@ -26,10 +26,10 @@ use crate::authz::{Permit, ReleaseCtx};
 use crate::config::{TenantConfig, UpstreamAuth, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::fhir::FhirRequest;
+use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, ProxyResponse, ext, fhir_json};
 use crate::rewrite::OutboundRequest;
 use crate::scope::ScopeGrant;
-use crate::stack::{BoxFuture, Decision, FHIR_JSON, ProxyResponse, ext, tenant_of};
-use crate::tenant::Tenant;
+use crate::tenant::{Tenant, tenant_of};
 use crate::token::VerifiedToken;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -570,7 +570,7 @@ fn is_empty_last_page(body: &[u8]) -> bool {
 
 /// The answer to a search narrowed to no patient.
 fn empty_searchset() -> ProxyResponse {
-    let mut resp = crate::stack::fhir_json(
+    let mut resp = fhir_json(
         StatusCode::OK,
         Bytes::from_static(br#"{"resourceType":"Bundle","type":"searchset","total":0}"#),
     );
