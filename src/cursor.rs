@@ -30,9 +30,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::authorize_as;
+use crate::authz::fga::PatientNarrowing;
 use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction, OperationLevel};
-use crate::rewrite::{OutboundRequest, PatientNarrowing, rewrite_request_with};
+use crate::fhir::{FhirRequest, Interaction, Narrowing, OperationLevel, OutboundRequest};
+use crate::rewrite::rewrite_request_with;
 use crate::scope::{TokenContext, check_scopes};
 use crate::tenant::Tenant;
 use crate::token::VerifiedToken;
@@ -143,7 +144,7 @@ pub struct Cursor {
     pub narrowed: String,
     #[serde(rename = "pg")]
     pub page: Page,
-    /// Searches narrowed to a patient list ([`crate::rewrite::Narrowing`]): the chunk
+    /// Searches narrowed to a patient list ([`Narrowing`]): the chunk
     /// of the list this page belongs to, and a keyed digest of the whole list.
     #[serde(rename = "sg", default, skip_serializing_if = "Option::is_none")]
     pub segment: Option<Segment>,
@@ -267,7 +268,7 @@ impl CursorKey {
     }
 
     /// A keyed digest of a patient list (of its fingerprint).
-    pub fn list_digest(&self, n: &crate::rewrite::Narrowing) -> String {
+    pub fn list_digest(&self, n: &Narrowing) -> String {
         self.mac(format!("list:{}", n.fingerprint).as_bytes())
     }
 
@@ -477,7 +478,7 @@ pub fn resume(
             if seg.chunk >= n.chunks().max(1) {
                 return Err(CursorError::Invalid.into());
             }
-            Some(crate::rewrite::Narrowing {
+            Some(Narrowing {
                 chunk: seg.chunk,
                 send: seg.send,
                 ..n.clone()

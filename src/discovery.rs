@@ -11,9 +11,8 @@ use serde_json::{Value, json};
 
 use crate::config::TenantConfig;
 use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction};
+use crate::fhir::{FhirRequest, Interaction, OutboundRequest};
 use crate::pipeline::{Decision, Flow, Stage, ext, fhir_json};
-use crate::rewrite::OutboundRequest;
 use crate::tenant::{Tenant, tenant_of};
 use crate::upstream::{Upstream, UpstreamError, rewrite_base};
 

@@ -15,131 +15,14 @@
 use bytes::Bytes;
 use http::{Method, Request};
 
+use crate::authz::fga::PatientNarrowing;
 use crate::authz::{AuthzError, CompartmentIndex, Permit};
 use crate::config::CompartmentSearch;
 use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction, ResourceType};
+use crate::fhir::{FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType};
 use crate::pipeline::{Flow, Stage, ext};
 use crate::scope::{ScopeGrant, SearchConstraint};
 use crate::tenant::tenant_of;
-
-/// What will be sent upstream, relative to the tenant's upstream base.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboundRequest {
-    pub method: Method,
-    /// Starts with `/` (or is empty for the base itself).
-    pub path: String,
-    pub params: Vec<(String, String)>,
-    /// Forwarded body (`POST $match` Parameters). `_search` bodies are turned into
-    /// query parameters instead.
-    pub body: Option<Bytes>,
-    /// Whether conditional-read headers may be forwarded (unrestricted permits only).
-    pub conditional: bool,
-    /// `openfga` tenants: the allowed patients a search is narrowed to, sent chunk by
-    /// chunk in a POST `_search` body (never in the URL, never in a cursor).
-    pub narrowing: Option<Narrowing>,
-}
-
-/// A search narrowed to a list of patients (see [`OutboundRequest::narrowing`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Narrowing {
-    /// `_id` on Patient searches, else the type's patient reference parameter.
-    pub param: String,
-    /// Sorted and distinct: `id`s for `_id`, `Patient/id` references otherwise.
-    pub values: std::sync::Arc<[String]>,
-    pub chunk_size: usize,
-    /// The chunk this request searches.
-    pub chunk: usize,
-    /// Whether the chunk goes upstream with this request (false for pages the upstream
-    /// holds itself, such as HAPI's `_getpages`).
-    pub send: bool,
-    /// [`PatientNarrowing::fingerprint`] of the list.
-    pub fingerprint: std::sync::Arc<str>,
-}
-
-impl Narrowing {
-    /// How many upstream searches the whole list takes.
-    pub fn chunks(&self) -> usize {
-        self.values.len().div_ceil(self.chunk_size.max(1))
-    }
-
-    /// The parameter pair of the current chunk.
-    pub fn pair(&self) -> (String, String) {
-        let size = self.chunk_size.max(1);
-        let start = self.chunk.saturating_mul(size).min(self.values.len());
-        let end = start.saturating_add(size).min(self.values.len());
-        let value = self.values.get(start..end).unwrap_or_default().join(",");
-        (self.param.clone(), value)
-    }
-
-    pub fn has_next_chunk(&self) -> bool {
-        self.chunk + 1 < self.chunks()
-    }
-}
-
-impl OutboundRequest {
-    /// The encoded path and query, ready to append to the upstream base.
-    pub fn path_and_query(&self) -> String {
-        if self.params.is_empty() {
-            return self.path.clone();
-        }
-        let mut ser = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in &self.params {
-            ser.append_pair(k, v);
-        }
-        format!("{}?{}", self.path, ser.finish())
-    }
-
-    /// The `application/x-www-form-urlencoded` body of a narrowed POST `_search`: the
-    /// parameters and the current chunk.
-    pub fn search_form(&self) -> Option<Bytes> {
-        let n = self.narrowing.as_ref().filter(|n| n.send)?;
-        let mut ser = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in &self.params {
-            ser.append_pair(k, v);
-        }
-        let (k, v) = n.pair();
-        ser.append_pair(&k, &v);
-        Some(Bytes::from(ser.finish()))
-    }
-}
-
-/// The allowed patients of an `openfga` search (from the OpenFGA lists and any
-/// `patient/` compartment of the same token). Cached with the list it comes from, so
-/// none of this is computed per search.
-#[derive(Clone, Debug)]
-pub struct PatientNarrowing {
-    /// Sorted and distinct.
-    pub ids: std::sync::Arc<[String]>,
-    /// The same, as `Patient/{id}` references.
-    pub refs: std::sync::Arc<[String]>,
-    /// A digest of `ids` (SHA-256 based, not secret), so cursors can tell whether the
-    /// list changed without hashing it per page.
-    pub fingerprint: std::sync::Arc<str>,
-}
-
-impl PatientNarrowing {
-    /// From sorted, distinct ids.
-    pub fn new(ids: Vec<String>) -> Self {
-        let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
-        let mut message = Vec::with_capacity(ids.iter().map(|v| v.len() + 1).sum());
-        for id in &ids {
-            message.extend_from_slice(id.as_bytes());
-            message.push(b',');
-        }
-        // HMAC-SHA256 under a fixed, public key: a collision-resistant digest from the
-        // crypto the crate already has (a keyed cursor MAC is taken over it later).
-        let key = jsonwebtoken::EncodingKey::from_secret(b"smart-fhir-proxy patient list");
-        let fingerprint =
-            jsonwebtoken::crypto::sign(&message, &key, jsonwebtoken::Algorithm::HS256)
-                .unwrap_or_default();
-        PatientNarrowing {
-            ids: ids.into(),
-            refs,
-            fingerprint: fingerprint.into(),
-        }
-    }
-}
 
 /// Builds the outbound request. Pure: no I/O.
 pub fn rewrite_request(

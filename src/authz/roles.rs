@@ -13,8 +13,7 @@ use moka::future::Cache;
 use serde_json::Value;
 
 use crate::error::ProxyError;
-use crate::fhir::{ResourceId, ResourceType};
-use crate::rewrite::OutboundRequest;
+use crate::fhir::{OutboundRequest, ResourceId, ResourceType};
 use crate::tenant::Tenant;
 use crate::token::FhirUser;
 use crate::upstream::{Upstream, UpstreamError};

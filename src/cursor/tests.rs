@@ -746,8 +746,8 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let t = token("practitioner", "user/Observation.rs", None);
     let req = get("/Observation?_count=2");
     let mut out = outbound("/Observation", &[("_count", "2")]);
-    let list = crate::rewrite::PatientNarrowing::new(vec!["a".into(), "b".into(), "c".into()]);
-    out.narrowing = Some(crate::rewrite::Narrowing {
+    let list = crate::authz::fga::PatientNarrowing::new(vec!["a".into(), "b".into(), "c".into()]);
+    out.narrowing = Some(crate::fhir::Narrowing {
         param: "subject".to_owned(),
         values: Arc::clone(&list.refs),
         chunk_size: 2,
@@ -798,7 +798,7 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &last, None, NOW);
     assert_eq!(pager.next_chunk_link().unwrap(), None);
     let mut other = out.narrowing.clone().unwrap();
-    let shorter = crate::rewrite::PatientNarrowing::new(vec!["a".into()]);
+    let shorter = crate::authz::fga::PatientNarrowing::new(vec!["a".into()]);
     other.values = shorter.refs;
     other.fingerprint = shorter.fingerprint;
     assert_ne!(key.list_digest(&other), seg.list);

@@ -1,12 +1,14 @@
-//! Shared FHIR model used by every stage: resource types, the parsed request, and
-//! OperationOutcome rendering.
+//! Shared FHIR model used by every stage: resource types, the parsed request, the
+//! outbound request, and OperationOutcome rendering.
 
+pub mod outbound;
 pub mod outcome;
 pub mod parse;
 pub mod reference;
 pub mod request;
 pub mod resource_type;
 
+pub use outbound::{Narrowing, OutboundRequest};
 pub use outcome::OperationOutcome;
 pub use parse::{RequestError, parse_request};
 pub use reference::{LocalRef, parse_local_reference};

@@ -987,7 +987,7 @@ fn fga_search_is_narrowed_by_the_types_patient_parameter_outside_the_url() {
         &out.search_form().unwrap()[..],
         b"code=1234&subject=Patient%2Fa%2CPatient%2Fb"
     );
-    let last = crate::rewrite::Narrowing { chunk: 1, ..n };
+    let last = crate::fhir::Narrowing { chunk: 1, ..n };
     assert_eq!(last.pair().1, "Patient/c");
     assert!(!last.has_next_chunk());
 

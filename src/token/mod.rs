@@ -450,7 +450,15 @@ impl Stage for ValidateToken {
             .verify(tenant.generation, tenant.id(), &tenant.config.token, token)
             .await?;
         if let Some(audit) = req.extensions().get::<crate::audit::AuditSlot>() {
-            audit.set_principal(&verified);
+            audit.set_principal(
+                verified.client_id.clone(),
+                verified.subject.clone(),
+                verified.patient.as_ref().map(|p| p.as_str().to_owned()),
+                verified
+                    .fhir_user
+                    .as_ref()
+                    .map(|u| format!("{}/{}", u.resource_type, u.id)),
+            );
         }
         // Defence in depth: nothing after this stage can forward the client's token.
         req.headers_mut().remove(http::header::AUTHORIZATION);

@@ -123,7 +123,7 @@ impl Fixture {
     }
 
     /// Paging links as stage 5 would issue them, with a fixed key and clock.
-    fn pager<'a>(&'a self, out: &'a crate::rewrite::OutboundRequest) -> crate::cursor::Pager<'a> {
+    fn pager<'a>(&'a self, out: &'a crate::fhir::OutboundRequest) -> crate::cursor::Pager<'a> {
         crate::cursor::Pager::new(
             &CURSOR_KEY,
             "t1",
