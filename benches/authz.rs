@@ -15,9 +15,11 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
-use smart_fhir_proxy::authz::{Checker, CompartmentIndex, ReleaseCtx, authorize};
+use smart_fhir_proxy::authz::{Checker, ReleaseCtx, authorize};
 use smart_fhir_proxy::config::{RawFile, TenantConfig, validate};
-use smart_fhir_proxy::fhir::{CompartmentRef, ResourceId, ResourceType, parse_request};
+use smart_fhir_proxy::fhir::{
+    CompartmentIndex, CompartmentRef, ResourceId, ResourceType, parse_request,
+};
 use smart_fhir_proxy::scope::{TokenContext, check_scopes, parse_scopes};
 use smart_fhir_proxy::token::{FhirUser, VerifiedToken};
 use smart_fhir_proxy::upstream::filter::{CheckCtx, check_answer};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use smart_fhir_proxy::authz::CompartmentIndex;
 use smart_fhir_proxy::cursor::{self, CursorKey};
+use smart_fhir_proxy::fhir::CompartmentIndex;
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
 use smart_fhir_proxy::stack::{self, Shared};

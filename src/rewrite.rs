@@ -16,10 +16,12 @@ use bytes::Bytes;
 use http::{Method, Request};
 
 use crate::authz::fga::PatientNarrowing;
-use crate::authz::{AuthzError, CompartmentIndex, Permit};
+use crate::authz::{AuthzError, Permit};
 use crate::config::CompartmentSearch;
 use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType};
+use crate::fhir::{
+    CompartmentIndex, FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType,
+};
 use crate::pipeline::{Flow, Stage, ext};
 use crate::scope::{ScopeGrant, SearchConstraint};
 use crate::tenant::tenant_of;

@@ -20,9 +20,9 @@ use http::{Request, StatusCode};
 
 use crate::audit::AuditSlot;
 use crate::authz::Checker;
-use crate::authz::CompartmentIndex;
 use crate::config::{self, ConfigError, TenantConfig};
 use crate::error::ProxyError;
+use crate::fhir::CompartmentIndex;
 use crate::fhir::{FhirRequest, parse_request};
 use crate::pipeline::{Flow, Internal, Stage, ext};
 

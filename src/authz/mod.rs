@@ -12,8 +12,6 @@
 //! The checker is chosen per tenant as an enum (no dynamic dispatch on the hot path);
 //! `Compartment` is the coarse-grained checker.
 
-pub mod compartment;
-pub mod constraint;
 pub mod fga;
 pub mod openfga;
 pub mod roles;
@@ -26,12 +24,12 @@ use serde_json::Value;
 
 use crate::config::{AuthorizationConfig, TenantConfig};
 use crate::error::ProxyError;
-use crate::fhir::{CompartmentRef, FhirRequest, Interaction, ResourceType};
+use crate::fhir::constraint;
+use crate::fhir::{CompartmentIndex, CompartmentRef, FhirRequest, Interaction, ResourceType};
 use crate::pipeline::{Flow, Stage, ext};
 use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
 use crate::tenant::tenant_of;
 use crate::token::{FhirUser, VerifiedToken};
-pub use compartment::CompartmentIndex;
 
 /// Compartment types a `fhirUser` can anchor `user/` access to.
 const USER_COMPARTMENTS: [ResourceType; 3] = [

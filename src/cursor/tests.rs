@@ -6,8 +6,9 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
+use crate::authz::Checker;
 use crate::authz::authorize;
-use crate::authz::{Checker, CompartmentIndex};
+use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::rewrite::rewrite_request;
 use crate::scope::parse_scopes;

@@ -1,6 +1,9 @@
 //! Shared FHIR model used by every stage: resource types, the parsed request, the
-//! outbound request, and OperationOutcome rendering.
+//! outbound request, compartment membership and search-parameter constraints from the
+//! official R4 definitions, and OperationOutcome rendering.
 
+pub mod compartment;
+pub mod constraint;
 pub mod outbound;
 pub mod outcome;
 pub mod parse;
@@ -8,6 +11,7 @@ pub mod reference;
 pub mod request;
 pub mod resource_type;
 
+pub use compartment::CompartmentIndex;
 pub use outbound::{Narrowing, OutboundRequest};
 pub use outcome::OperationOutcome;
 pub use parse::{RequestError, parse_request};

@@ -7,7 +7,8 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::authz::{Checker, CompartmentIndex, Permit, authorize};
+use crate::authz::{Checker, Permit, authorize};
+use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::scope::{ScopeContext, ScopeGrant, TokenContext, check_scopes, parse_scopes};
 use crate::token::{FhirUser, VerifiedToken};
