@@ -20,7 +20,8 @@ use smart_fhir_proxy::config::{RawFile, TenantConfig, validate};
 use smart_fhir_proxy::fhir::{
     CompartmentIndex, CompartmentRef, ResourceId, ResourceType, parse_request,
 };
-use smart_fhir_proxy::scope::{TokenContext, check_scopes, parse_scopes};
+use smart_fhir_proxy::scope::{TokenContext, check_scopes};
+use smart_fhir_proxy::smart::parse_scopes;
 use smart_fhir_proxy::token::{FhirUser, VerifiedToken};
 use smart_fhir_proxy::upstream::filter::{CheckCtx, check_answer};
 

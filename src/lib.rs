@@ -16,6 +16,7 @@ pub mod rewrite;
 pub mod scope;
 pub mod seed;
 pub mod server;
+pub mod smart;
 pub mod stack;
 pub mod tenant;
 pub mod token;

@@ -25,7 +25,7 @@ use super::openfga::{FgaError, OpenFgaClient};
 use super::{AuthzError, CompartmentIndex, Permit, Reach};
 use crate::config::{MultiPatientPolicy, OpenFgaConfig};
 use crate::fhir::ResourceType;
-use crate::scope::ScopeContext;
+use crate::smart::ScopeContext;
 use crate::token::VerifiedToken;
 
 /// The relation checked on `patient:<id>` objects.
@@ -379,7 +379,7 @@ mod tests {
             issuer: "https://issuer.example".to_owned(),
             subject: sub.map(str::to_owned),
             client_id: client_id.map(str::to_owned),
-            scopes: crate::scope::parse_scopes("user/*.rs"),
+            scopes: crate::smart::parse_scopes("user/*.rs"),
             patient: None,
             fhir_user: None,
             expires_at: u64::MAX,

@@ -27,7 +27,8 @@ use crate::error::ProxyError;
 use crate::fhir::constraint;
 use crate::fhir::{CompartmentIndex, CompartmentRef, FhirRequest, Interaction, ResourceType};
 use crate::pipeline::{Flow, Stage, ext};
-use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
+use crate::scope::{ScopeGrant, TokenContext};
+use crate::smart::ScopeContext;
 use crate::tenant::tenant_of;
 use crate::token::{FhirUser, VerifiedToken};
 
@@ -381,7 +382,7 @@ impl ReleaseCtx<'_> {
     /// Whether `resource` satisfies the constraints of some scope of `context` that
     /// would release it: for a primary record a scope that permitted the request (its
     /// constraints were already added to a search's query; checked again here), or
-    /// else a side-read scope of its type ([`crate::scope::ScopeSet::read_scopes`]).
+    /// else a side-read scope of its type ([`crate::smart::ScopeSet::read_scopes`]).
     /// A scope counts if it is unconstrained or every one of its constraints is a
     /// `Match`; `NoMatch` and `Unsupported` grant nothing (fail closed).
     fn constraints_hold(

@@ -11,7 +11,7 @@ use crate::authz::authorize;
 use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::rewrite::rewrite_request;
-use crate::scope::parse_scopes;
+use crate::smart::parse_scopes;
 use crate::token::FhirUser;
 
 const PUBLIC: &str = "https://proxy.example/t1";

@@ -7,7 +7,8 @@ use http::StatusCode;
 use super::*;
 use crate::authz::{Checker, authorize};
 use crate::fhir::{ResourceId, ResourceType, parse_request};
-use crate::scope::{ScopeContext, TokenContext, check_scopes, parse_scopes};
+use crate::scope::{TokenContext, check_scopes};
+use crate::smart::{ScopeContext, parse_scopes};
 use crate::token::{FhirUser, VerifiedToken};
 
 static INDEX: LazyLock<Arc<CompartmentIndex>> =

@@ -17,8 +17,8 @@
 
 use std::fmt;
 
-use super::grammar::{ContextSet, Permissions, ScopeContext, ScopeResource, ScopeSet, SmartScope};
 use crate::fhir::{FhirRequest, Interaction, OperationLevel, ResourceType};
+use crate::smart::{ContextSet, Permissions, ScopeContext, ScopeResource, ScopeSet, SmartScope};
 
 /// What the verified token says beyond its scopes that matters for matching.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -259,7 +259,7 @@ impl ScopeGrant {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 struct IndexSet([u64; 4]);
 
-const _: () = assert!(super::grammar::MAX_RESOURCE_SCOPES <= 4 * 64);
+const _: () = assert!(crate::smart::MAX_RESOURCE_SCOPES <= 4 * 64);
 
 impl IndexSet {
     fn insert(&mut self, i: usize) {

@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::config::TokenConfig;
 use crate::fhir::{ResourceId, ResourceType};
 use crate::pipeline::{Flow, Stage};
-use crate::scope::{ScopeSet, parse_scopes};
+use crate::smart::{ScopeSet, parse_scopes};
 use crate::tenant::tenant_of;
 use jwks::{JwksKeySource, JwksPolicy};
 

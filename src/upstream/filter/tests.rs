@@ -10,7 +10,8 @@ use super::*;
 use crate::authz::{Checker, Permit, authorize};
 use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
-use crate::scope::{ScopeContext, ScopeGrant, TokenContext, check_scopes, parse_scopes};
+use crate::scope::{ScopeGrant, TokenContext, check_scopes};
+use crate::smart::{ScopeContext, parse_scopes};
 use crate::token::{FhirUser, VerifiedToken};
 
 const PUBLIC: &str = "https://proxy.example/t1";
