@@ -9,6 +9,7 @@ use http::StatusCode;
 use crate::authz::AuthzError;
 use crate::cursor::CursorError;
 use crate::fhir::RequestError;
+use crate::forward::ForwardError;
 use crate::pipeline::Internal;
 use crate::scope::ScopeError;
 use crate::tenant::TenantError;
@@ -40,6 +41,17 @@ pub enum ProxyError {
 impl From<Internal> for ProxyError {
     fn from(e: Internal) -> Self {
         ProxyError::Internal(e.0)
+    }
+}
+
+/// The forwarding stage's errors are those of the stages they come from.
+impl From<ForwardError> for ProxyError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Upstream(e) => ProxyError::Upstream(e),
+            ForwardError::Authz(e) => ProxyError::Authz(e),
+            ForwardError::Internal(e) => e.into(),
+        }
     }
 }
 

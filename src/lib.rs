@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error;
 pub mod fetch;
 pub mod fhir;
+pub mod forward;
 pub mod pipeline;
 pub mod rewrite;
 pub mod scope;

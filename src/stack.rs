@@ -29,12 +29,13 @@ use crate::authz::Authorize;
 use crate::discovery::ServeDiscovery;
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
+use crate::forward::Forward;
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
 use crate::tenant::{ResolveTenant, TenantRegistry};
 use crate::token::ValidateToken;
-use crate::upstream::{Forward, Upstream};
+use crate::upstream::Upstream;
 
 /// The tower adapter around a [`Stage`].
 pub struct StageLayer<St>(Arc<St>);
@@ -213,7 +214,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(CheckScope))
         .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
         .layer(StageLayer::new(RewriteSearch::new(shared.cursors.clone())))
-        .service(Forward::new(shared.upstream, shared.cursors));
+        .service(Forward::new(shared.upstream, shared.cursors).map_err(ProxyError::from));
     tower::util::BoxCloneSyncService::new(svc)
 }
 

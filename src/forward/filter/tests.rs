@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::*;
 use crate::authz::{Checker, Permit, authorize};
+use crate::error::ProxyError;
 use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::scope::{ScopeGrant, TokenContext, check_scopes};
@@ -122,6 +123,7 @@ impl Fixture {
             &headers,
             Bytes::copy_from_slice(body),
         )
+        .map_err(ProxyError::from)
     }
 
     /// Paging links as stage 5 would issue them, with a fixed key and clock.
@@ -499,7 +501,7 @@ fn content_type_that_is_not_visible_ascii_is_bad_response() {
         Bytes::from(obs("o1", "Patient/p1").to_string()),
     )
     .unwrap_err();
-    assert!(is_bad_response(&err));
+    assert!(is_bad_response(&err.into()));
 }
 
 #[test]
