@@ -11,6 +11,7 @@ use crate::cursor::CursorError;
 use crate::fhir::RequestError;
 use crate::forward::ForwardError;
 use crate::pipeline::Internal;
+use crate::rewrite::RewriteError;
 use crate::scope::ScopeError;
 use crate::tenant::TenantError;
 use crate::token::TokenError;
@@ -51,6 +52,18 @@ impl From<ForwardError> for ProxyError {
             ForwardError::Upstream(e) => ProxyError::Upstream(e),
             ForwardError::Authz(e) => ProxyError::Authz(e),
             ForwardError::Internal(e) => e.into(),
+        }
+    }
+}
+
+/// Stage 4's errors are those of the decisions it runs.
+impl From<RewriteError> for ProxyError {
+    fn from(e: RewriteError) -> Self {
+        match e {
+            RewriteError::Authz(e) => ProxyError::Authz(e),
+            RewriteError::Scope(e) => ProxyError::Scope(e),
+            RewriteError::Cursor(e) => ProxyError::Cursor(e),
+            RewriteError::Internal(e) => e.into(),
         }
     }
 }

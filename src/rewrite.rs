@@ -16,15 +16,70 @@ use bytes::Bytes;
 use http::{Method, Request};
 
 use crate::authz::fga::PatientNarrowing;
-use crate::authz::{AuthzError, Permit};
+use crate::authz::{AuthzError, Permit, authorize_as};
 use crate::config::CompartmentSearch;
-use crate::error::ProxyError;
+use crate::cursor::{self, CursorError, CursorKey, Resumed};
 use crate::fhir::{
     CompartmentIndex, FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType,
 };
-use crate::pipeline::{Flow, Stage, ext};
-use crate::scope::{ScopeGrant, SearchConstraint};
-use crate::tenant::tenant_of;
+use crate::pipeline::{Flow, Internal, Stage, ext};
+use crate::scope::{ScopeError, ScopeGrant, SearchConstraint, TokenContext, check_scopes};
+use crate::tenant::{Tenant, tenant_of};
+use crate::token::{FhirUser, VerifiedToken};
+
+/// What stage 4 fails with: what the narrowing refuses (authz's error type: a search it
+/// cannot narrow is a request the permit does not allow), and for `_cursor` requests
+/// the cursor's errors and those of the scope and record decisions it runs again.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
+/// Stage 4 for a `_cursor` request: verifies the cursor against the tenant, the token
+/// and the request shape ([`cursor::open`]), re-authorizes the original request
+/// (scopes, records, narrowing) with the current token, and builds the outbound request
+/// from the stored page ([`cursor::resume_page`]). `Ok(None)` when the request has no
+/// cursor. Pure: the caller passes `now`.
+pub fn resume(
+    key: &CursorKey,
+    tenant: &Tenant,
+    token: &VerifiedToken,
+    user: Option<&FhirUser>,
+    req: &FhirRequest,
+    patients: Option<(&PatientNarrowing, usize)>,
+    now: u64,
+) -> Result<Option<(OutboundRequest, Resumed)>, RewriteError> {
+    let Some((cursor, original)) = cursor::open(key, tenant.id(), token, req, now)? else {
+        return Ok(None);
+    };
+    let grant = check_scopes(
+        &token.scopes,
+        &original,
+        TokenContext {
+            has_patient: token.patient.is_some(),
+        },
+    )?;
+    // Re-authorized exactly as the request that issued the cursor was, with the
+    // resolved fhirUser (a PractitionerRole acts as its Practitioner).
+    let permit = authorize_as(&tenant.checker, &original, token, &grant, user.cloned())?;
+    let narrowed = rewrite_request_with(
+        &original,
+        &grant,
+        &permit,
+        tenant.checker.index(),
+        &Bytes::new(),
+        patients,
+        tenant.config.upstream.compartment_search,
+    )?;
+    Ok(Some(cursor::resume_page(key, cursor, narrowed)?))
+}
 
 /// Builds the outbound request. Pure: no I/O.
 pub fn rewrite_request(
@@ -61,7 +116,7 @@ pub fn rewrite_request_with(
     // ---- paging cursors (see `crate::cursor`) ----
     // A `_cursor` request is answered from its verified cursor by `RewriteSearch`
     // before this function; one that gets here was not, and is never forwarded.
-    if req.params.iter().any(|(k, _)| k == crate::cursor::PARAM) {
+    if req.params.iter().any(|(k, _)| k == cursor::PARAM) {
         return Err(AuthzError::NotNarrowable {
             interaction: req.interaction.name(),
         });
@@ -414,31 +469,31 @@ fn add_constraint(
 
 /// The stage.
 pub struct RewriteSearch {
-    cursors: crate::cursor::CursorKey,
+    cursors: CursorKey,
 }
 
 impl RewriteSearch {
-    pub fn new(cursors: crate::cursor::CursorKey) -> Self {
+    pub fn new(cursors: CursorKey) -> Self {
         RewriteSearch { cursors }
     }
 }
 
 impl Stage for RewriteSearch {
-    type Error = ProxyError;
+    type Error = RewriteError;
 
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, RewriteError> {
         let patients = self.fga_patients(req).await?;
         // ---- paging cursors (see `crate::cursor`) ----
         // A `_cursor` request: verified, re-authorized and built from its cursor; no
         // other client parameter is used.
-        let resumed = crate::cursor::resume(
+        let resumed = resume(
             &self.cursors,
             &tenant_of(req)?.0,
-            ext::<std::sync::Arc<crate::token::VerifiedToken>>(req, "missing VerifiedToken")?,
+            ext::<std::sync::Arc<VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
             patients.as_ref().map(|(p, size)| (p, *size)),
-            crate::cursor::now(),
+            cursor::now(),
         )?;
         if let Some((out, resumed)) = resumed {
             req.extensions_mut().insert(out);
@@ -471,7 +526,7 @@ impl RewriteSearch {
     async fn fga_patients(
         &self,
         req: &mut Request<Bytes>,
-    ) -> Result<Option<(PatientNarrowing, usize)>, ProxyError> {
+    ) -> Result<Option<(PatientNarrowing, usize)>, RewriteError> {
         let tenant = std::sync::Arc::clone(&tenant_of(req)?.0);
         let Some(fga) = tenant.checker.fga() else {
             return Ok(None);

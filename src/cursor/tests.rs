@@ -5,14 +5,34 @@ use std::sync::{Arc, LazyLock};
 use proptest::prelude::*;
 use serde_json::json;
 
+use bytes::Bytes;
+
 use super::*;
 use crate::authz::Checker;
 use crate::authz::authorize;
+use crate::authz::fga::PatientNarrowing;
+use crate::error::ProxyError;
 use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::rewrite::rewrite_request;
+use crate::scope::{TokenContext, check_scopes};
 use crate::smart::parse_scopes;
+use crate::tenant::Tenant;
 use crate::token::FhirUser;
+
+/// Stage 4's resume of a `_cursor` request (`rewrite::resume`, built on [`open`] and
+/// [`resume_page`]), its error classified as the client sees it.
+fn resume(
+    key: &CursorKey,
+    tenant: &Tenant,
+    token: &VerifiedToken,
+    user: Option<&FhirUser>,
+    req: &FhirRequest,
+    patients: Option<(&PatientNarrowing, usize)>,
+    now: u64,
+) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
+    crate::rewrite::resume(key, tenant, token, user, req, patients, now).map_err(ProxyError::from)
+}
 
 const PUBLIC: &str = "https://proxy.example/t1";
 const NOW: u64 = 1_700_000_000;
