@@ -23,10 +23,9 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 
 use crate::config::{AuthorizationConfig, TenantConfig};
-use crate::error::ProxyError;
 use crate::fhir::constraint;
 use crate::fhir::{CompartmentIndex, CompartmentRef, FhirRequest, Interaction, ResourceType};
-use crate::pipeline::{Flow, Stage, ext};
+use crate::pipeline::{Flow, Internal, Stage, ext};
 use crate::scope::{ScopeGrant, TokenContext};
 use crate::smart::ScopeContext;
 use crate::tenant::tenant_of;
@@ -602,6 +601,18 @@ pub fn authorize_as(
     Ok(permit)
 }
 
+/// What stage 3 fails with: its own decisions, and the upstream's errors when a
+/// `PractitionerRole` fhirUser is resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
 /// The stage.
 pub struct Authorize {
     roles: roles::RoleResolver,
@@ -616,9 +627,9 @@ impl Authorize {
 }
 
 impl Stage for Authorize {
-    type Error = ProxyError;
+    type Error = AuthorizeError;
 
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, AuthorizeError> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;

@@ -23,4 +23,4 @@ pub use matcher::{
 mod tests;
 
 mod stage;
-pub use stage::CheckScope;
+pub use stage::{CheckScope, CheckScopeError};

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::config::TokenConfig;
 use crate::fhir::{ResourceId, ResourceType};
-use crate::pipeline::{Flow, Stage};
+use crate::pipeline::{Flow, Internal, Stage};
 use crate::smart::{ScopeSet, parse_scopes};
 use crate::tenant::tenant_of;
 use jwks::{JwksKeySource, JwksPolicy};
@@ -428,6 +428,15 @@ pub type SharedVerifier = Arc<TokenVerifier>;
 #[cfg(test)]
 mod tests;
 
+/// What stage 1 fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateTokenError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
 /// The stage: verifies the bearer token and writes [`VerifiedToken`].
 pub struct ValidateToken {
     verifier: SharedVerifier,
@@ -440,7 +449,7 @@ impl ValidateToken {
 }
 
 impl Stage for ValidateToken {
-    type Error = crate::error::ProxyError;
+    type Error = ValidateTokenError;
 
     async fn run(&self, req: &mut http::Request<bytes::Bytes>) -> Result<Flow, Self::Error> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
