@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::authz::{AuthzError, Permit, ReleaseCtx};
+use crate::authz::{AuthzError, Checker, Permit, ReleaseCtx};
 use crate::config::UpstreamConfig;
 use crate::fhir::{FhirRequest, OutboundRequest};
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Internal, ProxyResponse, ext, fhir_json};
@@ -100,6 +100,7 @@ async fn forward(
     req: &Request<Bytes>,
 ) -> Result<ProxyResponse, ForwardError> {
     let tenant = &tenant_of(req)?.0;
+    let checker = ext::<Arc<Checker>>(req, "missing Checker")?;
     let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
     let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
     let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
@@ -119,13 +120,13 @@ async fn forward(
     let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
     // OpenFGA decisions for every patient of the answer, gathered before the
     // (synchronous) check of each record.
-    let decisions = match tenant.checker.fga() {
+    let decisions = match checker.fga() {
         Some(fga) if permit.has_fga() && fetched.status.is_success() => Some(
             fga.decide(
                 permit,
                 req.extensions().get::<crate::authz::fga::FgaListed>(),
                 &body,
-                tenant.checker.index(),
+                checker.index(),
                 &bases,
             )
             .await?,
@@ -138,7 +139,7 @@ async fn forward(
             permit,
             grant,
             token,
-            index: tenant.checker.index(),
+            index: checker.index(),
             bases,
             fga: decisions.as_ref(),
         },

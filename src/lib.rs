@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod fhir;
 pub mod forward;
 pub mod pipeline;
+pub mod registry;
 pub mod rewrite;
 pub mod scope;
 pub mod seed;

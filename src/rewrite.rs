@@ -12,11 +12,13 @@
 //! parameters are ANDed by FHIR, so they can only narrow further. Scope constraints
 //! (`?category=...`) are appended. Whatever comes back is still re-checked in stage 5.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Method, Request};
 
 use crate::authz::fga::PatientNarrowing;
-use crate::authz::{AuthzError, Permit, authorize_as};
+use crate::authz::{AuthzError, Checker, Permit, authorize_as};
 use crate::config::CompartmentSearch;
 use crate::cursor::{self, CursorError, CursorKey, Resumed};
 use crate::fhir::{
@@ -47,9 +49,11 @@ pub enum RewriteError {
 /// (scopes, records, narrowing) with the current token, and builds the outbound request
 /// from the stored page ([`cursor::resume_page`]). `Ok(None)` when the request has no
 /// cursor. Pure: the caller passes `now`.
+#[allow(clippy::too_many_arguments)]
 pub fn resume(
     key: &CursorKey,
     tenant: &Tenant,
+    checker: &Checker,
     token: &VerifiedToken,
     user: Option<&FhirUser>,
     req: &FhirRequest,
@@ -68,12 +72,12 @@ pub fn resume(
     )?;
     // Re-authorized exactly as the request that issued the cursor was, with the
     // resolved fhirUser (a PractitionerRole acts as its Practitioner).
-    let permit = authorize_as(&tenant.checker, &original, token, &grant, user.cloned())?;
+    let permit = authorize_as(checker, &original, token, &grant, user.cloned())?;
     let narrowed = rewrite_request_with(
         &original,
         &grant,
         &permit,
-        tenant.checker.index(),
+        checker.index(),
         &Bytes::new(),
         patients,
         tenant.config.upstream.compartment_search,
@@ -489,7 +493,8 @@ impl Stage for RewriteSearch {
         let resumed = resume(
             &self.cursors,
             &tenant_of(req)?.0,
-            ext::<std::sync::Arc<VerifiedToken>>(req, "missing VerifiedToken")?,
+            ext::<Arc<Checker>>(req, "missing Checker")?,
+            ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
             patients.as_ref().map(|(p, size)| (p, *size)),
@@ -509,7 +514,7 @@ impl Stage for RewriteSearch {
             fhir,
             grant,
             permit,
-            tenant.0.checker.index(),
+            ext::<Arc<Checker>>(req, "missing Checker")?.index(),
             req.body(),
             patients.as_ref().map(|(p, size)| (p, *size)),
             tenant.0.config.upstream.compartment_search,
@@ -527,8 +532,8 @@ impl RewriteSearch {
         &self,
         req: &mut Request<Bytes>,
     ) -> Result<Option<(PatientNarrowing, usize)>, RewriteError> {
-        let tenant = std::sync::Arc::clone(&tenant_of(req)?.0);
-        let Some(fga) = tenant.checker.fga() else {
+        let checker = Arc::clone(ext::<Arc<Checker>>(req, "missing Checker")?);
+        let Some(fga) = checker.fga() else {
             return Ok(None);
         };
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
@@ -537,7 +542,7 @@ impl RewriteSearch {
             && permit.has_fga()
             && fhir
                 .resource_type
-                .is_some_and(|rt| !permit.reaches_whole_type(rt, tenant.checker.index()));
+                .is_some_and(|rt| !permit.reaches_whole_type(rt, checker.index()));
         if !wants_list {
             return Ok(None);
         }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
-//! ResolveTenant     stage 0: TenantCtx + FhirRequest
+//! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
 //! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
 //! ValidateToken     stage 1: VerifiedToken
 //! CheckScope        stage 2: ScopeGrant
@@ -31,9 +31,9 @@ use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
 use crate::forward::Forward;
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
+use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
-use crate::tenant::{ResolveTenant, TenantRegistry};
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
 

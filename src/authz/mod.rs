@@ -1,6 +1,7 @@
 //! Stage 3: record-level authorization.
 //!
-//! Input: `TenantCtx`, `FhirRequest`, `VerifiedToken`, `ScopeGrant`. Output: a
+//! Input: `TenantCtx` and the tenant's [`Checker`] (both written by stage 0),
+//! `FhirRequest`, `VerifiedToken`, `ScopeGrant`. Output: a
 //! [`Permit`] saying, per permitting scope context, which records the request may
 //! reach (`patient/` -> the token patient's compartment; `user/` -> the `fhirUser`'s
 //! compartment; `system/` -> every record of the granted types). Access is the union
@@ -631,6 +632,7 @@ impl Stage for Authorize {
 
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, AuthorizeError> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
+        let checker = Arc::clone(ext::<Arc<Checker>>(req, "missing Checker")?);
         let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
         // Only `user/` scopes of compartment tenants look at the fhirUser (OpenFGA
@@ -639,15 +641,15 @@ impl Stage for Authorize {
             Some(u)
                 if u.resource_type == ResourceType::PRACTITIONER_ROLE
                     && grant.contexts().contains(ScopeContext::User)
-                    && tenant.checker.fga().is_none() =>
+                    && checker.fga().is_none() =>
             {
                 self.roles.practitioner_of(&tenant, &u.id).await?
             }
             other => other.clone(),
         };
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-        let permit = authorize_as(&tenant.checker, fhir, token, grant, user)?;
-        if let (Some(fga), Some(target)) = (tenant.checker.fga(), fga_target(fhir, &permit))
+        let permit = authorize_as(&checker, fhir, token, grant, user)?;
+        if let (Some(fga), Some(target)) = (checker.fga(), fga_target(fhir, &permit))
             && !fga.can_view(&permit, target).await?
         {
             return Err(AuthzError::Hidden {

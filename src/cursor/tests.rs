@@ -31,7 +31,8 @@ fn resume(
     patients: Option<(&PatientNarrowing, usize)>,
     now: u64,
 ) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
-    crate::rewrite::resume(key, tenant, token, user, req, patients, now).map_err(ProxyError::from)
+    crate::rewrite::resume(key, tenant, &CHECKER, token, user, req, patients, now)
+        .map_err(ProxyError::from)
 }
 
 const PUBLIC: &str = "https://proxy.example/t1";
@@ -117,10 +118,13 @@ fn tenant() -> Tenant {
     let config = crate::config::validate(raw).unwrap().remove(0);
     Tenant {
         config,
-        checker: Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND),
         generation: 0,
     }
 }
+
+/// The tenant's checker (compartment mode, denied reads are 404).
+static CHECKER: LazyLock<Checker> =
+    LazyLock::new(|| Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND));
 
 // ---------------------------------------------------------------------------------------
 // the token
@@ -589,7 +593,7 @@ fn first_next(key: &CursorKey, tenant: &Tenant, t: &VerifiedToken, target: &str)
         },
     )
     .unwrap();
-    let permit = authorize(&tenant.checker, &req, t, &grant).unwrap();
+    let permit = authorize(&CHECKER, &req, t, &grant).unwrap();
     let out = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap();
     let pager = Pager::new(key, tenant.id(), PUBLIC, t, &req, &out, None, NOW);
     let url = pager
@@ -753,11 +757,10 @@ fn resume_re_authorizes_the_original_request() {
 
 #[test]
 fn rewrite_never_forwards_a_cursor() {
-    let tenant = tenant();
     let t = token("backend", "system/Observation.rs", None);
     let req = get("/Observation?_cursor=x");
     let grant = check_scopes(&t.scopes, &req, TokenContext { has_patient: false }).unwrap();
-    let permit = authorize(&tenant.checker, &req, &t, &grant).unwrap();
+    let permit = authorize(&CHECKER, &req, &t, &grant).unwrap();
     assert!(rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).is_err());
 }
 
