@@ -55,6 +55,7 @@ LAYERS = {
 }
 
 IMPORT = re.compile(r"\bcrate::([a-z_]+)")
+GROUP = re.compile(r"\bcrate::\{")
 TEST_FILE = re.compile(r"(^|/)tests\.rs$")
 
 
@@ -69,6 +70,29 @@ def strip_tests(text: str) -> str:
     return text if i < 0 else text[:i]
 
 
+def imports(text: str) -> set[str]:
+    """The top-level modules a source text names as `crate::<module>`, including the
+    ones inside a grouped `use crate::{a::X, b};`."""
+    found = set(IMPORT.findall(text))
+    for m in GROUP.finditer(text):
+        depth, i, start, items = 1, m.end(), m.end(), []
+        while i < len(text) and depth:
+            c = text[i]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+            if (c == "," and depth == 1) or depth == 0:
+                items.append(text[start:i])
+                start = i + 1
+            i += 1
+        for item in items:
+            name = re.match(r"\s*([a-z_]+)", item)
+            if name and name.group(1) != "self":
+                found.add(name.group(1))
+    return found
+
+
 def violations() -> set[str]:
     found = set()
     for path in sorted(SRC.rglob("*.rs")):
@@ -77,7 +101,7 @@ def violations() -> set[str]:
         importer = module_of(path)
         if importer not in LAYERS:
             sys.exit(f"check-layers: module `{importer}` ({path}) has no layer in {__file__}")
-        for imported in set(IMPORT.findall(strip_tests(path.read_text()))):
+        for imported in imports(strip_tests(path.read_text())):
             if imported == importer:
                 continue
             if imported not in LAYERS:
