@@ -15,13 +15,16 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::{Value, json};
-use smart_fhir_proxy::authz::{Checker, CompartmentIndex, ReleaseCtx, authorize};
+use smart_fhir_proxy::authz::{Checker, ReleaseCtx, authorize};
 use smart_fhir_proxy::config::{RawFile, TenantConfig, validate};
-use smart_fhir_proxy::fhir::{CompartmentRef, ResourceId, ResourceType, parse_request};
-use smart_fhir_proxy::scope::{TokenContext, check_scopes, parse_scopes};
+use smart_fhir_proxy::fhir::{
+    CompartmentIndex, CompartmentRef, ResourceId, ResourceType, parse_request,
+};
+use smart_fhir_proxy::forward::filter::{CheckCtx, check_answer};
+use smart_fhir_proxy::scope::{TokenContext, check_scopes};
+use smart_fhir_proxy::smart::parse_scopes;
 use smart_fhir_proxy::token::{FhirUser, VerifiedToken};
 use smart_fhir_proxy::upstream::BaseRewrite;
-use smart_fhir_proxy::upstream::filter::{CheckCtx, check_answer};
 
 const PUBLIC_BASE: &str = "https://proxy.bench/bench";
 const UPSTREAM_BASE: &str = "http://fhir.bench:8080/fhir";

@@ -34,11 +34,12 @@ use criterion::{Criterion, criterion_group};
 use http::Method;
 use serde_json::{Value, json};
 use smart_fhir_proxy::authz::fga::FgaDecisions;
-use smart_fhir_proxy::authz::{Checker, CompartmentIndex, Permit, Release, ReleaseCtx, authorize};
+use smart_fhir_proxy::authz::{Checker, Permit, Release, ReleaseCtx, authorize};
 use smart_fhir_proxy::config::{RawFile, TenantConfig, validate};
-use smart_fhir_proxy::fhir::{FhirRequest, ResourceType, parse_request};
+use smart_fhir_proxy::fhir::{CompartmentIndex, FhirRequest, ResourceType, parse_request};
 use smart_fhir_proxy::rewrite::{rewrite_request, rewrite_request_with};
-use smart_fhir_proxy::scope::{ScopeGrant, TokenContext, check_scopes, parse_scopes};
+use smart_fhir_proxy::scope::{ScopeGrant, TokenContext, check_scopes};
+use smart_fhir_proxy::smart::parse_scopes;
 use smart_fhir_proxy::token::{FhirUser, VerifiedToken};
 
 use openfga::engine::TupleKey;

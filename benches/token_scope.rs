@@ -12,7 +12,8 @@ use http::Method;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use smart_fhir_proxy::config::{ClaimNames, TokenConfig};
 use smart_fhir_proxy::fhir::parse_request;
-use smart_fhir_proxy::scope::{TokenContext, check_scopes, parse_scopes};
+use smart_fhir_proxy::scope::{TokenContext, check_scopes};
+use smart_fhir_proxy::smart::parse_scopes;
 use smart_fhir_proxy::token::{TokenVerifier, verify_with_key};
 
 const SCOPES: &str = "openid fhirUser launch/patient offline_access patient/Patient.rs \

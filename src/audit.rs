@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use crate::fhir::FhirRequest;
-use crate::token::VerifiedToken;
 
 #[derive(Default, Debug, Clone)]
 pub struct AuditRecord {
@@ -78,15 +77,20 @@ impl AuditSlot {
         });
     }
 
-    pub fn set_principal(&self, token: &VerifiedToken) {
+    /// Who the request is for, as the verified token names them: client id, subject,
+    /// `patient` and `fhirUser` (`Type/id`).
+    pub fn set_principal(
+        &self,
+        client_id: Option<String>,
+        subject: Option<String>,
+        patient: Option<String>,
+        fhir_user: Option<String>,
+    ) {
         self.with(|r| {
-            r.client_id = token.client_id.clone();
-            r.subject = token.subject.clone();
-            r.patient = token.patient.as_ref().map(|p| p.as_str().to_owned());
-            r.fhir_user = token
-                .fhir_user
-                .as_ref()
-                .map(|u| format!("{}/{}", u.resource_type, u.id));
+            r.client_id = client_id;
+            r.subject = subject;
+            r.patient = patient;
+            r.fhir_user = fhir_user;
         });
     }
 

@@ -521,10 +521,85 @@ impl AuthorizationConfig {
 /// A tenant's OpenFGA store and how it is used.
 #[derive(Debug, Clone)]
 pub struct OpenFgaConfig {
-    pub connection: crate::authz::openfga::FgaConnection,
+    pub connection: FgaConnection,
     pub multi_patient_policy: MultiPatientPolicy,
     pub max_listed_patients: usize,
     pub search_chunk_size: usize,
+}
+
+/// One tenant's OpenFGA store.
+#[derive(Clone, Debug)]
+pub struct FgaConnection {
+    /// OpenFGA's API URL (`http://host:8080`, or with a path prefix).
+    pub api_url: Url,
+    pub store_id: String,
+    /// Pinned: sent with every request, so a model change is deliberate.
+    pub authorization_model_id: String,
+    pub credentials: FgaCredentials,
+    /// Bound on one call, including reading a whole stream.
+    pub timeout: Duration,
+    /// How long a decision is reused.
+    pub cache_ttl: Duration,
+    pub breaker: BreakerSettings,
+    /// The server's `listObjectsDeadline`. StreamedListObjects ends silently, like a
+    /// finished list, when the server reaches it; a stream that took this long is
+    /// therefore not proof of completeness (the client answers it as incomplete).
+    pub list_objects_deadline: Duration,
+}
+
+/// How the proxy authenticates to OpenFGA.
+#[derive(Clone)]
+pub enum FgaCredentials {
+    None,
+    /// A pre-shared key, sent as `Authorization: Bearer`.
+    ApiToken(String),
+    /// OAuth 2.0 client credentials; the access token is fetched, cached and renewed.
+    ClientCredentials {
+        token_url: Url,
+        client_id: String,
+        client_secret: String,
+        audience: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for FgaCredentials {
+    // Never print a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FgaCredentials::None => f.write_str("None"),
+            FgaCredentials::ApiToken(_) => f.write_str("ApiToken(<redacted>)"),
+            FgaCredentials::ClientCredentials {
+                token_url,
+                client_id,
+                audience,
+                ..
+            } => f
+                .debug_struct("ClientCredentials")
+                .field("token_url", &token_url.as_str())
+                .field("client_id", client_id)
+                .field("client_secret", &"<redacted>")
+                .field("audience", audience)
+                .finish(),
+        }
+    }
+}
+
+/// When the circuit breaker opens and how long it stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive failed calls that open the breaker.
+    pub failure_threshold: u32,
+    /// Time the breaker stays open before one trial call is let through.
+    pub cool_down: Duration,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failure_threshold: 5,
+            cool_down: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Reads and validates a tenants file, applying `SFP__...` environment overrides.
@@ -865,7 +940,7 @@ fn public_type_list(names: &[String]) -> Result<Vec<crate::fhir::ResourceType>, 
             )
         })?;
         // Patient data can never be public: it would bypass compartments.
-        let non_patient = crate::authz::CompartmentIndex::official_shared()
+        let non_patient = crate::fhir::CompartmentIndex::official_shared()
             .map(|index| index.is_non_patient_data(rt))
             .unwrap_or(false);
         if !non_patient {
@@ -873,7 +948,7 @@ fn public_type_list(names: &[String]) -> Result<Vec<crate::fhir::ResourceType>, 
                 "authorization.public_types",
                 format!(
                     "`{name}` may hold patient data and cannot be public (allowed: {})",
-                    crate::authz::compartment::NON_PATIENT_TYPES.join(", ")
+                    crate::fhir::compartment::NON_PATIENT_TYPES.join(", ")
                 ),
             ));
         }
@@ -883,7 +958,6 @@ fn public_type_list(names: &[String]) -> Result<Vec<crate::fhir::ResourceType>, 
 }
 
 fn openfga_config(o: RawOpenFga) -> Result<OpenFgaConfig, Bad> {
-    use crate::authz::openfga::{BreakerSettings, FgaConnection, FgaCredentials};
     let api_url = http_url(&o.api_url).map_err(|m| ("authorization.openfga.api_url", m))?;
     if api_url.query().is_some() || api_url.fragment().is_some() {
         return Err((

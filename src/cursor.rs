@@ -11,7 +11,7 @@
 //! - the upstream page to fetch (a path relative to the upstream base and its query),
 //!
 //! and expires. A `_cursor` request goes through every stage like any request; stage 4
-//! then verifies the cursor ([`resume`]), re-runs the scope and record decisions on the
+//! then verifies the cursor ([`open`]), re-runs the scope and record decisions on the
 //! original request, requires that they narrow it exactly as when the cursor was
 //! issued (so a token with other scopes cannot widen a search through someone's
 //! cursor), and sends the stored page upstream. Nothing of the client's request but
@@ -24,17 +24,11 @@ use std::fmt;
 use std::sync::Arc;
 
 use base64::Engine;
-use bytes::Bytes;
 use http::{Method, StatusCode};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::authz::authorize_as;
-use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction, OperationLevel};
-use crate::rewrite::{OutboundRequest, PatientNarrowing, rewrite_request_with};
-use crate::scope::{TokenContext, check_scopes};
-use crate::tenant::Tenant;
+use crate::fhir::{FhirRequest, Interaction, Narrowing, OperationLevel, OutboundRequest};
 use crate::token::VerifiedToken;
 
 /// The query parameter that carries a cursor.
@@ -143,7 +137,7 @@ pub struct Cursor {
     pub narrowed: String,
     #[serde(rename = "pg")]
     pub page: Page,
-    /// Searches narrowed to a patient list ([`crate::rewrite::Narrowing`]): the chunk
+    /// Searches narrowed to a patient list ([`Narrowing`]): the chunk
     /// of the list this page belongs to, and a keyed digest of the whole list.
     #[serde(rename = "sg", default, skip_serializing_if = "Option::is_none")]
     pub segment: Option<Segment>,
@@ -267,7 +261,7 @@ impl CursorKey {
     }
 
     /// A keyed digest of a patient list (of its fingerprint).
-    pub fn list_digest(&self, n: &crate::rewrite::Narrowing) -> String {
+    pub fn list_digest(&self, n: &Narrowing) -> String {
         self.mac(format!("list:{}", n.fingerprint).as_bytes())
     }
 
@@ -414,26 +408,25 @@ pub struct Resumed {
     pub narrowed: OutboundRequest,
 }
 
-/// Stage 4 for a `_cursor` request: verifies the cursor against the tenant, the token
-/// and the request shape, re-authorizes the original request (scopes, records,
-/// narrowing) with the current token, and builds the outbound request from the stored
-/// page. `Ok(None)` when the request has no cursor. Pure: the caller passes `now`.
-pub fn resume(
+/// The first half of stage 4 for a `_cursor` request: verifies the cursor against the
+/// tenant, the token and the request shape, and returns it with the client's original
+/// request (this request's shape, the cursor's client parameters), for stage 4 to
+/// re-authorize and narrow again with the current token (`rewrite::resume`). `Ok(None)`
+/// when the request has no cursor. Pure: the caller passes `now`.
+pub fn open(
     key: &CursorKey,
-    tenant: &Tenant,
+    tenant: &str,
     token: &VerifiedToken,
-    user: Option<&crate::token::FhirUser>,
     req: &FhirRequest,
-    patients: Option<(&PatientNarrowing, usize)>,
     now: u64,
-) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
+) -> Result<Option<(Cursor, FhirRequest)>, CursorError> {
     let Some(text) = cursor_param(req)? else {
         return Ok(None);
     };
     let principal = key.principal(token);
     let request = request_binding(req);
     let binding = Binding {
-        tenant: tenant.id(),
+        tenant,
         principal: &principal,
         request: &request,
     };
@@ -442,29 +435,21 @@ pub fn resume(
         params: cursor.client_params.clone(),
         ..req.clone()
     };
-    let grant = check_scopes(
-        &token.scopes,
-        &original,
-        TokenContext {
-            has_patient: token.patient.is_some(),
-        },
-    )?;
-    // Re-authorized exactly as the request that issued the cursor was, with the
-    // resolved fhirUser (a PractitionerRole acts as its Practitioner).
-    let permit = authorize_as(&tenant.checker, &original, token, &grant, user.cloned())?;
-    let narrowed = rewrite_request_with(
-        &original,
-        &grant,
-        &permit,
-        tenant.checker.index(),
-        &Bytes::new(),
-        patients,
-        tenant.config.upstream.compartment_search,
-    )?;
+    Ok(Some((cursor, original)))
+}
+
+/// The second half: given the original request narrowed again for the current token
+/// (`narrowed`), checks that it narrows exactly as when the cursor was issued and builds
+/// the outbound request from the stored page.
+pub fn resume_page(
+    key: &CursorKey,
+    cursor: Cursor,
+    narrowed: OutboundRequest,
+) -> Result<(OutboundRequest, Resumed), CursorError> {
     // The current token must narrow the original request exactly as the one the cursor
     // was issued to did; otherwise the stored page could be wider than it may see.
     if key.query_digest(&narrowed.path, &narrowed.params) != cursor.narrowed {
-        return Err(CursorError::Foreign.into());
+        return Err(CursorError::Foreign);
     }
     // A patient-list narrowed search resumes in its chunk of the current list, which
     // must be the list the cursor was issued with (else chunks would shift).
@@ -472,18 +457,18 @@ pub fn resume(
         (None, None) => None,
         (Some(n), Some(seg)) => {
             if key.list_digest(n) != seg.list {
-                return Err(CursorError::Stale.into());
+                return Err(CursorError::Stale);
             }
             if seg.chunk >= n.chunks().max(1) {
-                return Err(CursorError::Invalid.into());
+                return Err(CursorError::Invalid);
             }
-            Some(crate::rewrite::Narrowing {
+            Some(Narrowing {
                 chunk: seg.chunk,
                 send: seg.send,
                 ..n.clone()
             })
         }
-        _ => return Err(CursorError::Foreign.into()),
+        _ => return Err(CursorError::Foreign),
     };
     let out = OutboundRequest {
         method: Method::GET,
@@ -493,13 +478,13 @@ pub fn resume(
         conditional: narrowed.conditional,
         narrowing,
     };
-    Ok(Some((
+    Ok((
         out,
         Resumed {
             client_params: cursor.client_params,
             narrowed,
         },
-    )))
+    ))
 }
 
 /// Everything stage 5 needs to turn an upstream Bundle's links into proxy links.

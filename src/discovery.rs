@@ -10,11 +10,9 @@ use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
 use crate::config::TenantConfig;
-use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction};
-use crate::rewrite::OutboundRequest;
-use crate::stack::{Decision, Flow, Stage, ext, fhir_json, tenant_of};
-use crate::tenant::Tenant;
+use crate::fhir::{FhirRequest, Interaction, OutboundRequest};
+use crate::pipeline::{Decision, Flow, Internal, Stage, ext, fhir_json};
+use crate::tenant::{Tenant, tenant_of};
 use crate::upstream::{Upstream, UpstreamError, rewrite_base};
 
 /// The interactions the proxy forwards; the CapabilityStatement advertises no others.
@@ -23,6 +21,16 @@ const SUPPORTED_INTERACTIONS: [&str; 4] = ["read", "vread", "history-instance", 
 /// How long a tenant's secured CapabilityStatement is served from memory. `/metadata`
 /// needs no token, so without a cache anyone could make the proxy load the upstream.
 const CAPABILITIES_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What discovery fails with: the upstream's errors when its CapabilityStatement is
+/// fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
 
 pub struct ServeDiscovery {
     upstream: Upstream,
@@ -42,7 +50,7 @@ impl ServeDiscovery {
     }
 
     /// Fetches and secures the upstream's CapabilityStatement (no caching).
-    async fn capability_statement(&self, tenant: &Tenant) -> Result<Bytes, ProxyError> {
+    async fn capability_statement(&self, tenant: &Tenant) -> Result<Bytes, DiscoveryError> {
         let out = OutboundRequest {
             method: Method::GET,
             path: "/metadata".into(),
@@ -71,19 +79,21 @@ impl ServeDiscovery {
         secure_capability_statement(&mut cs, &tenant.config);
         serde_json::to_vec(&cs)
             .map(Bytes::from)
-            .map_err(|_| ProxyError::Internal("capability statement"))
+            .map_err(|_| Internal("capability statement").into())
     }
 }
 
 impl Stage for ServeDiscovery {
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    type Error = DiscoveryError;
+
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, DiscoveryError> {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let tenant = &tenant_of(req)?.0;
         let head = fhir.method == Method::HEAD;
         let mut resp = match fhir.interaction {
             Interaction::SmartConfiguration => {
                 let body = serde_json::to_vec(&smart_configuration(&tenant.config))
-                    .map_err(|_| ProxyError::Internal("smart configuration"))?;
+                    .map_err(|_| Internal("smart configuration"))?;
                 let mut r = fhir_json(StatusCode::OK, Bytes::from(body));
                 r.headers_mut().insert(
                     http::header::CONTENT_TYPE,
@@ -97,9 +107,9 @@ impl Stage for ServeDiscovery {
                     .capabilities
                     .try_get_with(key, self.capability_statement(tenant))
                     .await
-                    .map_err(|e: std::sync::Arc<ProxyError>| match &*e {
-                        ProxyError::Upstream(u) => ProxyError::Upstream(u.clone()),
-                        _ => ProxyError::Internal("capability statement"),
+                    .map_err(|e: std::sync::Arc<DiscoveryError>| match &*e {
+                        DiscoveryError::Upstream(u) => DiscoveryError::Upstream(u.clone()),
+                        _ => Internal("capability statement").into(),
                     })?;
                 fhir_json(StatusCode::OK, body)
             }

@@ -3,15 +3,25 @@
 //! Each stage owns its error enum; `ProxyError` wraps them and only classifies them
 //! (status, FHIR issue code, stable reason id, `WWW-Authenticate`). Rendering happens
 //! in exactly one place, the outermost layer (`stack::RenderErrors`).
+//!
+//! A stage adapter fails with an enum of what it can run into (`ValidateTokenError`,
+//! `AuthorizeError`, ...): its own decisions' errors, those of earlier stages it runs
+//! again or builds on, and a missing extension ([`Internal`]). The conversions below
+//! take such an enum apart into the error it wraps, so a failure is classified and
+//! rendered the same whichever stage met it.
 
 use http::StatusCode;
 
-use crate::authz::AuthzError;
+use crate::authz::{AuthorizeError, AuthzError};
 use crate::cursor::CursorError;
+use crate::discovery::DiscoveryError;
 use crate::fhir::RequestError;
-use crate::scope::ScopeError;
+use crate::forward::ForwardError;
+use crate::pipeline::Internal;
+use crate::rewrite::RewriteError;
+use crate::scope::{CheckScopeError, ScopeError};
 use crate::tenant::TenantError;
-use crate::token::TokenError;
+use crate::token::{TokenError, ValidateTokenError};
 use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +48,72 @@ pub enum ProxyError {
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
     Internal(&'static str),
+}
+
+impl From<Internal> for ProxyError {
+    fn from(e: Internal) -> Self {
+        ProxyError::Internal(e.0)
+    }
+}
+
+impl From<DiscoveryError> for ProxyError {
+    fn from(e: DiscoveryError) -> Self {
+        match e {
+            DiscoveryError::Upstream(e) => ProxyError::Upstream(e),
+            DiscoveryError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<ValidateTokenError> for ProxyError {
+    fn from(e: ValidateTokenError) -> Self {
+        match e {
+            ValidateTokenError::Token(e) => ProxyError::Token(e),
+            ValidateTokenError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<CheckScopeError> for ProxyError {
+    fn from(e: CheckScopeError) -> Self {
+        match e {
+            CheckScopeError::Scope(e) => ProxyError::Scope(e),
+            CheckScopeError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<AuthorizeError> for ProxyError {
+    fn from(e: AuthorizeError) -> Self {
+        match e {
+            AuthorizeError::Authz(e) => ProxyError::Authz(e),
+            AuthorizeError::Upstream(e) => ProxyError::Upstream(e),
+            AuthorizeError::Internal(e) => e.into(),
+        }
+    }
+}
+
+/// The forwarding stage's errors are those of the stages they come from.
+impl From<ForwardError> for ProxyError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Upstream(e) => ProxyError::Upstream(e),
+            ForwardError::Authz(e) => ProxyError::Authz(e),
+            ForwardError::Internal(e) => e.into(),
+        }
+    }
+}
+
+/// Stage 4's errors are those of the decisions it runs.
+impl From<RewriteError> for ProxyError {
+    fn from(e: RewriteError) -> Self {
+        match e {
+            RewriteError::Authz(e) => ProxyError::Authz(e),
+            RewriteError::Scope(e) => ProxyError::Scope(e),
+            RewriteError::Cursor(e) => ProxyError::Cursor(e),
+            RewriteError::Internal(e) => e.into(),
+        }
+    }
 }
 
 impl ProxyError {

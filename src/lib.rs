@@ -1,7 +1,10 @@
 //! smart-fhir-proxy: a multi-tenant SMART-on-FHIR authorization reverse proxy.
 //!
 //! Request flow (one stage per module, ordered in [`stack`]):
-//! `tenant` -> `discovery` -> `token` -> `scope` -> `authz` -> `rewrite` -> `upstream`.
+//! `registry` (stage 0) -> `discovery` -> `token` -> `scope` -> `authz` -> `rewrite` ->
+//! `forward`. Modules depend only downward: the shared model (`fhir`, `pipeline`, ...)
+//! at the bottom, the stages above it in request order, the composition on top
+//! (`docs/architecture.md`, checked by `scripts/check-layers.py`).
 
 pub mod audit;
 pub mod authz;
@@ -11,10 +14,14 @@ pub mod discovery;
 pub mod error;
 pub mod fetch;
 pub mod fhir;
+pub mod forward;
+pub mod pipeline;
+pub mod registry;
 pub mod rewrite;
 pub mod scope;
 pub mod seed;
 pub mod server;
+pub mod smart;
 pub mod stack;
 pub mod tenant;
 pub mod token;

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use smart_fhir_proxy::audit;
-use smart_fhir_proxy::authz::CompartmentIndex;
 use smart_fhir_proxy::cursor::{self, CursorKey};
+use smart_fhir_proxy::fhir::CompartmentIndex;
+use smart_fhir_proxy::registry::TenantRegistry;
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
 use smart_fhir_proxy::stack::{self, Shared};
-use smart_fhir_proxy::tenant::TenantRegistry;
 use smart_fhir_proxy::{config, discovery};
 
 /// Exit code for invalid configuration (EX_CONFIG-like, sysexits' EX_USAGE = 64).

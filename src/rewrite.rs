@@ -12,132 +12,77 @@
 //! parameters are ANDed by FHIR, so they can only narrow further. Scope constraints
 //! (`?category=...`) are appended. Whatever comes back is still re-checked in stage 5.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Method, Request};
 
-use crate::authz::{AuthzError, CompartmentIndex, Permit};
+use crate::authz::fga::PatientNarrowing;
+use crate::authz::{AuthzError, Checker, Permit, authorize_as};
 use crate::config::CompartmentSearch;
-use crate::error::ProxyError;
-use crate::fhir::{FhirRequest, Interaction, ResourceType};
-use crate::scope::{ScopeGrant, SearchConstraint};
-use crate::stack::{Flow, Stage, ext, tenant_of};
+use crate::cursor::{self, CursorError, CursorKey, Resumed};
+use crate::fhir::{
+    CompartmentIndex, FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType,
+};
+use crate::pipeline::{Flow, Internal, Stage, ext};
+use crate::scope::{ScopeError, ScopeGrant, SearchConstraint, TokenContext, check_scopes};
+use crate::tenant::{Tenant, tenant_of};
+use crate::token::{FhirUser, VerifiedToken};
 
-/// What will be sent upstream, relative to the tenant's upstream base.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboundRequest {
-    pub method: Method,
-    /// Starts with `/` (or is empty for the base itself).
-    pub path: String,
-    pub params: Vec<(String, String)>,
-    /// Forwarded body (`POST $match` Parameters). `_search` bodies are turned into
-    /// query parameters instead.
-    pub body: Option<Bytes>,
-    /// Whether conditional-read headers may be forwarded (unrestricted permits only).
-    pub conditional: bool,
-    /// `openfga` tenants: the allowed patients a search is narrowed to, sent chunk by
-    /// chunk in a POST `_search` body (never in the URL, never in a cursor).
-    pub narrowing: Option<Narrowing>,
+/// What stage 4 fails with: what the narrowing refuses (authz's error type: a search it
+/// cannot narrow is a request the permit does not allow), and for `_cursor` requests
+/// the cursor's errors and those of the scope and record decisions it runs again.
+#[derive(Debug, thiserror::Error)]
+pub enum RewriteError {
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error(transparent)]
+    Cursor(#[from] CursorError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
 }
 
-/// A search narrowed to a list of patients (see [`OutboundRequest::narrowing`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Narrowing {
-    /// `_id` on Patient searches, else the type's patient reference parameter.
-    pub param: String,
-    /// Sorted and distinct: `id`s for `_id`, `Patient/id` references otherwise.
-    pub values: std::sync::Arc<[String]>,
-    pub chunk_size: usize,
-    /// The chunk this request searches.
-    pub chunk: usize,
-    /// Whether the chunk goes upstream with this request (false for pages the upstream
-    /// holds itself, such as HAPI's `_getpages`).
-    pub send: bool,
-    /// [`PatientNarrowing::fingerprint`] of the list.
-    pub fingerprint: std::sync::Arc<str>,
-}
-
-impl Narrowing {
-    /// How many upstream searches the whole list takes.
-    pub fn chunks(&self) -> usize {
-        self.values.len().div_ceil(self.chunk_size.max(1))
-    }
-
-    /// The parameter pair of the current chunk.
-    pub fn pair(&self) -> (String, String) {
-        let size = self.chunk_size.max(1);
-        let start = self.chunk.saturating_mul(size).min(self.values.len());
-        let end = start.saturating_add(size).min(self.values.len());
-        let value = self.values.get(start..end).unwrap_or_default().join(",");
-        (self.param.clone(), value)
-    }
-
-    pub fn has_next_chunk(&self) -> bool {
-        self.chunk + 1 < self.chunks()
-    }
-}
-
-impl OutboundRequest {
-    /// The encoded path and query, ready to append to the upstream base.
-    pub fn path_and_query(&self) -> String {
-        if self.params.is_empty() {
-            return self.path.clone();
-        }
-        let mut ser = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in &self.params {
-            ser.append_pair(k, v);
-        }
-        format!("{}?{}", self.path, ser.finish())
-    }
-
-    /// The `application/x-www-form-urlencoded` body of a narrowed POST `_search`: the
-    /// parameters and the current chunk.
-    pub fn search_form(&self) -> Option<Bytes> {
-        let n = self.narrowing.as_ref().filter(|n| n.send)?;
-        let mut ser = form_urlencoded::Serializer::new(String::new());
-        for (k, v) in &self.params {
-            ser.append_pair(k, v);
-        }
-        let (k, v) = n.pair();
-        ser.append_pair(&k, &v);
-        Some(Bytes::from(ser.finish()))
-    }
-}
-
-/// The allowed patients of an `openfga` search (from the OpenFGA lists and any
-/// `patient/` compartment of the same token). Cached with the list it comes from, so
-/// none of this is computed per search.
-#[derive(Clone, Debug)]
-pub struct PatientNarrowing {
-    /// Sorted and distinct.
-    pub ids: std::sync::Arc<[String]>,
-    /// The same, as `Patient/{id}` references.
-    pub refs: std::sync::Arc<[String]>,
-    /// A digest of `ids` (SHA-256 based, not secret), so cursors can tell whether the
-    /// list changed without hashing it per page.
-    pub fingerprint: std::sync::Arc<str>,
-}
-
-impl PatientNarrowing {
-    /// From sorted, distinct ids.
-    pub fn new(ids: Vec<String>) -> Self {
-        let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
-        let mut message = Vec::with_capacity(ids.iter().map(|v| v.len() + 1).sum());
-        for id in &ids {
-            message.extend_from_slice(id.as_bytes());
-            message.push(b',');
-        }
-        // HMAC-SHA256 under a fixed, public key: a collision-resistant digest from the
-        // crypto the crate already has (a keyed cursor MAC is taken over it later).
-        let key = jsonwebtoken::EncodingKey::from_secret(b"smart-fhir-proxy patient list");
-        let fingerprint =
-            jsonwebtoken::crypto::sign(&message, &key, jsonwebtoken::Algorithm::HS256)
-                .unwrap_or_default();
-        PatientNarrowing {
-            ids: ids.into(),
-            refs,
-            fingerprint: fingerprint.into(),
-        }
-    }
+/// Stage 4 for a `_cursor` request: verifies the cursor against the tenant, the token
+/// and the request shape ([`cursor::open`]), re-authorizes the original request
+/// (scopes, records, narrowing) with the current token, and builds the outbound request
+/// from the stored page ([`cursor::resume_page`]). `Ok(None)` when the request has no
+/// cursor. Pure: the caller passes `now`.
+#[allow(clippy::too_many_arguments)]
+pub fn resume(
+    key: &CursorKey,
+    tenant: &Tenant,
+    checker: &Checker,
+    token: &VerifiedToken,
+    user: Option<&FhirUser>,
+    req: &FhirRequest,
+    patients: Option<(&PatientNarrowing, usize)>,
+    now: u64,
+) -> Result<Option<(OutboundRequest, Resumed)>, RewriteError> {
+    let Some((cursor, original)) = cursor::open(key, tenant.id(), token, req, now)? else {
+        return Ok(None);
+    };
+    let grant = check_scopes(
+        &token.scopes,
+        &original,
+        TokenContext {
+            has_patient: token.patient.is_some(),
+        },
+    )?;
+    // Re-authorized exactly as the request that issued the cursor was, with the
+    // resolved fhirUser (a PractitionerRole acts as its Practitioner).
+    let permit = authorize_as(checker, &original, token, &grant, user.cloned())?;
+    let narrowed = rewrite_request_with(
+        &original,
+        &grant,
+        &permit,
+        checker.index(),
+        &Bytes::new(),
+        patients,
+        tenant.config.upstream.compartment_search,
+    )?;
+    Ok(Some(cursor::resume_page(key, cursor, narrowed)?))
 }
 
 /// Builds the outbound request. Pure: no I/O.
@@ -175,7 +120,7 @@ pub fn rewrite_request_with(
     // ---- paging cursors (see `crate::cursor`) ----
     // A `_cursor` request is answered from its verified cursor by `RewriteSearch`
     // before this function; one that gets here was not, and is never forwarded.
-    if req.params.iter().any(|(k, _)| k == crate::cursor::PARAM) {
+    if req.params.iter().any(|(k, _)| k == cursor::PARAM) {
         return Err(AuthzError::NotNarrowable {
             interaction: req.interaction.name(),
         });
@@ -528,29 +473,32 @@ fn add_constraint(
 
 /// The stage.
 pub struct RewriteSearch {
-    cursors: crate::cursor::CursorKey,
+    cursors: CursorKey,
 }
 
 impl RewriteSearch {
-    pub fn new(cursors: crate::cursor::CursorKey) -> Self {
+    pub fn new(cursors: CursorKey) -> Self {
         RewriteSearch { cursors }
     }
 }
 
 impl Stage for RewriteSearch {
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    type Error = RewriteError;
+
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, RewriteError> {
         let patients = self.fga_patients(req).await?;
         // ---- paging cursors (see `crate::cursor`) ----
         // A `_cursor` request: verified, re-authorized and built from its cursor; no
         // other client parameter is used.
-        let resumed = crate::cursor::resume(
+        let resumed = resume(
             &self.cursors,
             &tenant_of(req)?.0,
-            ext::<std::sync::Arc<crate::token::VerifiedToken>>(req, "missing VerifiedToken")?,
+            ext::<Arc<Checker>>(req, "missing Checker")?,
+            ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?,
             ext::<Permit>(req, "missing Permit")?.user.as_ref(),
             ext::<FhirRequest>(req, "missing FhirRequest")?,
             patients.as_ref().map(|(p, size)| (p, *size)),
-            crate::cursor::now(),
+            cursor::now(),
         )?;
         if let Some((out, resumed)) = resumed {
             req.extensions_mut().insert(out);
@@ -566,7 +514,7 @@ impl Stage for RewriteSearch {
             fhir,
             grant,
             permit,
-            tenant.0.checker.index(),
+            ext::<Arc<Checker>>(req, "missing Checker")?.index(),
             req.body(),
             patients.as_ref().map(|(p, size)| (p, *size)),
             tenant.0.config.upstream.compartment_search,
@@ -583,9 +531,9 @@ impl RewriteSearch {
     async fn fga_patients(
         &self,
         req: &mut Request<Bytes>,
-    ) -> Result<Option<(PatientNarrowing, usize)>, ProxyError> {
-        let tenant = std::sync::Arc::clone(&tenant_of(req)?.0);
-        let Some(fga) = tenant.checker.fga() else {
+    ) -> Result<Option<(PatientNarrowing, usize)>, RewriteError> {
+        let checker = Arc::clone(ext::<Arc<Checker>>(req, "missing Checker")?);
+        let Some(fga) = checker.fga() else {
             return Ok(None);
         };
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
@@ -594,7 +542,7 @@ impl RewriteSearch {
             && permit.has_fga()
             && fhir
                 .resource_type
-                .is_some_and(|rt| !permit.reaches_whole_type(rt, tenant.checker.index()));
+                .is_some_and(|rt| !permit.reaches_whole_type(rt, checker.index()));
         if !wants_list {
             return Ok(None);
         }

@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::error::ProxyError;
-use crate::stack::{App, ProxyResponse, render_error};
+use crate::pipeline::ProxyResponse;
+use crate::stack::{App, render_error};
 use crate::tenant::TenantError;
 
 /// Server-wide limits.

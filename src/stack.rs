@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
-//! ResolveTenant     stage 0: TenantCtx + FhirRequest
+//! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
 //! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
 //! ValidateToken     stage 1: VerifiedToken
 //! CheckScope        stage 2: ScopeGrant
@@ -10,18 +10,17 @@
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
 //! Forward           stage 5: upstream call, response checks, URL rewriting
 //! ```
-//! Every stage but the last is a [`Stage`]: an async function over the request that
-//! either continues (having written its extension) or answers. [`StageLayer`] is the
-//! single thin tower adapter for all of them.
+//! Every stage but the last is a [`Stage`] (`crate::pipeline`): an async function over
+//! the request that either continues (having written its extension) or answers, and
+//! fails with its own stage's error. [`StageLayer`] is the single thin tower adapter
+//! for all of them; it turns a stage's error into a [`ProxyError`].
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
@@ -30,33 +29,13 @@ use crate::authz::Authorize;
 use crate::discovery::ServeDiscovery;
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
+use crate::forward::Forward;
+use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
+use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
-use crate::tenant::{ResolveTenant, TenantCtx, TenantRegistry};
 use crate::token::ValidateToken;
-use crate::upstream::{Forward, Upstream};
-
-pub type ProxyBody = Full<Bytes>;
-pub type ProxyResponse = Response<ProxyBody>;
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-pub const FHIR_JSON: &str = "application/fhir+json";
-
-/// What a stage decided.
-pub enum Flow {
-    /// Go on to the next stage.
-    Continue,
-    /// Answer now (discovery).
-    Respond(ProxyResponse),
-}
-
-/// One pipeline stage.
-pub trait Stage: Send + Sync + 'static {
-    fn run(
-        &self,
-        req: &mut Request<Bytes>,
-    ) -> impl Future<Output = Result<Flow, ProxyError>> + Send;
-}
+use crate::upstream::Upstream;
 
 /// The tower adapter around a [`Stage`].
 pub struct StageLayer<St>(Arc<St>);
@@ -94,6 +73,7 @@ impl<St, S: Clone> Clone for StageService<St, S> {
 impl<St, S> Service<Request<Bytes>> for StageService<St, S>
 where
     St: Stage,
+    St::Error: Into<ProxyError>,
     S: Service<Request<Bytes>, Response = ProxyResponse, Error = ProxyError>
         + Clone
         + Send
@@ -114,7 +94,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            match stage.run(&mut req).await? {
+            match stage.run(&mut req).await.map_err(Into::into)? {
                 Flow::Continue => inner.call(req).await,
                 Flow::Respond(resp) => Ok(resp),
             }
@@ -179,10 +159,6 @@ where
     }
 }
 
-/// Reason id attached to successful responses for the audit record.
-#[derive(Clone, Copy, Debug)]
-pub struct Decision(pub &'static str);
-
 /// Renders an error as an OperationOutcome response. Used by [`RenderErrors`] and by
 /// the server for failures before the stack (e.g. an oversized body).
 pub fn render_error(
@@ -242,7 +218,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(CheckScope))
         .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
         .layer(StageLayer::new(RewriteSearch::new(shared.cursors.clone())))
-        .service(Forward::new(shared.upstream, shared.cursors));
+        .service(Forward::new(shared.upstream, shared.cursors).map_err(ProxyError::from));
     tower::util::BoxCloneSyncService::new(svc)
 }
 
@@ -270,30 +246,4 @@ impl Shared {
             cursors: crate::cursor::CursorKey::generate(crate::cursor::DEFAULT_TTL_SECONDS)?,
         })
     }
-}
-
-/// Reads a stage's extension; a missing one is a broken invariant, never a pass.
-pub fn ext<'a, T: Send + Sync + 'static>(
-    req: &'a Request<Bytes>,
-    what: &'static str,
-) -> Result<&'a T, ProxyError> {
-    req.extensions()
-        .get::<T>()
-        .ok_or(ProxyError::Internal(what))
-}
-
-/// The tenant of a request (written by stage 0).
-pub fn tenant_of(req: &Request<Bytes>) -> Result<&TenantCtx, ProxyError> {
-    ext::<TenantCtx>(req, "missing TenantCtx")
-}
-
-/// A plain JSON response with the FHIR media type.
-pub fn fhir_json(status: StatusCode, body: Bytes) -> ProxyResponse {
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static(FHIR_JSON),
-    );
-    resp
 }

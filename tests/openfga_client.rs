@@ -21,10 +21,8 @@ use std::time::Duration;
 use openfga::engine::TupleKey;
 use openfga::server::{Control, Mode, Options, TestServer};
 use serde_json::{Value, json};
-use smart_fhir_proxy::authz::openfga::{
-    BreakerSettings, DEFAULT_LIST_OBJECTS_DEADLINE, FgaConnection, FgaCredentials, FgaError,
-    OpenFgaClient,
-};
+use smart_fhir_proxy::authz::openfga::{DEFAULT_LIST_OBJECTS_DEADLINE, FgaError, OpenFgaClient};
+use smart_fhir_proxy::config::{BreakerSettings, FgaConnection, FgaCredentials};
 
 const WARD_A_PATIENTS: usize = 1500;
 const WARD_B_PATIENTS: usize = 10;

@@ -25,8 +25,7 @@ use super::openfga::{FgaError, OpenFgaClient};
 use super::{AuthzError, CompartmentIndex, Permit, Reach};
 use crate::config::{MultiPatientPolicy, OpenFgaConfig};
 use crate::fhir::ResourceType;
-use crate::rewrite::PatientNarrowing;
-use crate::scope::ScopeContext;
+use crate::smart::ScopeContext;
 use crate::token::VerifiedToken;
 
 /// The relation checked on `patient:<id>` objects.
@@ -78,6 +77,43 @@ pub struct PatientList {
     /// The same ids as a search narrowing needs them: made once per cached list, not
     /// per search.
     sorted: std::sync::OnceLock<PatientNarrowing>,
+}
+
+/// The allowed patients of an `openfga` search (from the OpenFGA lists and any
+/// `patient/` compartment of the same token). Cached with the list it comes from, so
+/// none of this is computed per search.
+#[derive(Clone, Debug)]
+pub struct PatientNarrowing {
+    /// Sorted and distinct.
+    pub ids: std::sync::Arc<[String]>,
+    /// The same, as `Patient/{id}` references.
+    pub refs: std::sync::Arc<[String]>,
+    /// A digest of `ids` (SHA-256 based, not secret), so cursors can tell whether the
+    /// list changed without hashing it per page.
+    pub fingerprint: std::sync::Arc<str>,
+}
+
+impl PatientNarrowing {
+    /// From sorted, distinct ids.
+    pub fn new(ids: Vec<String>) -> Self {
+        let refs = ids.iter().map(|id| format!("Patient/{id}")).collect();
+        let mut message = Vec::with_capacity(ids.iter().map(|v| v.len() + 1).sum());
+        for id in &ids {
+            message.extend_from_slice(id.as_bytes());
+            message.push(b',');
+        }
+        // HMAC-SHA256 under a fixed, public key: a collision-resistant digest from the
+        // crypto the crate already has (a keyed cursor MAC is taken over it later).
+        let key = jsonwebtoken::EncodingKey::from_secret(b"smart-fhir-proxy patient list");
+        let fingerprint =
+            jsonwebtoken::crypto::sign(&message, &key, jsonwebtoken::Algorithm::HS256)
+                .unwrap_or_default();
+        PatientNarrowing {
+            ids: ids.into(),
+            refs,
+            fingerprint: fingerprint.into(),
+        }
+    }
 }
 
 impl PatientList {
@@ -342,7 +378,7 @@ mod tests {
             issuer: "https://issuer.example".to_owned(),
             subject: sub.map(str::to_owned),
             client_id: client_id.map(str::to_owned),
-            scopes: crate::scope::parse_scopes("user/*.rs"),
+            scopes: crate::smart::parse_scopes("user/*.rs"),
             patient: None,
             fhir_user: None,
             expires_at: u64::MAX,

@@ -1,6 +1,7 @@
 //! Stage 3: record-level authorization.
 //!
-//! Input: `TenantCtx`, `FhirRequest`, `VerifiedToken`, `ScopeGrant`. Output: a
+//! Input: `TenantCtx` and the tenant's [`Checker`] (both written by stage 0),
+//! `FhirRequest`, `VerifiedToken`, `ScopeGrant`. Output: a
 //! [`Permit`] saying, per permitting scope context, which records the request may
 //! reach (`patient/` -> the token patient's compartment; `user/` -> the `fhirUser`'s
 //! compartment; `system/` -> every record of the granted types). Access is the union
@@ -12,8 +13,6 @@
 //! The checker is chosen per tenant as an enum (no dynamic dispatch on the hot path);
 //! `Compartment` is the coarse-grained checker.
 
-pub mod compartment;
-pub mod constraint;
 pub mod fga;
 pub mod openfga;
 pub mod roles;
@@ -25,12 +24,13 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 
 use crate::config::{AuthorizationConfig, TenantConfig};
-use crate::error::ProxyError;
-use crate::fhir::{CompartmentRef, FhirRequest, Interaction, ResourceType};
-use crate::scope::{ScopeContext, ScopeGrant, TokenContext};
-use crate::stack::{Flow, Stage, ext, tenant_of};
+use crate::fhir::constraint;
+use crate::fhir::{CompartmentIndex, CompartmentRef, FhirRequest, Interaction, ResourceType};
+use crate::pipeline::{Flow, Internal, Stage, ext};
+use crate::scope::{ScopeGrant, TokenContext};
+use crate::smart::ScopeContext;
+use crate::tenant::tenant_of;
 use crate::token::{FhirUser, VerifiedToken};
-pub use compartment::CompartmentIndex;
 
 /// Compartment types a `fhirUser` can anchor `user/` access to.
 const USER_COMPARTMENTS: [ResourceType; 3] = [
@@ -382,7 +382,7 @@ impl ReleaseCtx<'_> {
     /// Whether `resource` satisfies the constraints of some scope of `context` that
     /// would release it: for a primary record a scope that permitted the request (its
     /// constraints were already added to a search's query; checked again here), or
-    /// else a side-read scope of its type ([`crate::scope::ScopeSet::read_scopes`]).
+    /// else a side-read scope of its type ([`crate::smart::ScopeSet::read_scopes`]).
     /// A scope counts if it is unconstrained or every one of its constraints is a
     /// `Match`; `NoMatch` and `Unsupported` grant nothing (fail closed).
     fn constraints_hold(
@@ -602,6 +602,18 @@ pub fn authorize_as(
     Ok(permit)
 }
 
+/// What stage 3 fails with: its own decisions, and the upstream's errors when a
+/// `PractitionerRole` fhirUser is resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizeError {
+    #[error(transparent)]
+    Authz(#[from] AuthzError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
 /// The stage.
 pub struct Authorize {
     roles: roles::RoleResolver,
@@ -616,8 +628,11 @@ impl Authorize {
 }
 
 impl Stage for Authorize {
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    type Error = AuthorizeError;
+
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, AuthorizeError> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
+        let checker = Arc::clone(ext::<Arc<Checker>>(req, "missing Checker")?);
         let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
         // Only `user/` scopes of compartment tenants look at the fhirUser (OpenFGA
@@ -626,15 +641,15 @@ impl Stage for Authorize {
             Some(u)
                 if u.resource_type == ResourceType::PRACTITIONER_ROLE
                     && grant.contexts().contains(ScopeContext::User)
-                    && tenant.checker.fga().is_none() =>
+                    && checker.fga().is_none() =>
             {
                 self.roles.practitioner_of(&tenant, &u.id).await?
             }
             other => other.clone(),
         };
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-        let permit = authorize_as(&tenant.checker, fhir, token, grant, user)?;
-        if let (Some(fga), Some(target)) = (tenant.checker.fga(), fga_target(fhir, &permit))
+        let permit = authorize_as(&checker, fhir, token, grant, user)?;
+        if let (Some(fga), Some(target)) = (checker.fga(), fga_target(fhir, &permit))
             && !fga.can_view(&permit, target).await?
         {
             return Err(AuthzError::Hidden {

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use url::Url;
 
+use crate::config::{BreakerSettings, FgaConnection, FgaCredentials};
+
 /// OpenFGA's default `maxChecksPerBatchCheck`.
 pub const MAX_CHECKS_PER_BATCH: usize = 50;
 /// BatchCheck calls in flight at once for one `batch_check`.
@@ -39,84 +41,6 @@ const MAX_STREAM_LINE_BYTES: usize = 64 * 1024;
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A client-credentials token is renewed this long before it expires.
 const TOKEN_RENEW_MARGIN: Duration = Duration::from_secs(30);
-
-// ---------------------------------------------------------------------------------------
-// connection settings
-
-/// One tenant's OpenFGA store.
-#[derive(Clone, Debug)]
-pub struct FgaConnection {
-    /// OpenFGA's API URL (`http://host:8080`, or with a path prefix).
-    pub api_url: Url,
-    pub store_id: String,
-    /// Pinned: sent with every request, so a model change is deliberate.
-    pub authorization_model_id: String,
-    pub credentials: FgaCredentials,
-    /// Bound on one call, including reading a whole stream.
-    pub timeout: Duration,
-    /// How long a decision is reused.
-    pub cache_ttl: Duration,
-    pub breaker: BreakerSettings,
-    /// The server's `listObjectsDeadline`. StreamedListObjects ends silently, like a
-    /// finished list, when the server reaches it; a stream that took this long is
-    /// therefore not proof of completeness and is answered [`FgaError::Incomplete`].
-    pub list_objects_deadline: Duration,
-}
-
-/// How the proxy authenticates to OpenFGA.
-#[derive(Clone)]
-pub enum FgaCredentials {
-    None,
-    /// A pre-shared key, sent as `Authorization: Bearer`.
-    ApiToken(String),
-    /// OAuth 2.0 client credentials; the access token is fetched, cached and renewed.
-    ClientCredentials {
-        token_url: Url,
-        client_id: String,
-        client_secret: String,
-        audience: Option<String>,
-    },
-}
-
-impl fmt::Debug for FgaCredentials {
-    // Never print a secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FgaCredentials::None => f.write_str("None"),
-            FgaCredentials::ApiToken(_) => f.write_str("ApiToken(<redacted>)"),
-            FgaCredentials::ClientCredentials {
-                token_url,
-                client_id,
-                audience,
-                ..
-            } => f
-                .debug_struct("ClientCredentials")
-                .field("token_url", &token_url.as_str())
-                .field("client_id", client_id)
-                .field("client_secret", &"<redacted>")
-                .field("audience", audience)
-                .finish(),
-        }
-    }
-}
-
-/// When the circuit breaker opens and how long it stays open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BreakerSettings {
-    /// Consecutive failed calls that open the breaker.
-    pub failure_threshold: u32,
-    /// Time the breaker stays open before one trial call is let through.
-    pub cool_down: Duration,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings {
-            failure_threshold: 5,
-            cool_down: Duration::from_secs(10),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // errors

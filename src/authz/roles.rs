@@ -12,9 +12,7 @@ use std::time::Duration;
 use moka::future::Cache;
 use serde_json::Value;
 
-use crate::error::ProxyError;
-use crate::fhir::{ResourceId, ResourceType};
-use crate::rewrite::OutboundRequest;
+use crate::fhir::{OutboundRequest, ResourceId, ResourceType};
 use crate::tenant::Tenant;
 use crate::token::FhirUser;
 use crate::upstream::{Upstream, UpstreamError};
@@ -45,7 +43,7 @@ impl RoleResolver {
         &self,
         tenant: &Tenant,
         role: &ResourceId,
-    ) -> Result<Option<FhirUser>, ProxyError> {
+    ) -> Result<Option<FhirUser>, UpstreamError> {
         let key = (
             tenant.generation,
             tenant.id().to_owned(),
@@ -54,7 +52,7 @@ impl RoleResolver {
         self.cache
             .try_get_with(key, fetch(&self.upstream, tenant, role))
             .await
-            .map_err(|e: Arc<UpstreamError>| ProxyError::Upstream((*e).clone()))
+            .map_err(|e: Arc<UpstreamError>| (*e).clone())
     }
 }
 

@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::fhir::{ResourceId, parse_request};
-use crate::scope::{check_scopes, parse_scopes};
+use crate::scope::check_scopes;
+use crate::smart::parse_scopes;
 use crate::token::FhirUser;
 
 const PUBLIC: &str = "https://proxy.example/t1";

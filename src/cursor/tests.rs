@@ -5,13 +5,35 @@ use std::sync::{Arc, LazyLock};
 use proptest::prelude::*;
 use serde_json::json;
 
+use bytes::Bytes;
+
 use super::*;
+use crate::authz::Checker;
 use crate::authz::authorize;
-use crate::authz::{Checker, CompartmentIndex};
+use crate::authz::fga::PatientNarrowing;
+use crate::error::ProxyError;
+use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
 use crate::rewrite::rewrite_request;
-use crate::scope::parse_scopes;
+use crate::scope::{TokenContext, check_scopes};
+use crate::smart::parse_scopes;
+use crate::tenant::Tenant;
 use crate::token::FhirUser;
+
+/// Stage 4's resume of a `_cursor` request (`rewrite::resume`, built on [`open`] and
+/// [`resume_page`]), its error classified as the client sees it.
+fn resume(
+    key: &CursorKey,
+    tenant: &Tenant,
+    token: &VerifiedToken,
+    user: Option<&FhirUser>,
+    req: &FhirRequest,
+    patients: Option<(&PatientNarrowing, usize)>,
+    now: u64,
+) -> Result<Option<(OutboundRequest, Resumed)>, ProxyError> {
+    crate::rewrite::resume(key, tenant, &CHECKER, token, user, req, patients, now)
+        .map_err(ProxyError::from)
+}
 
 const PUBLIC: &str = "https://proxy.example/t1";
 const NOW: u64 = 1_700_000_000;
@@ -96,10 +118,13 @@ fn tenant() -> Tenant {
     let config = crate::config::validate(raw).unwrap().remove(0);
     Tenant {
         config,
-        checker: Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND),
         generation: 0,
     }
 }
+
+/// The tenant's checker (compartment mode, denied reads are 404).
+static CHECKER: LazyLock<Checker> =
+    LazyLock::new(|| Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND));
 
 // ---------------------------------------------------------------------------------------
 // the token
@@ -568,7 +593,7 @@ fn first_next(key: &CursorKey, tenant: &Tenant, t: &VerifiedToken, target: &str)
         },
     )
     .unwrap();
-    let permit = authorize(&tenant.checker, &req, t, &grant).unwrap();
+    let permit = authorize(&CHECKER, &req, t, &grant).unwrap();
     let out = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap();
     let pager = Pager::new(key, tenant.id(), PUBLIC, t, &req, &out, None, NOW);
     let url = pager
@@ -732,11 +757,10 @@ fn resume_re_authorizes_the_original_request() {
 
 #[test]
 fn rewrite_never_forwards_a_cursor() {
-    let tenant = tenant();
     let t = token("backend", "system/Observation.rs", None);
     let req = get("/Observation?_cursor=x");
     let grant = check_scopes(&t.scopes, &req, TokenContext { has_patient: false }).unwrap();
-    let permit = authorize(&tenant.checker, &req, &t, &grant).unwrap();
+    let permit = authorize(&CHECKER, &req, &t, &grant).unwrap();
     assert!(rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).is_err());
 }
 
@@ -746,8 +770,8 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let t = token("practitioner", "user/Observation.rs", None);
     let req = get("/Observation?_count=2");
     let mut out = outbound("/Observation", &[("_count", "2")]);
-    let list = crate::rewrite::PatientNarrowing::new(vec!["a".into(), "b".into(), "c".into()]);
-    out.narrowing = Some(crate::rewrite::Narrowing {
+    let list = crate::authz::fga::PatientNarrowing::new(vec!["a".into(), "b".into(), "c".into()]);
+    out.narrowing = Some(crate::fhir::Narrowing {
         param: "subject".to_owned(),
         values: Arc::clone(&list.refs),
         chunk_size: 2,
@@ -798,7 +822,7 @@ fn chunked_search_links_carry_the_chunk_and_list_digest_but_never_the_list() {
     let pager = Pager::new(&key, "t1", PUBLIC, &t, &req, &last, None, NOW);
     assert_eq!(pager.next_chunk_link().unwrap(), None);
     let mut other = out.narrowing.clone().unwrap();
-    let shorter = crate::rewrite::PatientNarrowing::new(vec!["a".into()]);
+    let shorter = crate::authz::fga::PatientNarrowing::new(vec!["a".into()]);
     other.values = shorter.refs;
     other.fingerprint = shorter.fingerprint;
     assert_ne!(key.list_digest(&other), seg.list);

@@ -7,7 +7,8 @@ use http::StatusCode;
 use super::*;
 use crate::authz::{Checker, authorize};
 use crate::fhir::{ResourceId, ResourceType, parse_request};
-use crate::scope::{ScopeContext, TokenContext, check_scopes, parse_scopes};
+use crate::scope::{TokenContext, check_scopes};
+use crate::smart::{ScopeContext, parse_scopes};
 use crate::token::{FhirUser, VerifiedToken};
 
 static INDEX: LazyLock<Arc<CompartmentIndex>> =
@@ -987,7 +988,7 @@ fn fga_search_is_narrowed_by_the_types_patient_parameter_outside_the_url() {
         &out.search_form().unwrap()[..],
         b"code=1234&subject=Patient%2Fa%2CPatient%2Fb"
     );
-    let last = crate::rewrite::Narrowing { chunk: 1, ..n };
+    let last = crate::fhir::Narrowing { chunk: 1, ..n };
     assert_eq!(last.pair().1, "Patient/c");
     assert!(!last.has_next_chunk());
 

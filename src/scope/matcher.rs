@@ -11,14 +11,14 @@
 //! - scope constraints (`?category=...`) are honoured only where they can be enforced:
 //!   on `search-type` and a compartment search of one type (added as search parameters,
 //!   and every match re-checked) and on read, vread and instance history (evaluated on
-//!   the returned record by `authz::constraint`). Everywhere else (type and system
+//!   the returned record by `fhir::constraint`). Everywhere else (type and system
 //!   history, `$match`, `$everything`, multi-type searches, writes) a constrained scope
 //!   grants nothing.
 
 use std::fmt;
 
-use super::grammar::{ContextSet, Permissions, ScopeContext, ScopeResource, ScopeSet, SmartScope};
 use crate::fhir::{FhirRequest, Interaction, OperationLevel, ResourceType};
+use crate::smart::{ContextSet, Permissions, ScopeContext, ScopeResource, ScopeSet, SmartScope};
 
 /// What the verified token says beyond its scopes that matters for matching.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -259,7 +259,7 @@ impl ScopeGrant {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 struct IndexSet([u64; 4]);
 
-const _: () = assert!(super::grammar::MAX_RESOURCE_SCOPES <= 4 * 64);
+const _: () = assert!(crate::smart::MAX_RESOURCE_SCOPES <= 4 * 64);
 
 impl IndexSet {
     fn insert(&mut self, i: usize) {
@@ -585,7 +585,7 @@ impl ScopeSet {
     /// (an `_include`d resource, an `$everything` entry): usable scopes on `rt` or `*`
     /// with `r` or `s`. Constrained scopes are included: a caller releasing a resource
     /// under one of them must evaluate its constraints on that resource
-    /// (`authz::constraint`) and let it count only if all of them match.
+    /// (`fhir::constraint`) and let it count only if all of them match.
     pub fn read_scopes(
         &self,
         rt: ResourceType,

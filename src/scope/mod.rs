@@ -1,8 +1,8 @@
 //! Stage 2: SMART App Launch scopes (v1 and v2).
 //!
 //! Sits after `token` (which yields the verified claims) and before `authz`. The
-//! token's `scope`/`scp` claim is parsed once into a [`ScopeSet`] ([`parse_scopes`],
-//! [`ScopeSet::from_list`]); per request, [`check_scopes`] decides whether the
+//! token's `scope`/`scp` claim is parsed once, when the token is verified, into a
+//! `ScopeSet` (the grammar is in the model, `smart`); per request, [`check_scopes`] decides whether the
 //! scopes permit the parsed [`crate::fhir::FhirRequest`] and returns a
 //! [`ScopeGrant`] naming the permitting scopes, their contexts, the covered resource
 //! types and the search constraints still to enforce.
@@ -11,13 +11,8 @@
 //! anything malformed grants nothing; a `ScopeGrant` exists only if at least one
 //! usable scope permits the interaction.
 
-mod grammar;
 mod matcher;
 
-pub use grammar::{
-    ContextSet, MAX_RESOURCE_SCOPES, Permissions, RejectReason, RejectedScope, ScopeContext,
-    ScopeResource, ScopeSet, ScopeVersion, SmartScope, parse_scopes,
-};
 pub use matcher::{
     GrantArm, ScopeError, ScopeGrant, SearchConstraint, TokenContext, TypeCoverage, TypeName,
     check_scopes,
@@ -28,4 +23,4 @@ pub use matcher::{
 mod tests;
 
 mod stage;
-pub use stage::CheckScope;
+pub use stage::{CheckScope, CheckScopeError};

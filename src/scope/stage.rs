@@ -4,16 +4,26 @@
 use bytes::Bytes;
 use http::Request;
 
-use super::{ScopeGrant, TokenContext, check_scopes};
-use crate::error::ProxyError;
+use super::{ScopeError, ScopeGrant, TokenContext, check_scopes};
 use crate::fhir::FhirRequest;
-use crate::stack::{Flow, Stage, ext};
+use crate::pipeline::{Flow, Internal, Stage, ext};
 use crate::token::VerifiedToken;
+
+/// What stage 2 fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckScopeError {
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
 
 pub struct CheckScope;
 
 impl Stage for CheckScope {
-    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, ProxyError> {
+    type Error = CheckScopeError;
+
+    async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, CheckScopeError> {
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         let token = ext::<std::sync::Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
         let ctx = TokenContext {

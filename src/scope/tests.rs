@@ -6,6 +6,7 @@ use crate::fhir::{
     CompartmentRef, FhirRequest, Interaction, OperationLevel, OperationName, ResourceId,
     ResourceType,
 };
+use crate::smart::*;
 
 // ---------------------------------------------------------------------------------
 // helpers

@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use crate::config::TokenConfig;
 use crate::fhir::{ResourceId, ResourceType};
-use crate::scope::{ScopeSet, parse_scopes};
+use crate::pipeline::{Flow, Internal, Stage};
+use crate::smart::{ScopeSet, parse_scopes};
+use crate::tenant::tenant_of;
 use jwks::{JwksKeySource, JwksPolicy};
 
 /// Longest bearer token accepted (bytes).
@@ -426,6 +428,15 @@ pub type SharedVerifier = Arc<TokenVerifier>;
 #[cfg(test)]
 mod tests;
 
+/// What stage 1 fails with.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateTokenError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
 /// The stage: verifies the bearer token and writes [`VerifiedToken`].
 pub struct ValidateToken {
     verifier: SharedVerifier,
@@ -437,24 +448,31 @@ impl ValidateToken {
     }
 }
 
-impl crate::stack::Stage for ValidateToken {
-    async fn run(
-        &self,
-        req: &mut http::Request<bytes::Bytes>,
-    ) -> Result<crate::stack::Flow, crate::error::ProxyError> {
-        let tenant = Arc::clone(&crate::stack::tenant_of(req)?.0);
+impl Stage for ValidateToken {
+    type Error = ValidateTokenError;
+
+    async fn run(&self, req: &mut http::Request<bytes::Bytes>) -> Result<Flow, Self::Error> {
+        let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = bearer_token(req.headers())?;
         let verified = self
             .verifier
             .verify(tenant.generation, tenant.id(), &tenant.config.token, token)
             .await?;
         if let Some(audit) = req.extensions().get::<crate::audit::AuditSlot>() {
-            audit.set_principal(&verified);
+            audit.set_principal(
+                verified.client_id.clone(),
+                verified.subject.clone(),
+                verified.patient.as_ref().map(|p| p.as_str().to_owned()),
+                verified
+                    .fhir_user
+                    .as_ref()
+                    .map(|u| format!("{}/{}", u.resource_type, u.id)),
+            );
         }
         // Defence in depth: nothing after this stage can forward the client's token.
         req.headers_mut().remove(http::header::AUTHORIZATION);
         // INVARIANT: the extension is `Arc<VerifiedToken>` (a cache hit shares it).
         req.extensions_mut().insert::<Arc<VerifiedToken>>(verified);
-        Ok(crate::stack::Flow::Continue)
+        Ok(Flow::Continue)
     }
 }

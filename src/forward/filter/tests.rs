@@ -7,9 +7,12 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::authz::{Checker, CompartmentIndex, Permit, authorize};
+use crate::authz::{Checker, Permit, authorize};
+use crate::error::ProxyError;
+use crate::fhir::CompartmentIndex;
 use crate::fhir::{ResourceId, parse_request};
-use crate::scope::{ScopeContext, ScopeGrant, TokenContext, check_scopes, parse_scopes};
+use crate::scope::{ScopeGrant, TokenContext, check_scopes};
+use crate::smart::{ScopeContext, parse_scopes};
 use crate::token::{FhirUser, VerifiedToken};
 
 const PUBLIC: &str = "https://proxy.example/t1";
@@ -125,10 +128,11 @@ impl Fixture {
             &headers,
             Bytes::copy_from_slice(body),
         )
+        .map_err(ProxyError::from)
     }
 
     /// Paging links as stage 5 would issue them, with a fixed key and clock.
-    fn pager<'a>(&'a self, out: &'a crate::rewrite::OutboundRequest) -> crate::cursor::Pager<'a> {
+    fn pager<'a>(&'a self, out: &'a crate::fhir::OutboundRequest) -> crate::cursor::Pager<'a> {
         crate::cursor::Pager::new(
             &CURSOR_KEY,
             "t1",
@@ -503,7 +507,7 @@ fn content_type_that_is_not_visible_ascii_is_bad_response() {
         Bytes::from(obs("o1", "Patient/p1").to_string()),
     )
     .unwrap_err();
-    assert!(is_bad_response(&err));
+    assert!(is_bad_response(&err.into()));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! (stage 4). Everything that query cannot narrow -- a read, a vread, an instance
 //! history, `_include`d, `_revinclude`d and `$everything` entries -- is checked here, on
 //! the resource itself, when stage 5 decides what to release
-//! ([`super::ReleaseCtx::release`]). Search matches are checked again as well (defence
+//! (`authz::ReleaseCtx::release`). Search matches are checked again as well (defence
 //! in depth).
 //!
 //! A parameter name is resolved through the official R4 SearchParameters

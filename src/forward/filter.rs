@@ -13,11 +13,12 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::authz::{AuthzError, Release, ReleaseCtx};
-use crate::error::ProxyError;
 use crate::fhir::answer::{self, Answer, Keep};
 use crate::fhir::{FhirRequest, Interaction, ResourceType};
 
-use super::{BaseRewrite, UpstreamError};
+use super::ForwardError;
+use crate::pipeline::Internal;
+use crate::upstream::{BaseRewrite, UpstreamError};
 
 /// The checked answer body.
 #[derive(Debug)]
@@ -107,7 +108,7 @@ pub fn check_answer(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<Checked, ProxyError> {
+) -> Result<Checked, ForwardError> {
     if status == StatusCode::NOT_MODIFIED {
         // Conditional headers are only forwarded for unrestricted permits; a 304 for
         // anyone else cannot be checked.
@@ -163,7 +164,7 @@ pub fn check_answer(
         .as_deref()
         .and_then(ResourceType::parse)
         .ok_or(UpstreamError::BadResponse("resourceType"))?;
-    let denied = || -> ProxyError {
+    let denied = || -> ForwardError {
         AuthzError::Hidden {
             status: ctx.records.permit.denied_status,
         }
@@ -299,7 +300,7 @@ fn filter_bundle(
     ctx: &CheckCtx<'_>,
     answer: &Answer<'_>,
     size: usize,
-) -> Result<Checked, ProxyError> {
+) -> Result<Checked, ForwardError> {
     if answer.malformed_entries {
         return Err(UpstreamError::BadResponse("bundle.entry").into());
     }
@@ -437,7 +438,7 @@ fn filter_bundle(
 /// the tenant's public base, is dropped; with no link left the key goes too.
 /// `link` is the upstream's `link` member text; the answer is the new member's JSON
 /// text, `None` for no link at all.
-fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>, ProxyError> {
+fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>, ForwardError> {
     let links: Vec<Value> = link
         .and_then(|text| serde_json::from_str(text).ok())
         .unwrap_or_default();
@@ -451,7 +452,7 @@ fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>,
             };
             let proxied = pager
                 .link(relation, &ctx.rewrite.url(url))
-                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+                .map_err(|_| Internal("cursor signing failed"))?;
             if let Some(url) = proxied {
                 out.push(serde_json::json!({ "relation": relation, "url": url }));
             }
@@ -463,7 +464,7 @@ fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>,
         if !has_next {
             let next = pager
                 .next_chunk_link()
-                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+                .map_err(|_| Internal("cursor signing failed"))?;
             if let Some(url) = next {
                 out.push(serde_json::json!({ "relation": "next", "url": url }));
             }

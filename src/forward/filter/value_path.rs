@@ -14,10 +14,11 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::authz::{AuthzError, Release};
-use crate::error::ProxyError;
 use crate::fhir::{Interaction, ResourceType};
+use crate::pipeline::Internal;
+use crate::upstream::UpstreamError;
 
-use super::super::UpstreamError;
+use super::super::ForwardError;
 use super::{CheckCtx, Checked, is_json, targets_one_record};
 
 /// Decides what of an upstream answer the client may see.
@@ -26,7 +27,7 @@ pub fn check_answer(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
-) -> Result<Checked, ProxyError> {
+) -> Result<Checked, ForwardError> {
     if status == StatusCode::NOT_MODIFIED {
         // Conditional headers are only forwarded for unrestricted permits; a 304 for
         // anyone else cannot be checked.
@@ -71,10 +72,10 @@ pub fn check_answer(
     let rt = resource_type_of(&body)
         .and_then(ResourceType::parse)
         .ok_or(UpstreamError::BadResponse("resourceType"))?;
-    let parse = || -> Result<Value, ProxyError> {
+    let parse = || -> Result<Value, ForwardError> {
         serde_json::from_slice(&body).map_err(|_| UpstreamError::BadResponse("json").into())
     };
-    let denied = || -> ProxyError {
+    let denied = || -> ForwardError {
         AuthzError::Hidden {
             status: ctx.records.permit.denied_status,
         }
@@ -206,7 +207,7 @@ struct SearchView {
     mode: Option<String>,
 }
 
-fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError> {
+fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ForwardError> {
     let top: IndexMap<String, Box<RawValue>> =
         serde_json::from_slice(body).map_err(|_| UpstreamError::BadResponse("bundle"))?;
     let entries: Vec<Box<RawValue>> = match top.get("entry") {
@@ -362,7 +363,7 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ProxyError>
 fn rewrite_links(
     ctx: &CheckCtx<'_>,
     mut top: IndexMap<String, Box<RawValue>>,
-) -> Result<IndexMap<String, Box<RawValue>>, ProxyError> {
+) -> Result<IndexMap<String, Box<RawValue>>, ForwardError> {
     let links: Vec<Value> = match top.get("link") {
         Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
         None => Vec::new(),
@@ -377,7 +378,7 @@ fn rewrite_links(
             };
             let proxied = pager
                 .link(relation, url)
-                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+                .map_err(|_| Internal("cursor signing failed"))?;
             if let Some(url) = proxied {
                 out.push(serde_json::json!({ "relation": relation, "url": url }));
             }
@@ -389,7 +390,7 @@ fn rewrite_links(
         if !has_next {
             let next = pager
                 .next_chunk_link()
-                .map_err(|_| ProxyError::Internal("cursor signing failed"))?;
+                .map_err(|_| Internal("cursor signing failed"))?;
             if let Some(url) = next {
                 out.push(serde_json::json!({ "relation": "next", "url": url }));
             }

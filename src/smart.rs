@@ -1,5 +1,9 @@
 //! The SMART App Launch scope grammar, v1 and v2.
 //!
+//! Part of the model below the stages: the token stage parses the `scope` claim with it
+//! into the token's [`ScopeSet`], and the scope stage (`scope`) matches requests
+//! against that set.
+//!
 //! A clinical scope is `context/resource.permissions[?constraints]`:
 //!
 //! - context: `patient`, `user` or `system` (lowercase, exactly);
@@ -21,7 +25,7 @@ use crate::fhir::ResourceType;
 
 /// At most this many resource scopes are kept per token; further ones are rejected
 /// with [`RejectReason::TooMany`] (fail closed). Real tokens carry far fewer, and the
-/// bound lets a [`super::ScopeGrant`] record its scopes without allocating.
+/// bound lets a `ScopeGrant` (module `scope`) record its scopes without allocating.
 pub const MAX_RESOURCE_SCOPES: usize = 256;
 
 /// On whose behalf a scope grants access: the `patient/`, `user/` or `system/` prefix.

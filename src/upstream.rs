@@ -1,36 +1,27 @@
-//! Stage 5: forwarding to the tenant's upstream FHIR server, and checking what comes
-//! back.
+//! The upstream FHIR client: one pooled connection to each tenant's FHIR base, bounded
+//! in time and size, with the tenant's own upstream credentials.
 //!
-//! Guarantees: the client's credentials and hop-by-hop headers never reach the
-//! upstream (requests are built from scratch: method, rebuilt path, allow-listed
-//! headers, the tenant's own upstream credentials); every resource in a 2xx answer is
-//! checked against the request's [`Permit`] before the client sees it (a read of a
-//! record outside the permit becomes the tenant's "denied" status; Bundle entries that
-//! fail are dropped); upstream base URLs in headers and bodies are rewritten to the
-//! tenant's public base; the whole exchange is bounded in time and size.
-
-pub mod filter;
+//! An I/O adapter below the stages that read the upstream (discovery, PractitionerRole
+//! resolution in authz, forwarding): it sends an [`OutboundRequest`] and returns the
+//! whole answer; what the client may see of it is decided by the forwarding stage.
+//! Requests are built from scratch (method, rebuilt path, allow-listed headers), so the
+//! client's credentials and hop-by-hop headers never reach the upstream.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use moka::future::Cache;
 
-use crate::authz::{Permit, ReleaseCtx};
 use crate::config::{TenantConfig, UpstreamAuth, UpstreamConfig};
-use crate::error::ProxyError;
-use crate::fhir::FhirRequest;
-use crate::rewrite::OutboundRequest;
-use crate::scope::ScopeGrant;
-use crate::stack::{BoxFuture, Decision, FHIR_JSON, ProxyResponse, ext, tenant_of};
+use crate::fhir::OutboundRequest;
+use crate::pipeline::FHIR_JSON;
 use crate::tenant::Tenant;
-use crate::token::VerifiedToken;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 type HyperClient = Client<HttpsConnector, Full<Bytes>>;
@@ -89,14 +80,6 @@ const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 1] = [header::ACCEPT_LANGU
 /// cannot be checked and would tell a restricted token that a record exists.
 const CONDITIONAL_REQUEST_HEADERS: [header::HeaderName; 2] =
     [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
-
-/// Response headers passed back to the client (URL-bearing ones rewritten).
-const FORWARDED_RESPONSE_HEADERS: [header::HeaderName; 4] = [
-    header::ETAG,
-    header::LAST_MODIFIED,
-    header::LOCATION,
-    header::CONTENT_LOCATION,
-];
 
 /// The process-wide upstream client: one connection pool, plus a cache of upstream
 /// access tokens for tenants using client credentials.
@@ -395,231 +378,6 @@ impl BaseRewrite<'_> {
         // Whole UTF-8 strings are spliced at UTF-8 boundaries.
         String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(url), std::borrow::Cow::Owned)
     }
-}
-
-fn rewrite_header(
-    v: &HeaderValue,
-    upstream: &UpstreamConfig,
-    public_base: &str,
-) -> Option<HeaderValue> {
-    let s = v.to_str().ok()?;
-    let rewritten = match s.strip_prefix(upstream.base.as_str()) {
-        Some(rest) => format!("{public_base}{rest}"),
-        // A relative Location is relative to the upstream base; keep it relative.
-        None if !s.contains("://") => s.to_owned(),
-        // An absolute URL to somewhere else must not leak.
-        None => return None,
-    };
-    HeaderValue::from_str(&rewritten).ok()
-}
-
-/// The innermost service.
-#[derive(Clone)]
-pub struct Forward {
-    upstream: Upstream,
-    cursors: crate::cursor::CursorKey,
-}
-
-impl Forward {
-    pub fn new(upstream: Upstream, cursors: crate::cursor::CursorKey) -> Self {
-        Forward { upstream, cursors }
-    }
-}
-
-impl tower::Service<Request<Bytes>> for Forward {
-    type Response = ProxyResponse;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<ProxyResponse, ProxyError>>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ProxyError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let upstream = self.upstream.clone();
-        let cursors = self.cursors.clone();
-        Box::pin(async move { forward(&upstream, &cursors, &req).await })
-    }
-}
-
-async fn forward(
-    upstream: &Upstream,
-    cursors: &crate::cursor::CursorKey,
-    req: &Request<Bytes>,
-) -> Result<ProxyResponse, ProxyError> {
-    let tenant = &tenant_of(req)?.0;
-    let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-    let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
-    let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
-    let permit = ext::<Permit>(req, "missing Permit")?;
-    let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
-    let cfg = &tenant.config;
-
-    if out.narrowing.as_ref().is_some_and(|n| n.values.is_empty()) {
-        // Narrowed to no patient at all: nothing to ask the upstream.
-        return Ok(empty_searchset());
-    }
-    let resumed = req.extensions().get::<crate::cursor::Resumed>();
-    let first_page = resumed.map(|r| &r.narrowed).unwrap_or(out);
-    let (fetched, out) = fetch_chunks(upstream, tenant, out, first_page, req.headers()).await?;
-    let out = &out;
-    let body = &fetched.body;
-    let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
-    // OpenFGA decisions for every patient of the answer, gathered before the
-    // (synchronous) check of each record.
-    let decisions = match tenant.checker.fga() {
-        Some(fga) if permit.has_fga() && fetched.status.is_success() => Some(
-            fga.decide(
-                permit,
-                req.extensions().get::<crate::authz::fga::FgaListed>(),
-                body,
-                tenant.checker.index(),
-                &bases,
-            )
-            .await?,
-        ),
-        _ => None,
-    };
-    let ctx = filter::CheckCtx {
-        request: fhir,
-        records: ReleaseCtx {
-            permit,
-            grant,
-            token,
-            index: tenant.checker.index(),
-            bases,
-            fga: decisions.as_ref(),
-        },
-        paging: Some(crate::cursor::Pager::new(
-            cursors,
-            tenant.id(),
-            &cfg.public_base,
-            token,
-            fhir,
-            out,
-            req.extensions().get::<crate::cursor::Resumed>(),
-            crate::cursor::now(),
-        )),
-        rewrite: BaseRewrite {
-            from: &cfg.upstream.base,
-            to: &cfg.public_base,
-        },
-    };
-    let checked = filter::check_answer(&ctx, fetched.status, &fetched.headers, body.clone())?;
-    if let (true, Some(audit)) = (
-        checked.dropped > 0,
-        req.extensions().get::<crate::audit::AuditSlot>(),
-    ) {
-        audit.note(format!("entries.dropped={}", checked.dropped));
-    }
-    let mut resp = Response::new(Full::new(checked.body));
-    *resp.status_mut() = fetched.status;
-    let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    for name in FORWARDED_RESPONSE_HEADERS {
-        if let Some(v) = fetched.headers.get(&name) {
-            let v = if name == header::LOCATION || name == header::CONTENT_LOCATION {
-                rewrite_header(v, &cfg.upstream, &cfg.public_base)
-            } else {
-                Some(v.clone())
-            };
-            if let Some(v) = v {
-                headers.insert(name, v);
-            }
-        }
-    }
-    resp.extensions_mut().insert(Decision(checked.reason));
-    if fhir.method == Method::HEAD {
-        *resp.body_mut() = Full::new(Bytes::new());
-    }
-    Ok(resp)
-}
-
-/// Most chunks of a patient-list narrowed search tried for one client request when
-/// chunks come back empty; past it the page is empty with a link to the next chunk.
-const MAX_CHUNKS_PER_REQUEST: usize = 16;
-
-/// Fetches `out`; for a patient-list narrowed search whose chunk ended without a match
-/// on this page, goes on with the first page (`first_page`: the narrowed search) of the
-/// next chunks (bounded in number and by the tenant's upstream timeout overall), so
-/// clients do not page through empty pages. Returns the answer and the request that
-/// produced it.
-async fn fetch_chunks(
-    upstream: &Upstream,
-    tenant: &Tenant,
-    out: &OutboundRequest,
-    first_page: &OutboundRequest,
-    headers: &HeaderMap,
-) -> Result<(Fetched, OutboundRequest), UpstreamError> {
-    let mut out = out.clone();
-    let mut tried = 0;
-    // The chunks of one request share the tenant's upstream timeout: once it is spent,
-    // the page goes out (empty, with a link to the next chunk).
-    let started = std::time::Instant::now();
-    loop {
-        let fetched = upstream.fetch(tenant, &out, headers).await?;
-        tried += 1;
-        let Some(n) = out.narrowing.as_mut() else {
-            return Ok((fetched, out));
-        };
-        if !n.has_next_chunk()
-            || tried >= MAX_CHUNKS_PER_REQUEST
-            || started.elapsed() >= tenant.config.upstream.timeout
-            || !fetched.status.is_success()
-            || !is_empty_last_page(&fetched.body)
-        {
-            return Ok((fetched, out));
-        }
-        let chunk = n.chunk + 1;
-        out = OutboundRequest {
-            path: first_page.path.clone(),
-            params: first_page.params.clone(),
-            ..out
-        };
-        if let Some(n) = out.narrowing.as_mut() {
-            n.chunk = chunk;
-            n.send = true;
-        }
-    }
-}
-
-/// Whether a searchset Bundle has no entry and no `next` link.
-fn is_empty_last_page(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Link {
-        relation: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Page {
-        #[serde(rename = "resourceType")]
-        resource_type: Option<String>,
-        #[serde(default)]
-        entry: Vec<serde::de::IgnoredAny>,
-        #[serde(default)]
-        link: Vec<Link>,
-    }
-    serde_json::from_slice::<Page>(body).is_ok_and(|p| {
-        p.resource_type.as_deref() == Some("Bundle")
-            && p.entry.is_empty()
-            && !p.link.iter().any(|l| l.relation.as_deref() == Some("next"))
-    })
-}
-
-/// The answer to a search narrowed to no patient.
-fn empty_searchset() -> ProxyResponse {
-    let mut resp = crate::stack::fhir_json(
-        StatusCode::OK,
-        Bytes::from_static(br#"{"resourceType":"Bundle","type":"searchset","total":0}"#),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp.extensions_mut()
-        .insert(Decision("no_patients_allowed"));
-    resp
 }
 
 #[cfg(test)]
