@@ -74,6 +74,7 @@ out_dir=$REPO_ROOT/target/bench-e2e
 work=$(mktemp -d)
 mkdir -p "$out_dir"
 pids=()
+# shellcheck disable=SC2329 # run by the EXIT trap below
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -275,7 +276,8 @@ for name in "${!pid_of[@]}"; do
   watch_args+=(--watch "$name=${pid_of[$name]}")
   affinity_args+=(--affinity "$name=$(affinity "${pid_of[$name]}")")
 done
-affinity_args+=(--affinity "loadgen=$("${load_pin[@]}" awk '/^Cpus_allowed_list:/ { print $2 }' /proc/self/status)")
+load_affinity=$("${load_pin[@]}" grep '^Cpus_allowed_list:' /proc/self/status)
+affinity_args+=(--affinity "loadgen=${load_affinity##*[[:space:]]}")
 clk_tck=$(getconf CLK_TCK 2>/dev/null || echo 100)
 load() { # URL TOKEN CONCURRENCY SECONDS WARMUP REQUESTS [LOADGEN_ARGS...]: one JSON line
   local args=("$1" --concurrency "$3" --max-seconds "$4" --warmup-seconds "$5" --requests "$6"

@@ -645,9 +645,12 @@ def render_svg(der):
         left, right, top, bottom = x0 + ml, x0 + pw - mr, y0 + mt, y0 + ph - mb
         xl = [math.log2(c) for c in cs]
         xspan = (max(xl) - min(xl)) or 1.0
+        pad = 18  # keeps the first and last markers off the frame
 
         def X(c):
-            return left + (math.log2(c) - min(xl)) / xspan * (right - left) if len(cs) > 1 else (left + right) / 2
+            if len(cs) == 1:
+                return (left + right) / 2
+            return left + pad + (math.log2(c) - min(xl)) / xspan * (right - left - 2 * pad)
 
         def Y(v):
             return bottom - (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * (bottom - top)
