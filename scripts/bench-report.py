@@ -459,15 +459,26 @@ def _where(t, index):
     if len(rows) < 2 or None in rows:
         return []
     a, b = rows
+    # Columns from the baseline to the row that missed; for a compartment row against
+    # pass-through, token-only in between splits the cost into the stages every mode pays
+    # (token, scopes, forwarding) and what compartment mode adds (narrowing, record checks).
+    cols = [b, a]
+    if a["mode"] == "compartment" and b["mode"] == "passthrough":
+        mid = index.get((a["upstream"], "token-only", a["workload"], a["concurrency"]))
+        if mid:
+            cols = [b, mid, a]
+    steps = list(zip(cols, cols[1:]))
+    head = " | ".join(MODE_LABEL[c["mode"]] for c in cols)
+    step_head = " | ".join(f"{MODE_LABEL[y['mode']]} - {MODE_LABEL[x['mode']]}" for x, y in steps)
     lines = [
-        f"| per request | {MODE_LABEL[a['mode']]} | {MODE_LABEL[b['mode']]} | difference |",
-        "| --- | ---: | ---: | ---: |",
+        f"| per request | {head} | {step_head} |",
+        "| --- |" + " ---: |" * (len(cols) + len(steps)),
     ]
 
     def line(label, key, digits=1):
-        x, y = a[key], b[key]
-        diff = None if x is None or y is None else x - y
-        lines.append(f"| {label} | {_f(x, digits)} | {_f(y, digits)} | {_f(diff, digits)} |")
+        vals = [_f(c[key], digits) for c in cols]
+        diffs = [_f(None if x[key] is None or y[key] is None else y[key] - x[key], digits) for x, y in steps]
+        lines.append(f"| {label} | {' | '.join(vals)} | {' | '.join(diffs)} |")
 
     line("proxy CPU, user µs", "cpu_user_us_per_req")
     line("proxy CPU, kernel µs", "cpu_sys_us_per_req")
@@ -483,10 +494,11 @@ def _where(t, index):
             "",
             f"With the measured processes pinned to their own CPUs, throughput at saturation is "
             f"bounded by their CPU per request: {sb:.1f} µs for {MODE_LABEL[b['mode']]} against "
-            f"{sa:.1f} µs, a ratio of {sb / sa:.2f} (measured throughput ratio {_f(_ratio(a['rps'], b['rps']))}). "
-            f"The proxy's extra user time is its own work (token, scopes, narrowing, answer checks, "
-            f"URL rewriting; `cargo bench --bench token_scope` and `--bench authz` measure those "
-            f"stages alone); extra kernel time is system calls and loopback TCP.",
+            f"{sa:.1f} µs for {MODE_LABEL[a['mode']]}, a ratio of {sb / sa:.2f} (measured throughput "
+            f"ratio {_f(_ratio(a['rps'], b['rps']))}; a gap between the two is waiting, or CPU taken by other "
+            "processes). Extra user time is the proxy's own work (`cargo bench --bench token_scope`, "
+            "`--bench authz` and `--bench openfga` measure its stages alone); extra kernel time is "
+            "system calls and loopback TCP.",
         ]
     return lines
 

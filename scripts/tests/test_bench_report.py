@@ -124,7 +124,10 @@ class BenchReportTest(unittest.TestCase):
         self.assertIn("| 40.00 MiB | **missed** by 10.00 MiB", md)
         self.assertIn("not measured: run with --soak 600", md)
         self.assertIn("## Where the time goes (missed targets)", md)
-        self.assertIn("| proxy CPU, user µs | 52.5 | 37.5 | 15.0 |", md)
+        # pass-through -> token-only -> compartment, and the two steps.
+        self.assertIn("| per request | pass-through | token-only | compartment | token-only - pass-through | "
+                      "compartment - token-only |", md)
+        self.assertIn("| proxy CPU, user µs | 37.5 | 45.0 | 52.5 | 7.5 | 7.5 |", md)
         self.assertIn("](docs/plot.svg)", md)
         results = json.load(open(self.path("results.json")))
         self.assertEqual(len(results["rows"]), 30)
