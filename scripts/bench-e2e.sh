@@ -9,7 +9,7 @@
 #   --requests N         at most N measured requests per row (default 1000000)
 #   --concurrency LIST   connections per row, comma separated (default 1,8,32)
 #   --real               also the same rows in front of the real HAPI FHIR server
-#                        (adds HAPI's start, a warm-up and as many rows again: ~3 min more)
+#                        (as many rows again, HAPI's start and a 15 s warm-up: 3-5 min more)
 #   --soak SECONDS       afterwards, compartment-mode read and search at concurrency 32
 #                        together for SECONDS (at most 100000 requests a second), sampling
 #                        the proxy's resident set; the report gives first, last and peak

@@ -726,7 +726,8 @@ def render(a):
         f.write(render_svg(der))
     # The targets and any flagged rows on stdout, so a terminal run shows the verdict.
     for t in der["targets"]:
-        print(f"{t['target']}: {_measured(t)}: {_verdict(t)}")
+        measured = "" if t["measured"] is None else f"{_measured(t)}: "
+        print(f"{t['target']}: {measured}{_verdict(t)}")
     flagged = [d for d in der["rows"] if not d["ok"]]
     for d in flagged:
         print(f"FLAGGED: {d['upstream']} {d['workload']} {d['mode']} c={d['concurrency']}: "
