@@ -1,9 +1,10 @@
 //! A fast, fixed-answer FHIR upstream for `scripts/bench-e2e.sh`, so the benchmark can
 //! show the proxy's own cost (the real test upstream, a Python server, takes several
 //! milliseconds per request and would hide it). Answers with FHIR JSON of realistic
-//! shape for patient p1: `GET .../Observation/{id}` (a read), and any search ending in
-//! `Observation` or `Observation/_search` (the POST search `openfga` tenants narrow
-//! with): a searchset Bundle of `--entries` Observations, default 20.
+//! shape for patient p1: `GET .../Patient/{id}` (p1's Patient resource),
+//! `GET .../Observation/{id}` (a read), and any search ending in `Observation` or
+//! `Observation/_search` (the POST search `openfga` tenants narrow with): a searchset
+//! Bundle of `ENTRIES` Observations, default 20 (12 make about 10 KB).
 //!
 //! Usage: static_upstream LISTEN_ADDR [ENTRIES]
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -35,6 +36,21 @@ fn observation(base: &str, i: usize) -> serde_json::Value {
     })
 }
 
+fn patient_p1() -> serde_json::Value {
+    json!({
+        "resourceType": "Patient", "id": "p1",
+        "meta": {"versionId": "1", "lastUpdated": "2024-01-01T00:00:00Z"},
+        "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "12345"}],
+        "active": true,
+        "name": [{"use": "official", "family": "Chalmers", "given": ["Peter", "James"]}],
+        "telecom": [{"system": "phone", "value": "(03) 5555 6473", "use": "work"}],
+        "gender": "male", "birthDate": "1974-12-25",
+        "address": [{"use": "home", "line": ["534 Erewhon St"], "city": "PleasantVille", "postalCode": "3999"}],
+        "generalPractitioner": [{"reference": "Practitioner/pr1"}],
+        "managingOrganization": {"reference": "Organization/o1"}
+    })
+}
+
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -58,7 +74,8 @@ async fn main() {
         })
         .to_string(),
     );
-    let answers = Arc::new((read, bundle));
+    let patient = Bytes::from(patient_p1().to_string());
+    let answers = Arc::new((read, bundle, patient));
     loop {
         let (stream, _) = listener.accept().await.expect("accept");
         let _ = stream.set_nodelay(true);
@@ -72,6 +89,8 @@ async fn main() {
                         || path.ends_with("/Observation/_search")
                     {
                         answers.1.clone()
+                    } else if path.contains("/Patient/") {
+                        answers.2.clone()
                     } else {
                         answers.0.clone()
                     };

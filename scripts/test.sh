@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs the test stack if needed
 # (idempotent), runs the OpenFGA model's store tests (fga-model/check.sh), checks the
-# layer order of src/ (scripts/check-layers.py), then checks formatting and lints, and
+# layer order of src/ (scripts/check-layers.py), tests the benchmark report generator
+# (scripts/tests/), then checks formatting and lints, and
 # runs every test: unit tests, integration tests against the real FHIR server (HAPI),
 # OpenFGA and token issuer, and the benches in test mode (each benchmark runs once).
 set -euo pipefail
@@ -12,6 +13,8 @@ scripts/install.sh
 fga-model/check.sh
 # The one-way layering of src/ (docs/architecture.md): no new upward import.
 python3 scripts/check-layers.py
+# The benchmark report generator (scripts/bench-report.py) on a synthetic run: seconds.
+python3 -m unittest discover -s scripts/tests
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # Benches first (each benchmark runs once), so the suites' summaries close the output.
