@@ -19,12 +19,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use super::openfga::{FgaError, OpenFgaClient};
 use super::{AuthzError, CompartmentIndex, Permit, Reach};
 use crate::config::{MultiPatientPolicy, OpenFgaConfig};
 use crate::fhir::ResourceType;
+use crate::fhir::record::{Record, TextRecord};
 use crate::smart::ScopeContext;
 use crate::token::VerifiedToken;
 
@@ -309,21 +308,20 @@ impl FgaDecisions {
 
 /// The patients whose compartments the records of an answer are in (every Bundle
 /// entry's, or the one resource's), sorted and distinct. The answer is read in one
-/// pass, each resource projected to its compartment links; an answer that cannot be
+/// pass, each resource's compartment links walked in its text; an answer that cannot be
 /// read has no patients (and its check fails on its own).
 pub fn patients_in(answer: &[u8], index: &CompartmentIndex, bases: &[&str]) -> Vec<String> {
-    let keep = |member: &str| index.reads_member(member);
     let Some(read) = std::str::from_utf8(answer)
         .ok()
-        .and_then(|text| crate::fhir::answer::read(text, &keep).ok())
+        .and_then(|text| crate::fhir::answer::read(text).ok())
     else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    let mut add = |resource: &Value| {
+    let mut add = |resource: &TextRecord<'_>| {
         if let Some(rt) = resource
-            .get("resourceType")
-            .and_then(Value::as_str)
+            .resource_type()
+            .as_deref()
             .and_then(ResourceType::parse)
         {
             out.extend(index.owners(ResourceType::PATIENT, rt, resource, bases));

@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use serde_json::Value;
 
 use crate::config::{AuthorizationConfig, TenantConfig};
 use crate::fhir::constraint;
+use crate::fhir::record::Record;
 use crate::fhir::{CompartmentIndex, CompartmentRef, FhirRequest, Interaction, ResourceType};
 use crate::pipeline::{Flow, Internal, Stage, ext};
 use crate::scope::{ScopeGrant, TokenContext};
@@ -320,7 +320,12 @@ impl ReleaseCtx<'_> {
     /// own type. Either way the record must satisfy the constraints of a scope of that
     /// context (`ReleaseCtx::constraints_hold`) and lie within the reach of a context
     /// that covers its type.
-    pub fn release(&self, rt: ResourceType, resource: &Value, primary: bool) -> Release {
+    pub fn release<R: Record + ?Sized>(
+        &self,
+        rt: ResourceType,
+        resource: &R,
+        primary: bool,
+    ) -> Release {
         let side_contexts = self.token.scopes.read_contexts(rt, self.permit.token);
         let mut type_ok = false;
         let mut if_referenced = None;
@@ -385,18 +390,26 @@ impl ReleaseCtx<'_> {
     /// else a side-read scope of its type ([`crate::smart::ScopeSet::read_scopes`]).
     /// A scope counts if it is unconstrained or every one of its constraints is a
     /// `Match`; `NoMatch` and `Unsupported` grant nothing (fail closed).
-    fn constraints_hold(
+    fn constraints_hold<R: Record + ?Sized>(
         &self,
         context: ScopeContext,
         rt: ResourceType,
-        resource: &Value,
+        resource: &R,
         primary: bool,
     ) -> bool {
         let satisfied = |constraints: &[(String, String)]| {
+            // An unconstrained scope needs nothing of the resource; a constrained one
+            // its whole text, parsed (only here, and once per resource).
+            if constraints.is_empty() {
+                return true;
+            }
+            let Some(whole) = resource.value() else {
+                return false;
+            };
             let e = constraint::satisfies_all(
                 self.index.search_params(),
                 rt,
-                resource,
+                &whole,
                 constraints,
                 &self.bases,
             );

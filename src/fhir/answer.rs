@@ -1,33 +1,19 @@
 //! An upstream answer read in one pass, without a DOM.
 //!
 //! The record checks read only a few elements of a resource: its type and id and the
-//! elements that link it into compartments or that a scope's constraints name. The
-//! reader ([`super::json::Reader`]) walks the answer once, validating all of it, and
-//! builds a *projection* of each resource: a `serde_json::Value` object holding only
-//! the top-level members a [`Keep`] set names (whole), so the checks written against
-//! `Value` decide exactly as on the full resource while everything else is skipped as
-//! bytes. For a Bundle it also hands out each entry's text, so kept entries are spliced
-//! back unchanged.
+//! elements that link it into compartments. The reader ([`super::json::Reader`]) walks
+//! the answer once, validating all of it, and notes where each resource's members are
+//! ([`TextRecord`]); a check walks again only the members its paths name. Nothing is
+//! parsed into a tree unless a scope constraint needs the whole resource. For a Bundle
+//! it also hands out each entry's text, so kept entries are spliced back unchanged.
 //!
 //! Semantics follow `serde_json` on the same text: a member that occurs twice counts
 //! with its last value (at its first position, for the Bundle's own members).
 
 use std::borrow::Cow;
 
-use serde_json::{Map, Value};
-
 use super::json::{JsonError, Reader, Str};
-
-/// The top-level members of a resource that the checks read.
-pub trait Keep {
-    fn keep(&self, member: &str) -> bool;
-}
-
-impl<F: Fn(&str) -> bool> Keep for F {
-    fn keep(&self, member: &str) -> bool {
-        self(member)
-    }
-}
+use super::record::TextRecord;
 
 /// Why an answer could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,13 +37,12 @@ pub struct Member<'a> {
 }
 
 /// One element of a Bundle's `entry` array.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Entry<'a> {
     /// The entry's text.
     pub raw: &'a str,
-    /// The projected `resource` (`None`: absent or `null`; a non-object resource is
-    /// projected as `Value::Null`).
-    pub resource: Option<Value>,
+    /// The `resource` (`None`: absent or `null`).
+    pub resource: Option<TextRecord<'a>>,
     /// The text of the (last) `resource` member.
     pub resource_raw: Option<&'a str>,
     /// `search.mode`.
@@ -71,8 +56,8 @@ pub struct Answer<'a> {
     pub resource_type: Option<Cow<'a, str>>,
     /// The top-level members in order, each key once.
     pub members: Vec<Member<'a>>,
-    /// The top-level resource, projected.
-    pub resource: Value,
+    /// The top-level resource.
+    pub resource: TextRecord<'a>,
     /// The `entry` array's elements (empty without one).
     pub entries: Vec<Entry<'a>>,
     /// `entry` is not an array of well-formed entries (an entry that is no object,
@@ -88,9 +73,8 @@ impl Answer<'_> {
     }
 }
 
-/// Reads an answer, projecting the top-level resource and (for any `entry` array)
-/// each entry's resource by `keep`.
-pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError> {
+/// Reads an answer: the top-level resource and (for any `entry` array) each entry's.
+pub fn read<'a>(src: &'a str) -> Result<Answer<'a>, AnswerError> {
     let mut r = Reader::new(src);
     if r.peek() != Some(b'{') {
         // Validate anyway: "not JSON" and "not a resource" are different faults.
@@ -99,7 +83,7 @@ pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError
         return Err(AnswerError::NotResource);
     }
     let mut members: Vec<Member<'a>> = Vec::new();
-    let mut projected = Map::new();
+    let mut all = Vec::new();
     let mut resource_type: Option<Option<Cow<'a, str>>> = None;
     let mut entries = Vec::new();
     let mut malformed_entries = false;
@@ -112,7 +96,7 @@ pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError
             entries.clear();
             malformed_entries = false;
             r.array(|r| {
-                match entry(r, src, keep)? {
+                match entry(r, src)? {
                     Some(e) => entries.push(e),
                     None => malformed_entries = true,
                 }
@@ -133,9 +117,7 @@ pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError
             }
             resource_type = Some(string_value(value));
         }
-        if name == "resourceType" || name == "id" || keep.keep(&name) {
-            projected.insert(name.clone().into_owned(), parse(value, r)?);
-        }
+        all.push((name.clone(), value));
         match members.iter_mut().find(|m| m.key == name) {
             Some(m) => {
                 m.value = value;
@@ -155,18 +137,14 @@ pub fn read<'a>(src: &'a str, keep: &dyn Keep) -> Result<Answer<'a>, AnswerError
     Ok(Answer {
         resource_type: resource_type.flatten(),
         members,
-        resource: Value::Object(projected),
+        resource: TextRecord::new(src, all),
         entries,
         malformed_entries,
     })
 }
 
 /// One Bundle entry; `None` if it is malformed (the reader is then past it).
-fn entry<'a>(
-    r: &mut Reader<'a>,
-    src: &'a str,
-    keep: &dyn Keep,
-) -> Result<Option<Entry<'a>>, JsonError> {
+fn entry<'a>(r: &mut Reader<'a>, src: &'a str) -> Result<Option<Entry<'a>>, JsonError> {
     if r.peek() != Some(b'{') {
         r.skip()?;
         return Ok(None);
@@ -179,14 +157,18 @@ fn entry<'a>(
             ok &= !std::mem::replace(&mut seen_resource, true);
             let at = value_start(r);
             resource = match r.peek() {
-                Some(b'{') => Some(project(r, keep)?),
+                Some(b'{') => {
+                    let members = members_of(r)?;
+                    let text = src.get(at..r.position()).unwrap_or_default();
+                    Some(TextRecord::new(text, members))
+                }
                 Some(b'n') => {
                     r.skip()?;
                     None
                 }
                 _ => {
                     r.skip()?;
-                    Some(Value::Null)
+                    Some(TextRecord::not_object())
                 }
             };
             resource_raw = src.get(at..r.position());
@@ -241,30 +223,21 @@ fn entry<'a>(
     }))
 }
 
-/// A resource object projected to `resourceType`, `id` and the members `keep` names.
-fn project(r: &mut Reader<'_>, keep: &dyn Keep) -> Result<Value, JsonError> {
-    let mut out = Map::new();
+/// An object's members: (decoded key, value text), in order.
+fn members_of<'a>(r: &mut Reader<'a>) -> Result<Vec<(Cow<'a, str>, &'a str)>, JsonError> {
+    let mut out = Vec::with_capacity(16);
     r.object(|r, key| {
         let name = decode_key(key, r)?;
-        if name == "resourceType" || name == "id" || keep.keep(&name) {
-            let value = r.skip()?;
-            out.insert(name.into_owned(), parse(value, r)?);
-        } else {
-            r.skip()?;
-        }
+        out.push((name, r.skip()?));
         Ok(())
     })?;
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 fn decode_key<'a>(key: Str<'a>, r: &Reader<'_>) -> Result<Cow<'a, str>, JsonError> {
     // The reader only hands out well-formed strings; one that does not decode (a lone
     // surrogate) has been refused already, so this is a broken invariant, not input.
     key.decode().ok_or(JsonError { at: r.position() })
-}
-
-fn parse(text: &str, r: &Reader<'_>) -> Result<Value, JsonError> {
-    serde_json::from_str(text).map_err(|_| JsonError { at: r.position() })
 }
 
 fn string_value(text: &str) -> Option<Cow<'_, str>> {

@@ -12,9 +12,11 @@
 //! foreign absolute references never do; ids are compared whole, so `Patient/p1`
 //! never matches `Patient/p10`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use serde_json::Value;
+
+use super::record::Record;
 
 use super::constraint::SearchParamIndex;
 use crate::fhir::{CompartmentRef, ResourceType};
@@ -86,9 +88,6 @@ pub struct CompartmentIndex {
     /// Every R4 SearchParameter, for evaluating scope constraints on records. Empty
     /// (every constraint unsupported, i.e. granting nothing) unless built by `official`.
     search_params: SearchParamIndex,
-    /// The first element of every linking path (`subject`, `performer`, ...), of any
-    /// type: the top-level members a compartment check reads besides `id`.
-    roots: HashSet<String>,
 }
 
 impl CompartmentIndex {
@@ -184,9 +183,6 @@ impl CompartmentIndex {
                 paths.sort();
                 paths.dedup();
                 if !params.is_empty() {
-                    index
-                        .roots
-                        .extend(paths.iter().filter_map(|p| p.first()).cloned());
                     index.params.insert((owner, rt), params);
                     index.links.insert((owner, rt), paths);
                 }
@@ -201,13 +197,6 @@ impl CompartmentIndex {
             .get(&(owner, rt))
             .map(Vec::as_slice)
             .unwrap_or(&[])
-    }
-
-    /// Whether a compartment check of some resource type reads the top-level member
-    /// `member` (besides `id`, which it always may). Answers are projected to these
-    /// members before they are checked ([`crate::fhir::answer`]).
-    pub fn reads_member(&self, member: &str) -> bool {
-        self.roots.contains(member)
     }
 
     /// Whether resources of type `rt` can be in a compartment of type `owner` at all
@@ -244,14 +233,14 @@ impl CompartmentIndex {
 
     /// Whether `resource` (of type `rt`) is in compartment `c`. `bases` are the absolute
     /// bases whose references count as local (the upstream's and the public one).
-    pub fn contains(
+    pub fn contains<R: Record + ?Sized>(
         &self,
         c: &CompartmentRef,
         rt: ResourceType,
-        resource: &Value,
+        resource: &R,
         bases: &[&str],
     ) -> bool {
-        if rt == c.owner && resource.get("id").and_then(Value::as_str) == Some(c.id.as_str()) {
+        if rt == c.owner && resource.id().as_deref() == Some(c.id.as_str()) {
             return true;
         }
         let Some(paths) = self.links.get(&(c.owner, rt)) else {
@@ -259,7 +248,7 @@ impl CompartmentIndex {
         };
         paths.iter().any(|path| {
             let mut found = false;
-            walk(resource, path, &mut |reference| {
+            resource.references_at(path, &mut |reference| {
                 if !found && reference_is(reference, c, bases) {
                     found = true;
                 }
@@ -273,21 +262,21 @@ impl CompartmentIndex {
     /// The ids of every compartment of type `owner` that `resource` (of type `rt`) is
     /// in: its own id when it is of that type, and every local `owner` reference at a
     /// linking path. Unsorted, may repeat.
-    pub fn owners(
+    pub fn owners<R: Record + ?Sized>(
         &self,
         owner: ResourceType,
         rt: ResourceType,
-        resource: &Value,
+        resource: &R,
         bases: &[&str],
     ) -> Vec<String> {
         let mut out = Vec::new();
         if rt == owner
-            && let Some(id) = resource.get("id").and_then(Value::as_str)
+            && let Some(id) = resource.id()
         {
-            out.push(id.to_owned());
+            out.push(id.into_owned());
         }
         for path in self.links.get(&(owner, rt)).into_iter().flatten() {
-            walk(resource, path, &mut |reference| {
+            resource.references_at(path, &mut |reference| {
                 if let Some(l) = crate::fhir::parse_local_reference(reference, bases)
                     && l.resource_type == owner
                 {
@@ -354,26 +343,6 @@ pub fn paths_for(rt: ResourceType, expression: &str) -> Vec<Path> {
             (!out.is_empty()).then_some(out)
         })
         .collect()
-}
-
-/// Calls `f` with every `reference` string found at `path` below `v` (arrays flatten).
-fn walk(v: &Value, path: &[String], f: &mut dyn FnMut(&str)) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| walk(i, path, f)),
-        Value::Object(o) => match path.split_first() {
-            None => {
-                if let Some(r) = o.get("reference").and_then(Value::as_str) {
-                    f(r);
-                }
-            }
-            Some((head, tail)) => {
-                if let Some(child) = o.get(head.as_str()) {
-                    walk(child, tail, f);
-                }
-            }
-        },
-        _ => {}
-    }
 }
 
 /// Strict local reference match; see the module docs.

@@ -151,8 +151,6 @@ pub struct SearchParamIndex {
     /// Parameters on `Resource`/`DomainResource` (`_id`, `_tag`, `_profile`, ...),
     /// which every type has.
     common: HashMap<String, Param>,
-    /// Code -> the top-level members its expression reads, on any base type.
-    roots: HashMap<String, Vec<String>>,
 }
 
 impl SearchParamIndex {
@@ -186,10 +184,6 @@ impl SearchParamIndex {
                 .filter_map(Value::as_str)
             {
                 let param = Param::compile(kind, base, expression);
-                let roots = index.roots.entry(code.to_owned()).or_default();
-                roots.extend(param.roots().map(str::to_owned));
-                roots.sort_unstable();
-                roots.dedup();
                 if base == "Resource" || base == "DomainResource" {
                     index.common.insert(code.to_owned(), param);
                 } else {
@@ -205,12 +199,6 @@ impl SearchParamIndex {
             }
         }
         Ok(index)
-    }
-
-    /// The top-level members of a resource (of any type) that evaluating the
-    /// constraint parameter `code` may read.
-    pub fn roots(&self, code: &str) -> &[String] {
-        self.roots.get(code).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// True if `code` names a search parameter of `rt` (its own or a common one).
@@ -276,22 +264,6 @@ enum Step {
 }
 
 impl Param {
-    /// The top-level members its walks read: every `where` filter name up to and
-    /// including the first member it descends into (below that, the walk stays inside
-    /// that member).
-    fn roots(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().flat_map(|part| {
-            let first_field = part
-                .steps
-                .iter()
-                .position(|s| matches!(s, Step::Field(_)))
-                .map_or(part.steps.len(), |i| i + 1);
-            part.steps.iter().take(first_field).map(|s| match s {
-                Step::Field(name) | Step::WhereEq(name, _) => name.as_str(),
-            })
-        })
-    }
-
     fn compile(kind: Kind, base: &str, expression: &str) -> Param {
         let mut parts = Vec::new();
         let mut partial = false;

@@ -9,6 +9,7 @@ pub mod json;
 pub mod outbound;
 pub mod outcome;
 pub mod parse;
+pub mod record;
 pub mod reference;
 pub mod request;
 pub mod resource_type;

@@ -13,7 +13,8 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::authz::{AuthzError, Release, ReleaseCtx};
-use crate::fhir::answer::{self, Answer, Keep};
+use crate::fhir::answer::{self, Answer};
+use crate::fhir::record::Record;
 use crate::fhir::{FhirRequest, Interaction, ResourceType};
 
 use super::ForwardError;
@@ -43,41 +44,13 @@ pub struct CheckCtx<'a> {
 }
 
 impl CheckCtx<'_> {
-    fn release(&self, rt: ResourceType, resource: &Value, primary: bool) -> Release {
+    fn release<R: Record + ?Sized>(
+        &self,
+        rt: ResourceType,
+        resource: &R,
+        primary: bool,
+    ) -> Release {
         self.records.release(rt, resource, primary)
-    }
-}
-
-/// The top-level members of a resource that its checks read besides `resourceType`
-/// and `id`: compartment links of any type, and the elements of the token's scope
-/// constraints. Everything else is skipped unparsed.
-struct Reads<'a> {
-    ctx: &'a ReleaseCtx<'a>,
-    /// From scope constraints (rare; usually empty).
-    constrained: Vec<&'a str>,
-}
-
-impl<'a> Reads<'a> {
-    fn new(ctx: &'a ReleaseCtx<'a>) -> Self {
-        let params = ctx.index.search_params();
-        let mut constrained: Vec<&str> = ctx
-            .token
-            .scopes
-            .resource_scopes()
-            .iter()
-            .flat_map(|s| s.constraints.iter())
-            .flat_map(|(name, _)| params.roots(name))
-            .map(String::as_str)
-            .collect();
-        constrained.sort_unstable();
-        constrained.dedup();
-        Reads { ctx, constrained }
-    }
-}
-
-impl Keep for Reads<'_> {
-    fn keep(&self, member: &str) -> bool {
-        self.ctx.index.reads_member(member) || self.constrained.contains(&member)
     }
 }
 
@@ -137,7 +110,7 @@ pub fn check_answer(
         }
         let outcome = std::str::from_utf8(&body)
             .ok()
-            .and_then(|text| answer::read(text, &|_: &str| false).ok())
+            .and_then(|text| answer::read(text).ok())
             .is_some_and(|a| a.resource_type.as_deref() == Some("OperationOutcome"));
         if is_json(headers) && outcome {
             return Ok(Checked {
@@ -154,8 +127,7 @@ pub fn check_answer(
     }
     // One pass over the whole answer: validated, each resource projected.
     let text = std::str::from_utf8(&body).map_err(|_| UpstreamError::BadResponse("json"))?;
-    let reads = Reads::new(&ctx.records);
-    let answer = answer::read(text, &reads).map_err(|e| match e {
+    let answer = answer::read(text).map_err(|e| match e {
         answer::AnswerError::Json(_) => UpstreamError::BadResponse("json"),
         answer::AnswerError::NotResource => UpstreamError::BadResponse("resourceType"),
     })?;
@@ -184,8 +156,7 @@ pub fn check_answer(
         let resource = &answer.resource;
         // The answer must be the record asked for; anything else is an upstream fault.
         let same_type = Some(rt) == ctx.request.resource_type;
-        let same_id = resource.get("id").and_then(Value::as_str)
-            == ctx.request.id.as_ref().map(|i| i.as_str());
+        let same_id = resource.id().as_deref() == ctx.request.id.as_ref().map(|i| i.as_str());
         if !same_type || !same_id {
             return Err(UpstreamError::BadResponse("read answered another record").into());
         }
@@ -277,8 +248,8 @@ fn decide(ctx: &CheckCtx<'_>, entry: &answer::Entry<'_>) -> Decision {
         };
     };
     let Some(rt) = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
+        .resource_type()
+        .as_deref()
         .and_then(ResourceType::parse)
     else {
         return Decision::Drop;
@@ -288,7 +259,7 @@ fn decide(ctx: &CheckCtx<'_>, entry: &answer::Entry<'_>) -> Decision {
     }
     match ctx.release(rt, resource, mode != Some("include")) {
         Release::Allowed(_) => Decision::Keep(true),
-        Release::AllowedIfReferenced(_) => match resource.get("id").and_then(Value::as_str) {
+        Release::AllowedIfReferenced(_) => match resource.id() {
             Some(id) => Decision::IfReferenced(format!("{rt}/{id}")),
             None => Decision::Drop,
         },
