@@ -1,10 +1,14 @@
 //! Checking an upstream answer against the request's permit.
 //!
-//! Pure (no I/O): given the answer's status, headers and (URL-rewritten) body, decide
-//! what the client may see. Bundles are filtered entry by entry; kept entries are
-//! spliced back as their original bytes (`RawValue`), so the proxy never re-serializes
-//! clinical content. A Bundle that lost entries loses its `total` too, so counts never
-//! reveal dropped records.
+//! Pure (no I/O): given the answer's status, headers and body, decide what the client
+//! may see. The answer is read once, without a DOM ([`crate::fhir::answer`]): each
+//! resource is decided on its text ([`crate::fhir::record::TextRecord`]), walking only
+//! the members its checks read (type, id, compartment links); a resource is parsed
+//! whole only where a scope constraint is evaluated on it. Bundles are filtered entry
+//! by entry; kept entries are spliced back as their original bytes, so the proxy never
+//! re-serializes clinical content, and upstream URLs are rewritten to the proxy's as
+//! the answer is copied out. A Bundle that lost entries loses its `total` too, so
+//! counts never reveal dropped records.
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
