@@ -88,9 +88,14 @@ impl<'a> Reader<'a> {
         JsonError { at: self.pos }
     }
 
+    #[inline]
     fn skip_ws(&mut self) {
         let b = self.bytes();
-        while let Some(b' ' | b'\n' | b'\r' | b'\t') = b.get(self.pos) {
+        // Compact JSON has none: one comparison in the common case.
+        while let Some(&c) = b.get(self.pos) {
+            if c > b' ' || !matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+                return;
+            }
             self.pos += 1;
         }
     }

@@ -157,6 +157,21 @@ const NAMES: [&str; 146] = [
     "VisionPrescription",
 ];
 
+/// For each capital letter, the range of `NAMES` starting with it.
+const BY_FIRST_LETTER: [(u8, u8); 26] = {
+    let mut out = [(0u8, 0u8); 26];
+    let mut i = 0;
+    while i < NAMES.len() {
+        let letter = (NAMES[i].as_bytes()[0] - b'A') as usize;
+        if out[letter].1 == 0 {
+            out[letter].0 = i as u8;
+        }
+        out[letter].1 = i as u8 + 1;
+        i += 1;
+    }
+    out
+};
+
 /// A valid FHIR R4 resource type name. Cheap to copy and compare.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ResourceType(&'static str);
@@ -164,10 +179,15 @@ pub struct ResourceType(&'static str);
 impl ResourceType {
     /// Looks a name up in the R4 list; `None` for anything else (case-sensitive).
     pub fn parse(name: &str) -> Option<Self> {
-        NAMES
+        // Called for every record and reference of an answer: search only the names
+        // with the same first letter (at most 14).
+        let first = *name.as_bytes().first()?;
+        let (from, to) = *BY_FIRST_LETTER.get(usize::from(first.wrapping_sub(b'A')))?;
+        let names = NAMES.get(usize::from(from)..usize::from(to))?;
+        names
             .binary_search(&name)
             .ok()
-            .and_then(|i| NAMES.get(i))
+            .and_then(|i| names.get(i))
             .map(|n| ResourceType(n))
     }
 
@@ -207,6 +227,29 @@ mod tests {
     #[test]
     fn list_is_sorted_and_unique() {
         assert!(NAMES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn parse_finds_every_name_and_nothing_else() {
+        for n in NAMES {
+            assert_eq!(ResourceType::parse(n).map(|t| t.as_str()), Some(n));
+            assert!(ResourceType::parse(&n.to_lowercase()).is_none());
+            assert!(ResourceType::parse(&format!("{n}x")).is_none());
+            assert!(ResourceType::parse(&n[..n.len() - 1]).is_none());
+        }
+        for odd in [
+            "",
+            "@",
+            "[",
+            "\u{0}",
+            "é",
+            "Zebra",
+            "Yak",
+            "Quux",
+            "Xylophone",
+        ] {
+            assert!(ResourceType::parse(odd).is_none(), "{odd}");
+        }
     }
 
     #[test]
