@@ -13,7 +13,7 @@ use crate::config::TenantConfig;
 use crate::fhir::{FhirRequest, Interaction, OutboundRequest};
 use crate::pipeline::{Decision, Flow, Internal, Stage, ext, fhir_json};
 use crate::tenant::{Tenant, tenant_of};
-use crate::upstream::{Upstream, UpstreamError, rewrite_base};
+use crate::upstream::{FhirServer, Upstream, UpstreamError, rewrite_base};
 
 /// The interactions the proxy forwards; the CapabilityStatement advertises no others.
 const SUPPORTED_INTERACTIONS: [&str; 4] = ["read", "vread", "history-instance", "search-type"];
@@ -32,14 +32,14 @@ pub enum DiscoveryError {
     Internal(#[from] Internal),
 }
 
-pub struct ServeDiscovery {
-    upstream: Upstream,
+pub struct ServeDiscovery<U = Upstream> {
+    upstream: U,
     /// (configuration generation, tenant) -> the secured CapabilityStatement.
     capabilities: moka::future::Cache<(u64, String), Bytes>,
 }
 
-impl ServeDiscovery {
-    pub fn new(upstream: Upstream) -> Self {
+impl<U: FhirServer> ServeDiscovery<U> {
+    pub fn new(upstream: U) -> Self {
         ServeDiscovery {
             upstream,
             capabilities: moka::future::Cache::builder()
@@ -83,7 +83,7 @@ impl ServeDiscovery {
     }
 }
 
-impl Stage for ServeDiscovery {
+impl<U: FhirServer> Stage for ServeDiscovery<U> {
     type Error = DiscoveryError;
 
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, DiscoveryError> {

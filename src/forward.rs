@@ -24,7 +24,7 @@ use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Internal, ProxyResponse, e
 use crate::scope::ScopeGrant;
 use crate::tenant::{Tenant, tenant_of};
 use crate::token::VerifiedToken;
-use crate::upstream::{BaseRewrite, Fetched, Upstream, UpstreamError};
+use crate::upstream::{BaseRewrite, Fetched, FhirServer, Upstream, UpstreamError};
 
 /// What stage 5 fails with. Records the permit does not reach are authz's decision,
 /// applied to the answer.
@@ -62,20 +62,21 @@ fn rewrite_header(
     HeaderValue::from_str(&rewritten).ok()
 }
 
-/// The innermost service.
+/// The innermost service, in front of an upstream FHIR server (`U`, [`Upstream`] in
+/// production).
 #[derive(Clone)]
-pub struct Forward {
-    upstream: Upstream,
+pub struct Forward<U = Upstream> {
+    upstream: U,
     cursors: crate::cursor::CursorKey,
 }
 
-impl Forward {
-    pub fn new(upstream: Upstream, cursors: crate::cursor::CursorKey) -> Self {
+impl<U: FhirServer> Forward<U> {
+    pub fn new(upstream: U, cursors: crate::cursor::CursorKey) -> Self {
         Forward { upstream, cursors }
     }
 }
 
-impl tower::Service<Request<Bytes>> for Forward {
+impl<U: FhirServer> tower::Service<Request<Bytes>> for Forward<U> {
     type Response = ProxyResponse;
     type Error = ForwardError;
     type Future = BoxFuture<Result<ProxyResponse, ForwardError>>;
@@ -94,8 +95,8 @@ impl tower::Service<Request<Bytes>> for Forward {
     }
 }
 
-async fn forward(
-    upstream: &Upstream,
+async fn forward<U: FhirServer>(
+    upstream: &U,
     cursors: &crate::cursor::CursorKey,
     req: &Request<Bytes>,
 ) -> Result<ProxyResponse, ForwardError> {
@@ -200,8 +201,8 @@ const MAX_CHUNKS_PER_REQUEST: usize = 16;
 /// next chunks (bounded in number and by the tenant's upstream timeout overall), so
 /// clients do not page through empty pages. Returns the answer and the request that
 /// produced it.
-async fn fetch_chunks(
-    upstream: &Upstream,
+async fn fetch_chunks<U: FhirServer>(
+    upstream: &U,
     tenant: &Tenant,
     out: &OutboundRequest,
     first_page: &OutboundRequest,

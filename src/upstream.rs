@@ -92,6 +92,32 @@ pub struct Upstream {
     tokens: Cache<(u64, String), UpstreamToken>,
 }
 
+/// What the stages need of an upstream FHIR server: one request out, one bounded
+/// answer back. [`Upstream`] is the real one (a pooled HTTP client); the stages that
+/// talk upstream (discovery, forwarding) are generic over it, so a stage can be run
+/// against anything that answers like a FHIR server.
+pub trait FhirServer: Clone + Send + Sync + 'static {
+    /// Sends `out` to the tenant's upstream and reads the whole answer, bounded by the
+    /// tenant's timeout and size limit.
+    fn fetch(
+        &self,
+        tenant: &Tenant,
+        out: &OutboundRequest,
+        client_headers: &HeaderMap,
+    ) -> impl std::future::Future<Output = Result<Fetched, UpstreamError>> + Send;
+}
+
+impl FhirServer for Upstream {
+    fn fetch(
+        &self,
+        tenant: &Tenant,
+        out: &OutboundRequest,
+        client_headers: &HeaderMap,
+    ) -> impl std::future::Future<Output = Result<Fetched, UpstreamError>> + Send {
+        Upstream::fetch(self, tenant, out, client_headers)
+    }
+}
+
 /// A fetched upstream answer.
 pub struct Fetched {
     pub status: StatusCode,

@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::openfga::{FgaError, OpenFgaClient};
+use super::openfga::{FgaApi, FgaError, OpenFgaClient};
 use super::{AuthzError, CompartmentIndex, Permit, Reach};
 use crate::config::{MultiPatientPolicy, OpenFgaConfig};
 use crate::fhir::ResourceType;
@@ -54,10 +54,10 @@ pub fn principal_of(context: ScopeContext, token: &VerifiedToken) -> Option<Prin
     ok.then(|| Arc::from(format!("{kind}:{id}")))
 }
 
-/// One tenant's OpenFGA checker.
-#[derive(Debug)]
+/// One tenant's OpenFGA checker, over an OpenFGA server ([`OpenFgaClient`] in
+/// production, any [`FgaApi`] in tests).
 pub struct OpenFgaChecker {
-    pub client: OpenFgaClient,
+    pub client: Arc<dyn FgaApi>,
     pub policy: MultiPatientPolicy,
     pub max_listed: usize,
     pub chunk_size: usize,
@@ -133,10 +133,26 @@ impl PatientList {
     }
 }
 
+impl std::fmt::Debug for OpenFgaChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenFgaChecker")
+            .field("policy", &self.policy)
+            .field("max_listed", &self.max_listed)
+            .field("chunk_size", &self.chunk_size)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
 impl OpenFgaChecker {
     pub fn new(http: reqwest::Client, cfg: &OpenFgaConfig) -> Result<Self, String> {
         let client = OpenFgaClient::new(http, cfg.connection.clone())?;
-        Ok(OpenFgaChecker {
+        Ok(Self::with_api(Arc::new(client), cfg))
+    }
+
+    /// The checker for `cfg` over `client`.
+    pub fn with_api(client: Arc<dyn FgaApi>, cfg: &OpenFgaConfig) -> Self {
+        OpenFgaChecker {
             client,
             policy: cfg.multi_patient_policy,
             max_listed: cfg.max_listed_patients,
@@ -146,7 +162,7 @@ impl OpenFgaChecker {
                 .time_to_live(cfg.connection.cache_ttl)
                 .build(),
             model: Arc::from(cfg.connection.authorization_model_id.as_str()),
-        })
+        }
     }
 
     /// Whether some FGA principal of `permit` may view patient `id` (one Check each;

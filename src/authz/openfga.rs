@@ -411,6 +411,73 @@ struct Inner {
 }
 
 /// An OpenFGA client for one connection. Cheap to clone (shared cache and breaker).
+/// A boxed future borrowing its arguments.
+pub type FgaFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, FgaError>> + Send + 'a>>;
+
+/// What the OpenFGA checker needs of an OpenFGA server: Check, BatchCheck and a
+/// complete ListObjects, each failing closed with an [`FgaError`]. [`OpenFgaClient`]
+/// is the real one (OpenFGA's HTTP API, with its decision cache and breaker).
+pub trait FgaApi: Send + Sync + 'static {
+    fn check<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        object: &'a str,
+    ) -> FgaFuture<'a, bool>;
+    fn batch_check<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        objects: &'a [String],
+    ) -> FgaFuture<'a, HashMap<String, bool>>;
+    fn list_objects_complete<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        object_type: &'a str,
+        max: usize,
+    ) -> FgaFuture<'a, Vec<String>>;
+}
+
+impl FgaApi for OpenFgaClient {
+    fn check<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        object: &'a str,
+    ) -> FgaFuture<'a, bool> {
+        Box::pin(OpenFgaClient::check(self, principal, relation, object))
+    }
+
+    fn batch_check<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        objects: &'a [String],
+    ) -> FgaFuture<'a, HashMap<String, bool>> {
+        Box::pin(OpenFgaClient::batch_check(
+            self, principal, relation, objects,
+        ))
+    }
+
+    fn list_objects_complete<'a>(
+        &'a self,
+        principal: &'a str,
+        relation: &'a str,
+        object_type: &'a str,
+        max: usize,
+    ) -> FgaFuture<'a, Vec<String>> {
+        Box::pin(OpenFgaClient::list_objects_complete(
+            self,
+            principal,
+            relation,
+            object_type,
+            max,
+        ))
+    }
+}
+
 #[derive(Clone)]
 pub struct OpenFgaClient {
     inner: Arc<Inner>,

@@ -114,11 +114,50 @@ impl Expiry<String, Arc<KeySet>> for KeySetExpiry {
     }
 }
 
+/// A boxed future borrowing its arguments.
+pub type JwksFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, TokenError>> + Send + 'a>>;
+
+/// The I/O behind the key cache: GET a JWK Set document (bounded in time and size).
+/// [`HttpJwks`] is the real one; parsing, fingerprinting and caching stay in
+/// [`JwksKeySource`].
+pub trait JwksFetch: Send + Sync + 'static {
+    fn fetch<'a>(&'a self, uri: &'a url::Url, timeout: Duration) -> JwksFuture<'a>;
+}
+
+/// JWK Sets over HTTP(S), at most `MAX_JWKS_BYTES`.
+pub struct HttpJwks(pub reqwest::Client);
+
+impl JwksFetch for HttpJwks {
+    fn fetch<'a>(&'a self, uri: &'a url::Url, timeout: Duration) -> JwksFuture<'a> {
+        Box::pin(async move {
+            let resp = self
+                .0
+                .get(uri.clone())
+                .timeout(timeout)
+                .header(http::header::ACCEPT, "application/json")
+                .send()
+                .await
+                .map_err(|e| {
+                    tracing::warn!(jwks.uri = %uri, error = %e, "jwks fetch failed");
+                    TokenError::JwksUnavailable
+                })?;
+            if !resp.status().is_success() {
+                tracing::warn!(jwks.uri = %uri, status = %resp.status(), "jwks fetch failed");
+                return Err(TokenError::JwksUnavailable);
+            }
+            crate::fetch::read_capped(resp, MAX_JWKS_BYTES)
+                .await
+                .map_err(|_| TokenError::JwksUnavailable)
+        })
+    }
+}
+
 /// Fetches and caches JWK Sets by URI. Shared by all tenants, so a config reload keeps
 /// warm caches.
 #[derive(Clone)]
 pub struct JwksKeySource {
-    http: reqwest::Client,
+    http: Arc<dyn JwksFetch>,
     cache: Cache<String, Arc<KeySet>>,
     /// When each JWKS URI was last refetched for an unknown `kid` (few URIs: one per
     /// configured issuer).
@@ -135,6 +174,11 @@ pub struct JwksPolicy {
 
 impl JwksKeySource {
     pub fn new(http: reqwest::Client) -> Self {
+        Self::with_fetch(Arc::new(HttpJwks(http)))
+    }
+
+    /// A key source over any [`JwksFetch`].
+    pub fn with_fetch(http: Arc<dyn JwksFetch>) -> Self {
         JwksKeySource {
             http,
             last_refresh: Arc::default(),
@@ -151,11 +195,11 @@ impl JwksKeySource {
         uri: &url::Url,
         policy: JwksPolicy,
     ) -> Result<Arc<KeySet>, TokenError> {
-        let http = self.http.clone();
+        let http = Arc::clone(&self.http);
         let u = uri.clone();
         self.cache
             .try_get_with(uri.as_str().to_owned(), async move {
-                fetch(&http, &u, policy).await.map(Arc::new)
+                fetch(&*http, &u, policy).await.map(Arc::new)
             })
             .await
             .map_err(|e: Arc<TokenError>| (*e).clone())
@@ -197,7 +241,7 @@ impl JwksKeySource {
             }
             last.insert(key.clone(), now);
         }
-        let fresh = match fetch(&self.http, uri, policy).await {
+        let fresh = match fetch(&*self.http, uri, policy).await {
             Ok(fresh) => fresh,
             // The token's key stays unknown; the working set stays cached.
             Err(_) => return Ok(None),
@@ -212,28 +256,12 @@ impl JwksKeySource {
 }
 
 async fn fetch(
-    http: &reqwest::Client,
+    http: &dyn JwksFetch,
     uri: &url::Url,
     policy: JwksPolicy,
 ) -> Result<KeySet, TokenError> {
     let started = Instant::now();
-    let resp = http
-        .get(uri.clone())
-        .timeout(policy.timeout)
-        .header(http::header::ACCEPT, "application/json")
-        .send()
-        .await
-        .map_err(|e| {
-            tracing::warn!(jwks.uri = %uri, error = %e, "jwks fetch failed");
-            TokenError::JwksUnavailable
-        })?;
-    if !resp.status().is_success() {
-        tracing::warn!(jwks.uri = %uri, status = %resp.status(), "jwks fetch failed");
-        return Err(TokenError::JwksUnavailable);
-    }
-    let body = crate::fetch::read_capped(resp, MAX_JWKS_BYTES)
-        .await
-        .map_err(|_| TokenError::JwksUnavailable)?;
+    let body = http.fetch(uri, policy.timeout).await?;
     let set: JwkSet = serde_json::from_slice(&body).map_err(|e| {
         tracing::warn!(jwks.uri = %uri, error = %e, "jwks is not a valid JWK Set");
         TokenError::JwksUnavailable
@@ -252,4 +280,96 @@ async fn fetch(
         "jwks fetched"
     );
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A JWKS endpoint that answers from a list, counting calls: the cache and the
+    /// unknown-`kid` refresh rules, without a network.
+    struct Scripted {
+        answers: std::sync::Mutex<Vec<Result<Vec<u8>, TokenError>>>,
+        calls: AtomicUsize,
+    }
+
+    impl JwksFetch for Scripted {
+        fn fetch<'a>(&'a self, _uri: &'a url::Url, _timeout: Duration) -> JwksFuture<'a> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let next = self.answers.lock().unwrap().remove(0);
+            Box::pin(async move { next })
+        }
+    }
+
+    fn jwks(kid: &str) -> Vec<u8> {
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+            "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+            "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]})
+        .to_string()
+        .into_bytes()
+    }
+
+    const POLICY: JwksPolicy = JwksPolicy {
+        ttl: Duration::from_secs(300),
+        min_refresh: Duration::from_secs(60),
+        timeout: Duration::from_secs(1),
+    };
+
+    #[tokio::test]
+    async fn key_sets_are_cached_and_a_failed_refresh_keeps_the_working_set() {
+        let endpoint = Arc::new(Scripted {
+            answers: std::sync::Mutex::new(vec![Ok(jwks("k1")), Err(TokenError::JwksUnavailable)]),
+            calls: AtomicUsize::new(0),
+        });
+        let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        let first = source.key_set(&uri, POLICY).await.unwrap();
+        let again = source.key_set(&uri, POLICY).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
+        // An unknown kid refetches once; the issuer is down, so nothing changes.
+        assert!(
+            source
+                .refresh_for_unknown_kid(&uri, &first, POLICY)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Within `min_refresh`, no second refetch at all.
+        assert!(
+            source
+                .refresh_for_unknown_kid(&uri, &first, POLICY)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
+        let still = source.key_set(&uri, POLICY).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &still));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_jwks_unavailable() {
+        let endpoint = Arc::new(Scripted {
+            answers: std::sync::Mutex::new(vec![
+                Err(TokenError::JwksUnavailable),
+                Ok(b"not json".to_vec()),
+            ]),
+            calls: AtomicUsize::new(0),
+        });
+        let source = JwksKeySource::with_fetch(endpoint);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        assert!(matches!(
+            source.key_set(&uri, POLICY).await,
+            Err(TokenError::JwksUnavailable)
+        ));
+        // Errors are not cached; a broken document is unavailable too.
+        assert!(matches!(
+            source.key_set(&uri, POLICY).await,
+            Err(TokenError::JwksUnavailable)
+        ));
+    }
 }
