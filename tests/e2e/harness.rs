@@ -86,8 +86,11 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
-    /// The audit records (JSON lines on the `audit` target) logged so far.
+    /// The audit records (JSON lines on the `audit` target) logged so far. The proxy
+    /// writes them from a queue every few milliseconds, so this first waits well past
+    /// that for the records of requests just answered.
     pub fn audit_records(&self) -> Vec<Value> {
+        std::thread::sleep(std::time::Duration::from_millis(100));
         self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
