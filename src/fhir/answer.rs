@@ -83,6 +83,8 @@ pub fn read<'a>(src: &'a str) -> Result<Answer<'a>, AnswerError> {
         return Err(AnswerError::NotResource);
     }
     let mut members: Vec<Member<'a>> = Vec::new();
+    let mut positions: std::collections::HashMap<Cow<'a, str>, usize> =
+        std::collections::HashMap::new();
     let mut all = Vec::new();
     let mut resource_type: Option<Option<Cow<'a, str>>> = None;
     let mut entries = Vec::new();
@@ -118,15 +120,22 @@ pub fn read<'a>(src: &'a str) -> Result<Answer<'a>, AnswerError> {
             resource_type = Some(string_value(value));
         }
         all.push((name.clone(), value));
-        match members.iter_mut().find(|m| m.key == name) {
-            Some(m) => {
-                m.value = value;
+        // By key, so an answer of many top-level members costs linear time (a broken
+        // upstream must not make the check quadratic).
+        match positions.entry(name.clone()) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                if let Some(m) = members.get_mut(*at.get()) {
+                    m.value = value;
+                }
             }
-            None => members.push(Member {
-                key: name,
-                raw_key,
-                value,
-            }),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(members.len());
+                members.push(Member {
+                    key: name,
+                    raw_key,
+                    value,
+                });
+            }
         }
         Ok(())
     })?;
@@ -252,4 +261,31 @@ fn string_value(text: &str) -> Option<Cow<'_, str>> {
 fn value_start(r: &mut Reader<'_>) -> usize {
     r.peek();
     r.position()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn repeated_members_keep_their_first_place_and_last_value() {
+        let a = read(r#"{"resourceType":"Bundle","total":1,"type":"x","total":2}"#).unwrap();
+        let keys: Vec<&str> = a.members.iter().map(|m| m.key.as_ref()).collect();
+        assert_eq!(keys, ["resourceType", "total", "type"]);
+        assert_eq!(a.member("total").unwrap().value, "2");
+    }
+
+    #[test]
+    fn many_top_level_members_read_in_linear_time() {
+        // 200,000 distinct members: quadratic deduplication would take minutes.
+        let mut text = String::from("{\"resourceType\":\"Bundle\"");
+        for i in 0..200_000 {
+            text.push_str(&format!(",\"m{i}\":{i}"));
+        }
+        text.push('}');
+        let a = read(&text).unwrap();
+        assert_eq!(a.members.len(), 200_001);
+    }
 }
