@@ -361,12 +361,29 @@ fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
                 if k == "http.status" {
                     let _ = write!(out, " {k}={}", f.status);
                 } else {
-                    let _ = write!(out, " {k}={v}");
+                    let _ = write!(out, " {k}=");
+                    text_value(out, v);
                 }
             }
         }
     }
     out.push(b'\n');
+}
+
+/// A text-format value: as is when it cannot be mistaken for more than one value,
+/// else as a JSON string. Claims such as `sub` and `client_id` come from the token, so
+/// a space, quote or line break in one must not forge another field or another line.
+fn text_value(out: &mut Vec<u8>, v: &str) {
+    let plain = !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"');
+    if plain {
+        out.extend_from_slice(v.as_bytes());
+    } else {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, v);
+    }
 }
 
 fn format_dropped(out: &mut Vec<u8>, now: u64, total: u64, format: LineFormat) {
@@ -514,6 +531,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(" http.status=200 "), "{text}");
+    }
+
+    #[test]
+    fn text_lines_cannot_be_forged_by_claims() {
+        let mut f = finished("record_allowed");
+        f.record.subject = Some("x patient=p2\n2025-12-04T00:00:00Z  INFO audit: forged".into());
+        f.record.client_id = Some("app\"\u{7}".into());
+        let mut text = Vec::new();
+        format_line(&mut text, &f, LineFormat::Text);
+        let text = String::from_utf8(text).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "{text}");
+        assert!(text.ends_with('\n'));
+        assert!(text.contains(r#" subject="x patient=p2\n2025"#), "{text}");
+        assert!(text.contains(r#" client.id="app\"\u0007""#), "{text}");
+        assert!(text.contains(" patient=p1 "), "{text}");
     }
 
     #[test]

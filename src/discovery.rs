@@ -5,11 +5,14 @@
 //!
 //! Sits right after tenant resolution; every other request passes through untouched.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use serde_json::{Value, json};
 
 use crate::config::TenantConfig;
+use crate::fhir::capability::SearchSupport;
 use crate::fhir::{FhirRequest, Interaction, OutboundRequest};
 use crate::pipeline::{Decision, Flow, Internal, Stage, ext, fhir_json};
 use crate::tenant::{Tenant, tenant_of};
@@ -32,25 +35,49 @@ pub enum DiscoveryError {
     Internal(#[from] Internal),
 }
 
-pub struct ServeDiscovery<U = Upstream> {
-    upstream: U,
-    /// (configuration generation, tenant) -> the secured CapabilityStatement.
-    capabilities: moka::future::Cache<(u64, String), Bytes>,
+/// What the proxy knows of a tenant's upstream from its CapabilityStatement: the
+/// secured statement it serves on `/metadata`, and the search parameters the upstream
+/// declares (which restricted tokens are held to, `rewrite`).
+#[derive(Debug)]
+pub struct UpstreamCapabilities {
+    pub secured: Bytes,
+    pub search: SearchSupport,
 }
 
-impl<U: FhirServer> ServeDiscovery<U> {
+/// Fetches each tenant's CapabilityStatement and keeps it for [`CAPABILITIES_TTL`].
+/// Shared by discovery and the rewrite stage; concurrent misses are merged into one
+/// fetch, and a failed fetch is not kept.
+pub struct Capabilities<U = Upstream> {
+    upstream: U,
+    /// (configuration generation, tenant) -> what the upstream declared.
+    cache: moka::future::Cache<(u64, String), Arc<UpstreamCapabilities>>,
+}
+
+impl<U: FhirServer> Capabilities<U> {
     pub fn new(upstream: U) -> Self {
-        ServeDiscovery {
+        Capabilities {
             upstream,
-            capabilities: moka::future::Cache::builder()
+            cache: moka::future::Cache::builder()
                 .max_capacity(1_000)
                 .time_to_live(CAPABILITIES_TTL)
                 .build(),
         }
     }
 
-    /// Fetches and secures the upstream's CapabilityStatement (no caching).
-    async fn capability_statement(&self, tenant: &Tenant) -> Result<Bytes, DiscoveryError> {
+    /// The tenant's upstream capabilities, from the cache or fetched.
+    pub async fn of(&self, tenant: &Tenant) -> Result<Arc<UpstreamCapabilities>, DiscoveryError> {
+        let key = (tenant.generation, tenant.id().to_owned());
+        self.cache
+            .try_get_with(key, self.fetch(tenant))
+            .await
+            .map_err(|e: Arc<DiscoveryError>| match &*e {
+                DiscoveryError::Upstream(u) => DiscoveryError::Upstream(u.clone()),
+                DiscoveryError::Internal(i) => DiscoveryError::Internal(i.clone()),
+            })
+    }
+
+    /// Fetches the upstream's CapabilityStatement and secures it (no caching).
+    async fn fetch(&self, tenant: &Tenant) -> Result<Arc<UpstreamCapabilities>, DiscoveryError> {
         let out = OutboundRequest {
             method: Method::GET,
             path: "/metadata".into(),
@@ -76,10 +103,23 @@ impl<U: FhirServer> ServeDiscovery<U> {
         if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {
             return Err(UpstreamError::BadResponse("capability statement").into());
         }
+        let search = SearchSupport::from_capability_statement(&cs);
         secure_capability_statement(&mut cs, &tenant.config);
-        serde_json::to_vec(&cs)
+        let secured = serde_json::to_vec(&cs)
             .map(Bytes::from)
-            .map_err(|_| Internal("capability statement").into())
+            .map_err(|_| Internal("capability statement"))?;
+        Ok(Arc::new(UpstreamCapabilities { secured, search }))
+    }
+}
+
+/// The discovery stage.
+pub struct ServeDiscovery<U = Upstream> {
+    capabilities: Arc<Capabilities<U>>,
+}
+
+impl<U: FhirServer> ServeDiscovery<U> {
+    pub fn new(capabilities: Arc<Capabilities<U>>) -> Self {
+        ServeDiscovery { capabilities }
     }
 }
 
@@ -102,16 +142,8 @@ impl<U: FhirServer> Stage for ServeDiscovery<U> {
                 r
             }
             Interaction::Capabilities => {
-                let key = (tenant.generation, tenant.id().to_owned());
-                let body = self
-                    .capabilities
-                    .try_get_with(key, self.capability_statement(tenant))
-                    .await
-                    .map_err(|e: std::sync::Arc<DiscoveryError>| match &*e {
-                        DiscoveryError::Upstream(u) => DiscoveryError::Upstream(u.clone()),
-                        _ => Internal("capability statement").into(),
-                    })?;
-                fhir_json(StatusCode::OK, body)
+                let known = self.capabilities.of(tenant).await?;
+                fhir_json(StatusCode::OK, known.secured.clone())
             }
             _ => return Ok(Flow::Continue),
         };

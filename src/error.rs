@@ -111,6 +111,7 @@ impl From<RewriteError> for ProxyError {
             RewriteError::Authz(e) => ProxyError::Authz(e),
             RewriteError::Scope(e) => ProxyError::Scope(e),
             RewriteError::Cursor(e) => ProxyError::Cursor(e),
+            RewriteError::Capabilities(e) => e.into(),
             RewriteError::Internal(e) => e.into(),
         }
     }

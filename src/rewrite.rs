@@ -21,6 +21,8 @@ use crate::authz::fga::PatientNarrowing;
 use crate::authz::{AuthzError, Checker, Permit, authorize_as};
 use crate::config::CompartmentSearch;
 use crate::cursor::{self, CursorError, CursorKey, Resumed};
+use crate::discovery::{Capabilities, DiscoveryError};
+use crate::fhir::capability::SearchSupport;
 use crate::fhir::{
     CompartmentIndex, FhirRequest, Interaction, Narrowing, OutboundRequest, ResourceType,
 };
@@ -28,6 +30,7 @@ use crate::pipeline::{Flow, Internal, Stage, ext};
 use crate::scope::{ScopeError, ScopeGrant, SearchConstraint, TokenContext, check_scopes};
 use crate::tenant::{Tenant, tenant_of};
 use crate::token::{FhirUser, VerifiedToken};
+use crate::upstream::{FhirServer, Upstream};
 
 /// What stage 4 fails with: what the narrowing refuses (authz's error type: a search it
 /// cannot narrow is a request the permit does not allow), and for `_cursor` requests
@@ -40,6 +43,10 @@ pub enum RewriteError {
     Scope(#[from] ScopeError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    /// The upstream's CapabilityStatement could not be had (restricted searches are
+    /// held to the parameters it declares).
+    #[error(transparent)]
+    Capabilities(#[from] DiscoveryError),
     #[error(transparent)]
     Internal(#[from] Internal),
 }
@@ -273,6 +280,7 @@ pub fn rewrite_request_with(
     if !permit.is_unrestricted() {
         widen_elements(&mut params, permit, req.resource_type, index);
     }
+    refuse_hidden_counts(req, grant, permit, index)?;
     Ok(OutboundRequest {
         method,
         path,
@@ -397,6 +405,28 @@ fn refuse_inference_params(params: &[(String, String)]) -> Result<(), AuthzError
     Ok(())
 }
 
+/// Refuses `_summary=count` where the count could include records the token may not
+/// see: the upstream counts every match, and the answer check can only hand the count
+/// out when every match of the type would be released (see `forward::filter`). A
+/// count-only answer without its count would mislead, so it is refused instead.
+fn refuse_hidden_counts(
+    req: &FhirRequest,
+    grant: &ScopeGrant,
+    permit: &Permit,
+    index: &CompartmentIndex,
+) -> Result<(), AuthzError> {
+    let counts = req
+        .params
+        .iter()
+        .any(|(k, v)| k == "_summary" && v.trim() == "count");
+    if counts && !permit.releases_every_match(grant, req.resource_type, index) {
+        return Err(AuthzError::ParameterNotAllowed {
+            name: "_summary=count".to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// Refuses `_revinclude` and `:iterate` includes (see the caller).
 fn refuse_wholesale_includes(params: &[(String, String)]) -> Result<(), AuthzError> {
     match params.iter().find(|(n, _)| {
@@ -471,18 +501,54 @@ fn add_constraint(
     }
 }
 
-/// The stage.
-pub struct RewriteSearch {
-    cursors: CursorKey,
-}
-
-impl RewriteSearch {
-    pub fn new(cursors: CursorKey) -> Self {
-        RewriteSearch { cursors }
+/// Refuses, for restricted tokens, a search parameter the upstream does not declare
+/// for the searched type ([`SearchSupport`]): a lenient upstream would ignore it and
+/// answer a wider search than the client asked for. Client parameters only (the
+/// narrowing's own are added later); unrestricted tokens are the upstream's to judge.
+pub fn check_declared_params(
+    req: &FhirRequest,
+    permit: &Permit,
+    support: &SearchSupport,
+) -> Result<(), AuthzError> {
+    if permit.is_unrestricted() || !searches_upstream(req) {
+        return Ok(());
+    }
+    let Some(rt) = req.resource_type else {
+        return Ok(());
+    };
+    match support.first_undeclared(rt, &req.params) {
+        Some(name) => Err(AuthzError::UndeclaredParameter {
+            name: name.chars().take(64).collect(),
+            resource_type: rt,
+        }),
+        None => Ok(()),
     }
 }
 
-impl Stage for RewriteSearch {
+/// Whether the request is a search whose parameters the upstream interprets.
+fn searches_upstream(req: &FhirRequest) -> bool {
+    matches!(
+        req.interaction,
+        Interaction::SearchType | Interaction::SearchCompartment
+    ) && !req.params.iter().any(|(k, _)| k == cursor::PARAM)
+}
+
+/// The stage.
+pub struct RewriteSearch<U = Upstream> {
+    cursors: CursorKey,
+    capabilities: Arc<Capabilities<U>>,
+}
+
+impl<U: FhirServer> RewriteSearch<U> {
+    pub fn new(cursors: CursorKey, capabilities: Arc<Capabilities<U>>) -> Self {
+        RewriteSearch {
+            cursors,
+            capabilities,
+        }
+    }
+}
+
+impl<U: FhirServer> Stage for RewriteSearch<U> {
     type Error = RewriteError;
 
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, RewriteError> {
@@ -519,12 +585,18 @@ impl Stage for RewriteSearch {
             patients.as_ref().map(|(p, size)| (p, *size)),
             tenant.0.config.upstream.compartment_search,
         )?;
+        // After the pure refusals, so a parameter refused for what it could reveal is
+        // named for that, not for being undeclared.
+        if !permit.is_unrestricted() && searches_upstream(fhir) {
+            let known = self.capabilities.of(&tenant.0).await?;
+            check_declared_params(fhir, permit, &known.search)?;
+        }
         req.extensions_mut().insert(out);
         Ok(Flow::Continue)
     }
 }
 
-impl RewriteSearch {
+impl<U: FhirServer> RewriteSearch<U> {
     /// For a type search of patient data by OpenFGA principals: every patient they
     /// may view, complete (or the request fails), kept as a request extension for the
     /// answer check, and as the list the search is narrowed to.

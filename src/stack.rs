@@ -26,7 +26,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::audit::AuditSlot;
 use crate::authz::Authorize;
-use crate::discovery::ServeDiscovery;
+use crate::discovery::{Capabilities, ServeDiscovery};
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
 use crate::forward::Forward;
@@ -208,16 +208,22 @@ pub type App = tower::util::BoxCloneSyncService<Request<Bytes>, ProxyResponse, I
 
 /// Builds the stack. The order below is the request order.
 pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
+    // One CapabilityStatement cache: discovery serves it, the rewrite stage holds
+    // restricted searches to the parameters it declares.
+    let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
     let svc = ServiceBuilder::new()
         .layer(RenderErrorsLayer)
         .layer(StageLayer::new(ResolveTenant::new(registry)))
-        .layer(StageLayer::new(ServeDiscovery::new(
-            shared.upstream.clone(),
-        )))
+        .layer(StageLayer::new(ServeDiscovery::new(Arc::clone(
+            &capabilities,
+        ))))
         .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
         .layer(StageLayer::new(CheckScope))
         .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
-        .layer(StageLayer::new(RewriteSearch::new(shared.cursors.clone())))
+        .layer(StageLayer::new(RewriteSearch::new(
+            shared.cursors.clone(),
+            capabilities,
+        )))
         .service(Forward::new(shared.upstream, shared.cursors).map_err(ProxyError::from));
     tower::util::BoxCloneSyncService::new(svc)
 }

@@ -278,6 +278,58 @@ impl Permit {
         })
     }
 
+    /// True if every record of type `rt` (`None`: any type) that a search permitted by
+    /// `grant` matches, once the rewrite stage has narrowed it, is released: only then
+    /// may a count the upstream makes over its matches be handed out (`Bundle.total`,
+    /// `_summary=count`). Either some context reaches every record of the type, or the
+    /// search is narrowed to the one compartment the permit reaches, on a parameter of
+    /// that compartment's definition (the narrowing and the answer check then ask the
+    /// same question). Either way the scopes of that context must put no constraint on
+    /// the type, and OpenFGA narrowings never count (the multi-patient policy may drop
+    /// a match of an allowed patient).
+    pub fn releases_every_match(
+        &self,
+        grant: &ScopeGrant,
+        rt: Option<ResourceType>,
+        index: &CompartmentIndex,
+    ) -> bool {
+        let unconstrained = |context: ScopeContext| {
+            matches!(
+                grant.constraint_for(context),
+                Some(crate::scope::SearchConstraint::None)
+            )
+        };
+        let wholesale = self.reaches.iter().any(|(context, reach)| {
+            let whole = match (reach, rt) {
+                (Reach::All, _) => true,
+                (Reach::Compartment(_) | Reach::Fga(_), Some(rt)) => {
+                    self.type_reach(*context, rt, index) == TypeReach::Whole
+                }
+                _ => false,
+            };
+            whole && unconstrained(*context)
+        });
+        if wholesale {
+            return true;
+        }
+        let Some(rt) = rt else { return false };
+        if self.has_fga() {
+            return false;
+        }
+        let mut compartments: Vec<&CompartmentRef> = self.compartments().collect();
+        compartments.dedup();
+        let [c] = compartments.as_slice() else {
+            return false;
+        };
+        let narrowed = c.owner == rt || index.links_type(c.owner, rt);
+        narrowed
+            && self.reaches.iter().any(|(context, reach)| {
+                matches!(reach, Reach::Compartment(rc) if rc == *c)
+                    && self.type_reach(*context, rt, index) == TypeReach::Compartment
+                    && unconstrained(*context)
+            })
+    }
+
     /// The compartment types whose records the permit reaches through a compartment:
     /// each compartment's owner, and Patient for OpenFGA principals (they reach the
     /// Patient compartments OpenFGA allows). May repeat.
@@ -384,6 +436,16 @@ impl ReleaseCtx<'_> {
 }
 
 impl ReleaseCtx<'_> {
+    /// True if every record of type `rt` (`None`: any type) that a permitted search
+    /// matches is released: some context that permitted the request reaches every
+    /// record of the type and its scopes put no constraint on it. Only then may a
+    /// count the upstream makes over all its matches be handed out (`Bundle.total`).
+    pub fn releases_every_match(&self, rt: Option<ResourceType>) -> bool {
+        self.permit.releases_every_match(self.grant, rt, self.index)
+    }
+}
+
+impl ReleaseCtx<'_> {
     /// Whether `resource` satisfies the constraints of some scope of `context` that
     /// would release it: for a primary record a scope that permitted the request (its
     /// constraints were already added to a search's query; checked again here), or
@@ -461,6 +523,13 @@ pub enum AuthzError {
     /// inference (chains, `_has`, `_filter`, ...), refused for compartment-bound tokens.
     #[error("search parameter `{name}` is not allowed for this token")]
     ParameterNotAllowed { name: String },
+    /// A search parameter the upstream's CapabilityStatement does not declare for the
+    /// type; a lenient upstream would silently ignore it (refused for restricted tokens).
+    #[error("search parameter `{name}` is not supported for `{resource_type}` by this server")]
+    UndeclaredParameter {
+        name: String,
+        resource_type: ResourceType,
+    },
     /// OpenFGA could not decide (down, slow, erroring, or an answer whose completeness
     /// cannot be proven): fail closed.
     #[error("record-level authorization is unavailable; try again later")]
@@ -483,7 +552,9 @@ impl AuthzError {
             AuthzError::NotNarrowable { .. } | AuthzError::ConstraintNotNarrowable { .. } => {
                 StatusCode::FORBIDDEN
             }
-            AuthzError::ParameterNotAllowed { .. } => StatusCode::BAD_REQUEST,
+            AuthzError::ParameterNotAllowed { .. } | AuthzError::UndeclaredParameter { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             AuthzError::FgaUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AuthzError::TooManyPatients { .. } => StatusCode::FORBIDDEN,
         }
@@ -498,6 +569,7 @@ impl AuthzError {
             AuthzError::ConstraintNotNarrowable { .. } => "scope_constraint_not_narrowable",
             AuthzError::NoUserCompartment => "no_user_compartment",
             AuthzError::ParameterNotAllowed { .. } => "search_parameter_not_allowed",
+            AuthzError::UndeclaredParameter { .. } => "search_parameter_unknown",
             AuthzError::FgaUnavailable { reason } => reason,
             AuthzError::TooManyPatients { .. } => "fga_too_many",
         }

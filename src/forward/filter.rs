@@ -7,8 +7,8 @@
 //! whole only where a scope constraint is evaluated on it. Bundles are filtered entry
 //! by entry; kept entries are spliced back as their original bytes, so the proxy never
 //! re-serializes clinical content, and upstream URLs are rewritten to the proxy's as
-//! the answer is copied out. A Bundle that lost entries loses its `total` too, so
-//! counts never reveal dropped records.
+//! the answer is copied out. `Bundle.total` is handed out only where it cannot count
+//! a record the client may not see ([`keeps_total`]).
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
@@ -331,10 +331,14 @@ fn filter_bundle(
         }
     }
     let (mut dropped, mut kept_records, mut dropped_matches) = (0usize, 0usize, 0usize);
+    let mut kept_matches = 0usize;
     for (keep, kind) in &verdicts {
         if *keep {
             if *kind != EntryKind::Outcome {
                 kept_records += 1;
+            }
+            if *kind == EntryKind::Match {
+                kept_matches += 1;
             }
         } else {
             dropped += 1;
@@ -347,6 +351,7 @@ fn filter_bundle(
     let links = proxy_links(ctx, answer.member("link").map(|m| m.value))?;
     // One chunk of a search narrowed to a patient list counts only that chunk.
     let segmented = ctx.paging.as_ref().is_some_and(|p| p.segmented());
+    let keep_total = keeps_total(ctx, answer, dropped_matches, kept_matches, segmented);
     let mut out: Vec<u8> = Vec::with_capacity(size + 256);
     out.push(b'{');
     let mut first = true;
@@ -357,9 +362,7 @@ fn filter_bundle(
     };
     for member in &answer.members {
         let key = member.key.as_ref();
-        // `total` counts matches only: it goes when a match was dropped, and stays when
-        // only included records were, so its presence says nothing about them.
-        if key == "total" && (dropped_matches > 0 || segmented) {
+        if key == "total" && !keep_total {
             continue;
         }
         if (key == "entry" && !any_kept) || (key == "link" && links.is_none()) {
@@ -405,6 +408,34 @@ fn filter_bundle(
             "entries_allowed"
         },
     })
+}
+
+/// Whether the Bundle's `total` may be handed out. It counts the upstream's matches on
+/// every page, so a page that shows no dropped match proves nothing about the others:
+/// a later page may drop one, and a count kept on the first would already have
+/// revealed it. `total` is kept only where it cannot count a record the client may
+/// not see: when every match of the searched type is released
+/// ([`ReleaseCtx::releases_every_match`](crate::authz::ReleaseCtx)), or when it equals
+/// the matches this page shows (a one-page answer). Never after a dropped match, and
+/// never for one chunk of a search narrowed to a patient list. `total` counts matches
+/// only, so included records dropped or kept do not change it.
+fn keeps_total(
+    ctx: &CheckCtx<'_>,
+    answer: &Answer<'_>,
+    dropped_matches: usize,
+    kept_matches: usize,
+    segmented: bool,
+) -> bool {
+    if dropped_matches > 0 || segmented {
+        return false;
+    }
+    if ctx.records.releases_every_match(ctx.request.resource_type) {
+        return true;
+    }
+    answer
+        .member("total")
+        .and_then(|m| m.value.trim().parse::<u64>().ok())
+        .is_some_and(|total| usize::try_from(total).is_ok_and(|t| t == kept_matches))
 }
 
 /// Bundle links: an upstream URL is never handed out. `self` becomes the client's own

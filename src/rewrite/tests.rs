@@ -1032,3 +1032,102 @@ fn fga_search_widens_elements_with_the_patient_links() {
     assert!(elements.contains("subject"), "{elements}");
     assert!(elements.contains("performer"), "{elements}");
 }
+
+#[test]
+fn counts_are_refused_where_they_could_count_hidden_records() {
+    for (t, target) in [
+        (
+            patient_token("patient/Observation.rs?category=laboratory"),
+            "/Observation?_summary=count",
+        ),
+        (
+            system_token("system/Observation.rs?category=laboratory"),
+            "/Observation?_summary=count",
+        ),
+    ] {
+        let err = rewrite(&t, &get(target)).unwrap_err();
+        assert!(
+            matches!(&err, AuthzError::ParameterNotAllowed { name } if name == "_summary=count"),
+            "{target}: {err:?}"
+        );
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+    }
+    // Where every match is released the count is the client's to have: unrestricted,
+    // non-patient data read wholesale, a search narrowed to the token's compartment.
+    for (t, target) in [
+        (
+            system_token("system/Observation.rs"),
+            "/Observation?_summary=count",
+        ),
+        (
+            token("user/Medication.rs", None, Some("Practitioner/dr1")),
+            "/Medication?_summary=count",
+        ),
+        (
+            patient_token("patient/Observation.rs"),
+            "/Observation?_summary=count",
+        ),
+        (
+            patient_token("patient/Observation.rs"),
+            "/Patient/p1/Observation?_summary=count",
+        ),
+        (
+            token("user/Observation.rs", None, Some("Practitioner/dr1")),
+            "/Observation?_summary=count",
+        ),
+    ] {
+        assert!(rewrite(&t, &get(target)).is_ok(), "{target}");
+    }
+    // Other summaries shape records and are fine.
+    let t = patient_token("patient/Observation.rs?category=laboratory");
+    assert!(rewrite(&t, &get("/Observation?_summary=true")).is_ok());
+}
+
+/// An upstream declaring `code` and `patient` for Observation and `_id` for all.
+fn declared() -> SearchSupport {
+    SearchSupport::from_capability_statement(&serde_json::json!({
+        "resourceType": "CapabilityStatement",
+        "rest": [{"mode": "server", "searchParam": [{"name": "_id"}], "resource": [
+            {"type": "Observation", "searchParam": [{"name": "code"}, {"name": "patient"}]}
+        ]}]
+    }))
+}
+
+fn check_declared(t: &VerifiedToken, target: &str) -> Result<(), AuthzError> {
+    let req = get(target);
+    let grant = grant_for(t, &req);
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let permit = authorize(&checker, &req, t, &grant).unwrap();
+    check_declared_params(&req, &permit, &declared())
+}
+
+#[test]
+fn restricted_searches_are_held_to_the_parameters_the_upstream_declares() {
+    let t = patient_token("patient/Observation.rs");
+    for ok in [
+        "/Observation?code=1234",
+        "/Observation?code:text=glucose&_id=o1&_count=5&_sort=-date&_elements=code",
+        "/Patient/p1/Observation?code=1234",
+        "/Observation",
+    ] {
+        assert!(check_declared(&t, ok).is_ok(), "{ok}");
+    }
+    for (bad, name) in [
+        ("/Observation?code=1&categroy=laboratory", "categroy"),
+        ("/Observation?value-quantity=gt5", "value-quantity"),
+        ("/Patient/p1/Observation?date:missing=true", "date:missing"),
+    ] {
+        let err = check_declared(&t, bad).unwrap_err();
+        assert!(
+            matches!(&err, AuthzError::UndeclaredParameter { name: n, .. } if n == name),
+            "{bad}: {err:?}"
+        );
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.reason(), "search_parameter_unknown");
+    }
+    // Unrestricted tokens: the upstream's to judge.
+    let sys = system_token("system/Observation.rs");
+    assert!(check_declared(&sys, "/Observation?categroy=laboratory").is_ok());
+    // Reads carry no search parameters to hold.
+    assert!(check_declared(&t, "/Observation/o1").is_ok());
+}

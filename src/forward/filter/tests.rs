@@ -1379,3 +1379,134 @@ fn single_record_client_errors_look_missing_for_restricted_tokens() {
 }
 
 mod differential;
+
+/// A searchset page as the upstream sends it: `total` over all pages, these matches,
+/// a `next` link unless it is the last page.
+fn page(total: usize, entries: Vec<serde_json::Value>, last: bool) -> String {
+    let mut links = vec![json!({"relation": "self", "url": format!("{UPSTREAM}/Observation")})];
+    if !last {
+        links.push(
+            json!({"relation": "next", "url": format!("{UPSTREAM}?_getpages=x&_getpagesoffset=2")}),
+        );
+    }
+    json!({"resourceType": "Bundle", "type": "searchset", "total": total,
+           "link": links, "entry": entries})
+    .to_string()
+}
+
+/// An Observation of `subject` in category `category`.
+fn obs_in(id: &str, subject: &str, category: &str) -> serde_json::Value {
+    json!({"resourceType": "Observation", "id": id, "subject": {"reference": subject},
+           "category": [{"coding": [{
+               "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+               "code": category}]}]})
+}
+
+/// A patient token whose scope is constrained: the narrowing (`category=laboratory`)
+/// and the answer check may disagree, so the upstream's count proves nothing.
+const LAB_ONLY: &str = "patient/Observation.rs?category=laboratory";
+
+#[test]
+fn a_restricted_page_shows_total_only_when_it_shows_every_match() {
+    let fx = Fixture::patient(LAB_ONLY, "/Observation?code=a");
+    let lab = |i: usize| {
+        search_entry(
+            obs_in(&format!("o{i}"), "Patient/p1", "laboratory"),
+            "match",
+        )
+    };
+    // The first of two pages drops nothing, but the upstream's 3 may count a record
+    // the check drops on the second page: not handed out.
+    let c = fx
+        .check(200, &page(3, vec![lab(1), lab(2)], false))
+        .unwrap();
+    assert_eq!(c.dropped, 0);
+    assert!(parsed(&c).get("total").is_none(), "{}", parsed(&c));
+    // A one-page answer whose total is what it shows: kept.
+    let c = fx.check(200, &page(2, vec![lab(1), lab(2)], true)).unwrap();
+    assert_eq!(parsed(&c)["total"], 2);
+    // A total larger than the page, even without a next link: not kept.
+    let c = fx.check(200, &page(5, vec![lab(1)], true)).unwrap();
+    assert!(parsed(&c).get("total").is_none());
+    // A count-only answer of a nonzero count: not kept.
+    let c = fx.check(200, &page(4, vec![], true)).unwrap();
+    assert!(parsed(&c).get("total").is_none());
+}
+
+#[test]
+fn total_is_kept_where_every_match_of_the_narrowed_search_is_released() {
+    let o = |i: usize, p: &str| search_entry(obs(&format!("o{i}"), p), "match");
+    // A system token without constraints: every match is released.
+    let fx = Fixture::system("system/Observation.rs", "/Observation?code=a");
+    let c = fx
+        .check(
+            200,
+            &page(40, vec![o(1, "Patient/p1"), o(2, "Patient/p2")], false),
+        )
+        .unwrap();
+    assert_eq!(parsed(&c)["total"], 40);
+    // The same with a constraint: the upstream may count records the proxy drops.
+    let fx = Fixture::system(
+        "system/Observation.rs?category=laboratory",
+        "/Observation?code=a",
+    );
+    let c = fx.check(200, &page(40, vec![], false)).unwrap();
+    assert!(parsed(&c).get("total").is_none());
+    // A practitioner's `user/` token reaches every Medication (non-patient data).
+    let fx = Fixture::new(
+        "user/Medication.rs",
+        None,
+        Some("Practitioner/dr1"),
+        "/Medication?code=x",
+    );
+    let med = json!({"resourceType": "Medication", "id": "m1"});
+    let c = fx
+        .check(200, &page(12, vec![search_entry(med, "match")], false))
+        .unwrap();
+    assert_eq!(parsed(&c)["total"], 12);
+    // An unconstrained patient token: the search is narrowed to p1's compartment on a
+    // compartment parameter, so every match the upstream counts is p1's.
+    let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
+    let c = fx
+        .check(200, &page(9, vec![o(1, "Patient/p1")], false))
+        .unwrap();
+    assert_eq!(parsed(&c)["total"], 9);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Paging never reveals a count of hidden records: over every page of a search
+    /// whose narrowing the check may not agree with (a constrained scope, the upstream
+    /// matching records outside the constraint), any `total` handed out equals the
+    /// number of matches the client can see in all.
+    #[test]
+    fn paging_never_reveals_a_count_of_hidden_records(
+        records in prop::collection::vec(
+            (prop::bool::weighted(0.8), prop::bool::weighted(0.7)), 0..30),
+        page_size in 1usize..8,
+    ) {
+        let fx = Fixture::patient(LAB_ONLY, "/Observation?code=a");
+        let total = records.len();
+        let pages: Vec<&[(bool, bool)]> =
+            if records.is_empty() { vec![&[][..]] } else { records.chunks(page_size).collect() };
+        let visible = records.iter().filter(|(mine, lab)| *mine && *lab).count();
+        let mut offset = 0;
+        for (n, chunk) in pages.iter().enumerate() {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (mine, lab))| {
+                    let p = if *mine { "Patient/p1" } else { "Patient/p2" };
+                    let category = if *lab { "laboratory" } else { "vital-signs" };
+                    search_entry(obs_in(&format!("o{}", offset + i), p, category), "match")
+                })
+                .collect();
+            offset += chunk.len();
+            let c = fx.check(200, &page(total, entries, n + 1 == pages.len())).unwrap();
+            if let Some(t) = parsed(&c).get("total") {
+                prop_assert_eq!(t.as_u64(), Some(visible as u64), "page {} of {:?}", n, records);
+            }
+        }
+    }
+}

@@ -292,11 +292,15 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ForwardErro
     }
     let mut kept: Vec<&RawValue> = Vec::with_capacity(verdicts.len());
     let (mut dropped, mut kept_records, mut dropped_matches) = (0usize, 0usize, 0usize);
+    let mut kept_matches = 0u64;
     for (raw, keep, kind) in verdicts {
         if keep {
             kept.push(raw);
             if kind != EntryKind::Outcome {
                 kept_records += 1;
+            }
+            if kind == EntryKind::Match {
+                kept_matches += 1;
             }
         } else {
             dropped += 1;
@@ -312,10 +316,15 @@ fn filter_bundle(ctx: &CheckCtx<'_>, body: &[u8]) -> Result<Checked, ForwardErro
     out.push(b'{');
     let mut first = true;
     for (key, value) in &top {
-        // `total` counts matches only: it goes when a match was dropped, and stays when
-        // only included records were, so its presence says nothing about them.
-        if key == "total" && (dropped_matches > 0 || segmented) {
-            continue;
+        // `total` counts matches on every page: kept only where it cannot count a
+        // hidden record (every match of the type is released, or it equals this page's
+        // matches), and never after a dropped match or for one chunk of a list.
+        if key == "total" {
+            let derivable = ctx.records.releases_every_match(ctx.request.resource_type)
+                || value.get().trim().parse::<u64>().ok() == Some(kept_matches);
+            if dropped_matches > 0 || segmented || !derivable {
+                continue;
+            }
         }
         if key == "entry" && kept.is_empty() {
             continue;
