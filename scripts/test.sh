@@ -13,7 +13,8 @@ scripts/install.sh
 fga-model/check.sh
 # The one-way layering of src/ (docs/architecture.md): no new upward import.
 python3 scripts/check-layers.py
-# The benchmark report generator (scripts/bench-report.py) on a synthetic run: seconds.
+# The scripts' own tests (the benchmark report generator on a synthetic run, the
+# threat-model check on fixtures): seconds.
 python3 -m unittest discover -s scripts/tests
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
