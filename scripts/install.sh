@@ -9,8 +9,11 @@
 #     cache in Go's own caches, so a second clone builds it in seconds)
 #   - the HAPI FHIR JPA server of scripts/hapi/ (Maven Central) built into .stack/hapi
 #     by scripts/hapi/build.sh (jars cached in ~/.m2)
+#   - cargo-deny (crates.io, the pinned CARGO_DENY_VERSION of scripts/lib/common.sh),
+#     for scripts/check-supply-chain.sh: `cargo install --locked` into cargo's own bin
+#     directory, only when that version is missing there (so a second clone skips it)
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
-# Maven 3.8+, curl. Nothing from apt unless
+# Maven 3.8+, cargo, curl. Nothing from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
@@ -35,6 +38,7 @@ command -v npm >/dev/null || die "npm is required"
 command -v go >/dev/null || die "go (>= 1.25) is required to build the OpenFGA server"
 command -v java >/dev/null || die "java (>= 17) is required for the HAPI FHIR server"
 command -v mvn >/dev/null || die "mvn (>= 3.8) is required to build the HAPI FHIR server"
+command -v cargo >/dev/null || die "cargo is required to install cargo-deny"
 node_major=$(node -p 'process.versions.node.split(".")[0]')
 ((node_major >= 20)) || die "node >= 20 is required (found $(node --version))"
 python=${PYTHON:-python3}
@@ -98,6 +102,20 @@ else
     || die "go install $openfga_module@$openfga_version failed"
   "$OPENFGA_BIN" version >/dev/null 2>&1 || die "$OPENFGA_BIN does not run"
   echo "$openfga_version" >"$stamp"
+fi
+
+# --- cargo-deny ----------------------------------------------------------------------
+# Pinned: deny.toml is written for this version. `cargo deny --version` finds it wherever
+# cargo finds subcommands (cargo's bin directory, PATH).
+if ! $force && [[ $(cargo deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]]; then
+  log "cargo-deny $CARGO_DENY_VERSION up to date"
+else
+  log "installing cargo-deny $CARGO_DENY_VERSION (cargo install --locked, a few minutes)"
+  install_args=(--locked --quiet cargo-deny --version "$CARGO_DENY_VERSION")
+  $force && install_args+=(--force)
+  cargo install "${install_args[@]}" >&2 || die "cargo install cargo-deny@$CARGO_DENY_VERSION failed"
+  [[ $(cargo deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]] \
+    || die "cargo-deny $CARGO_DENY_VERSION was installed but \`cargo deny\` does not run it (is cargo's bin directory on PATH?)"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs the test stack if needed
 # (idempotent), runs the OpenFGA model's store tests (fga-model/check.sh), checks the
-# layer order of src/ (scripts/check-layers.py), tests the benchmark report generator
-# (scripts/tests/), then checks formatting and lints, and
+# layer order of src/ (scripts/check-layers.py) and the supply chain against deny.toml
+# (scripts/check-supply-chain.sh), tests the scripts (scripts/tests/), then checks
+# formatting and lints, and
 # runs every test: unit tests, integration tests against the real FHIR server (HAPI),
 # OpenFGA and token issuer, and the benches in test mode (each benchmark runs once).
 set -euo pipefail
@@ -13,7 +14,11 @@ scripts/install.sh
 fga-model/check.sh
 # The one-way layering of src/ (docs/architecture.md): no new upward import.
 python3 scripts/check-layers.py
-# The benchmark report generator (scripts/bench-report.py) on a synthetic run: seconds.
+# Licences, bans and sources of the dependency tree (cargo-deny, deny.toml); advisories
+# when the RustSec database can be had, else a loud ADVISORIES SKIPPED line.
+scripts/check-supply-chain.sh
+# The scripts' own tests (the benchmark report generator on a synthetic run, the
+# supply-chain and threat-model checks on fixtures): seconds.
 python3 -m unittest discover -s scripts/tests
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -1,13 +1,14 @@
 # shellcheck shell=bash
 # Shared helpers for the stack scripts. Source it; it defines paths and small functions.
 #
-# Paths (override with the environment variables in brackets):
+# Paths and pinned versions (override paths with the environment variables in brackets):
 #   REPO_ROOT    repository root
 #   STACK_DIR    installed components and demo state [SMART_FHIR_STACK_DIR, default REPO_ROOT/.stack]
 #   VENV         Python venv with carebundle and the fga CLI (STACK_DIR/venv)
 #   ISSUER_DIR   scripts/issuer (oidc-provider, its node_modules)
 #   OPENFGA_BIN  the OpenFGA server binary [OPENFGA_BIN, default STACK_DIR/bin/openfga]
 #   HAPI_DIR     the built HAPI FHIR server (STACK_DIR/hapi)
+#   CARGO_DENY_VERSION  the cargo-deny that deny.toml is written for (installed by install.sh)
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
@@ -16,7 +17,8 @@ VENV=$STACK_DIR/venv
 ISSUER_DIR=$SCRIPTS_DIR/issuer
 OPENFGA_BIN=${OPENFGA_BIN:-$STACK_DIR/bin/openfga}
 HAPI_DIR=$STACK_DIR/hapi
-export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR OPENFGA_BIN HAPI_DIR
+CARGO_DENY_VERSION=0.20.2
+export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR OPENFGA_BIN HAPI_DIR CARGO_DENY_VERSION
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
