@@ -101,7 +101,7 @@ fn bench_cached(c: &mut Criterion) {
         .expect("runtime");
     let secret = b"0123456789abcdef0123456789abcdef-bench-only";
     let mut cfg = cfg(Algorithm::HS256);
-    cfg.hmac_secret = Some(secret.to_vec());
+    cfg.hmac_secret = Some(smart_fhir_proxy::config::Secret::new(secret.to_vec()));
     let token = token(Algorithm::HS256, &EncodingKey::from_secret(secret));
     let verifier = TokenVerifier::new(reqwest::Client::new());
     rt.block_on(verifier.verify(0, "bench", &cfg, &token))

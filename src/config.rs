@@ -18,6 +18,43 @@ use url::Url;
 /// Prefix of environment overrides: `SFP__TENANTS__<id>__<key>__...`.
 pub const ENV_PREFIX: &str = "SFP";
 
+/// A secret from the configuration (a client secret, an API key, a shared HMAC key, an
+/// upstream credential header): `Debug` and `Display` print `<redacted>`, so no
+/// formatted configuration, log line or `check-config` output can carry it, and it has
+/// no `Serialize`. The value is reached only through [`Secret::expose`], at the one
+/// place it is sent or used.
+#[derive(Clone)]
+pub struct Secret<T = String>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Self {
+        Secret(value)
+    }
+
+    /// The secret itself, for the one place that sends or uses it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<T> std::fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret<String> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read `{path}`: {message}")]
@@ -93,14 +130,14 @@ pub enum RawUpstreamAuth {
     /// the environment variable named by `value_env`.
     Header {
         name: String,
-        value: Option<String>,
+        value: Option<Secret>,
         value_env: Option<String>,
     },
     /// OAuth2 client credentials against the upstream's own authorization server.
     ClientCredentials {
         token_url: String,
         client_id: String,
-        client_secret: Option<String>,
+        client_secret: Option<Secret>,
         client_secret_env: Option<String>,
         scope: Option<String>,
     },
@@ -158,7 +195,7 @@ impl Default for RawClaims {
 pub struct RawIntrospection {
     pub endpoint: String,
     pub client_id: String,
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     pub client_secret_env: Option<String>,
     #[serde(default = "default_introspection_cache")]
     pub cache_seconds: u64,
@@ -256,13 +293,13 @@ pub enum RawFgaCredentials {
     None,
     /// A pre-shared key, sent as `Authorization: Bearer`.
     ApiToken {
-        api_token: Option<String>,
+        api_token: Option<Secret>,
         api_token_env: Option<String>,
     },
     ClientCredentials {
         token_url: String,
         client_id: String,
-        client_secret: Option<String>,
+        client_secret: Option<Secret>,
         client_secret_env: Option<String>,
         audience: Option<String>,
     },
@@ -425,12 +462,13 @@ pub enum UpstreamAuth {
     None,
     Header {
         name: http::HeaderName,
-        value: http::HeaderValue,
+        /// Marked sensitive, so HTTP/2 never indexes it either.
+        value: Secret<http::HeaderValue>,
     },
     ClientCredentials {
         token_url: Url,
         client_id: String,
-        client_secret: String,
+        client_secret: Secret,
         scope: Option<String>,
     },
 }
@@ -441,7 +479,7 @@ pub struct TokenConfig {
     pub jwks_uri: Url,
     pub audience: String,
     pub algorithms: Vec<Algorithm>,
-    pub hmac_secret: Option<Vec<u8>>,
+    pub hmac_secret: Option<Secret<Vec<u8>>>,
     pub leeway: Duration,
     pub jwks_cache: Duration,
     pub jwks_min_refresh: Duration,
@@ -462,7 +500,7 @@ pub struct ClaimNames {
 pub struct IntrospectionConfig {
     pub endpoint: Url,
     pub client_id: String,
-    pub client_secret: String,
+    pub client_secret: Secret,
     pub cache: Duration,
     pub timeout: Duration,
 }
@@ -548,40 +586,18 @@ pub struct FgaConnection {
 }
 
 /// How the proxy authenticates to OpenFGA.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum FgaCredentials {
     None,
     /// A pre-shared key, sent as `Authorization: Bearer`.
-    ApiToken(String),
+    ApiToken(Secret),
     /// OAuth 2.0 client credentials; the access token is fetched, cached and renewed.
     ClientCredentials {
         token_url: Url,
         client_id: String,
-        client_secret: String,
+        client_secret: Secret,
         audience: Option<String>,
     },
-}
-
-impl std::fmt::Debug for FgaCredentials {
-    // Never print a secret.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FgaCredentials::None => f.write_str("None"),
-            FgaCredentials::ApiToken(_) => f.write_str("ApiToken(<redacted>)"),
-            FgaCredentials::ClientCredentials {
-                token_url,
-                client_id,
-                audience,
-                ..
-            } => f
-                .debug_struct("ClientCredentials")
-                .field("token_url", &token_url.as_str())
-                .field("client_id", client_id)
-                .field("client_secret", &"<redacted>")
-                .field("audience", audience)
-                .finish(),
-        }
-    }
 }
 
 /// When the circuit breaker opens and how long it stays open.
@@ -690,9 +706,13 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
             if name == http::header::HOST || name == http::header::CONTENT_LENGTH {
                 return Err(bad("upstream.auth.name", format!("`{name}` cannot be set")));
             }
-            let value = http::HeaderValue::from_str(&value)
+            let mut value = http::HeaderValue::from_str(value.expose())
                 .map_err(|_| bad("upstream.auth.value", "not a valid header value".into()))?;
-            UpstreamAuth::Header { name, value }
+            value.set_sensitive(true);
+            UpstreamAuth::Header {
+                name,
+                value: Secret(value),
+            }
         }
         RawUpstreamAuth::ClientCredentials {
             token_url,
@@ -783,7 +803,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
                     ),
                 ));
             }
-            Some(v.into_bytes())
+            Some(Secret(v.into_bytes()))
         }
         (None, true) => {
             return Err(bad(
@@ -1113,13 +1133,119 @@ fn base_url(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn secret(value: Option<String>, env: Option<String>) -> Result<String, String> {
+fn secret(value: Option<Secret>, env: Option<String>) -> Result<Secret, String> {
     match (value, env) {
         (Some(v), None) => Ok(v),
-        (None, Some(var)) => {
-            std::env::var(&var).map_err(|_| format!("environment variable `{var}` is not set"))
-        }
+        (None, Some(var)) => std::env::var(&var)
+            .map(Secret)
+            .map_err(|_| format!("environment variable `{var}` is not set")),
         (Some(_), Some(_)) => Err("give either the value or `*_env`, not both".into()),
         (None, None) => Err("a value or `*_env` is required".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use serde_json::json;
+
+    /// Distinctive values for every secret a tenant can hold.
+    const SECRETS: [&str; 6] = [
+        "upstream-header-secret-7f3a",
+        "upstream-client-secret-9b1e",
+        "introspection-secret-4d2c",
+        "openfga-api-token-8e5f",
+        "openfga-client-secret-1a6b",
+        "hmac-shared-secret-0123456789abcdef-0123456789",
+    ];
+
+    fn tenant(
+        id: &str,
+        upstream_auth: serde_json::Value,
+        credentials: serde_json::Value,
+    ) -> serde_json::Value {
+        json!({
+            "public_base_url": format!("https://proxy.example/{id}"),
+            "upstream": {"base_url": "http://127.0.0.1:8081/fhir", "auth": upstream_auth},
+            "token": {
+                "issuers": ["https://issuer.example"],
+                "jwks_uri": "https://issuer.example/jwks",
+                "audience": format!("https://proxy.example/{id}"),
+                "introspection": {
+                    "endpoint": "https://issuer.example/introspect",
+                    "client_id": "proxy",
+                    "client_secret": SECRETS[2],
+                },
+            },
+            "smart": {
+                "authorization_endpoint": "https://issuer.example/auth",
+                "token_endpoint": "https://issuer.example/token",
+            },
+            "authorization": {
+                "mode": "openfga",
+                "openfga": {
+                    "api_url": "http://127.0.0.1:8082",
+                    "store_id": "01JD5Q1X4T3M8N2P6R9S0V7W5Y",
+                    "authorization_model_id": "01JD5Q1X4T3M8N2P6R9S0V7W5Z",
+                    "credentials": credentials,
+                },
+            },
+        })
+    }
+
+    fn raw() -> RawFile {
+        serde_json::from_value(json!({"tenants": {
+            "a": tenant(
+                "a",
+                json!({"type": "header", "name": "x-api-key", "value": SECRETS[0]}),
+                json!({"method": "api_token", "api_token": SECRETS[3]}),
+            ),
+            "b": tenant(
+                "b",
+                json!({"type": "client_credentials", "token_url": "https://idp.example/token",
+                       "client_id": "proxy", "client_secret": SECRETS[1]}),
+                json!({"method": "client_credentials", "token_url": "https://idp.example/token",
+                       "client_id": "proxy", "client_secret": SECRETS[4]}),
+            ),
+        }}))
+        .unwrap()
+    }
+
+    #[test]
+    fn no_formatted_configuration_shows_a_secret() {
+        let shown_raw = format!("{:?}", raw());
+        let mut tenants = validate(raw()).unwrap();
+        // HS algorithms read their secret from the environment only; set it as
+        // validation would.
+        tenants[1].token.hmac_secret = Some(Secret::new(SECRETS[5].as_bytes().to_vec()));
+        let shown = format!("{tenants:?}");
+        let pretty = format!("{tenants:#?}");
+        for secret in SECRETS {
+            for text in [&shown_raw, &shown, &pretty] {
+                assert!(!text.contains(secret), "`{secret}` shown in {text}");
+            }
+        }
+        // Redacted, not missing: the fields are there.
+        assert!(shown.contains("client_secret: <redacted>"), "{shown}");
+        assert!(shown.contains("ApiToken(<redacted>)"), "{shown}");
+        assert!(shown.contains("hmac_secret: Some(<redacted>)"), "{shown}");
+        // The values themselves reach the places that send them.
+        match &tenants[0].upstream.auth {
+            UpstreamAuth::Header { value, .. } => {
+                assert_eq!(value.expose(), SECRETS[0]);
+                assert!(value.expose().is_sensitive());
+            }
+            other => panic!("{other:?}"),
+        }
+        match &tenants[1].upstream.auth {
+            UpstreamAuth::ClientCredentials { client_secret, .. } => {
+                assert_eq!(client_secret.expose(), SECRETS[1]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let intro = tenants[0].token.introspection.as_ref().unwrap();
+        assert_eq!(intro.client_secret.expose(), SECRETS[2]);
+        assert_eq!(format!("{}", intro.client_secret), "<redacted>");
     }
 }

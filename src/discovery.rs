@@ -97,7 +97,7 @@ impl<U: FhirServer> Capabilities<U> {
             &fetched.body,
             &tenant.config.upstream,
             &tenant.config.public_base,
-        );
+        )?;
         let mut cs: Value = serde_json::from_slice(&body)
             .map_err(|_| UpstreamError::BadResponse("capability statement"))?;
         if cs.get("resourceType").and_then(Value::as_str) != Some("CapabilityStatement") {

@@ -49,9 +49,7 @@ impl TenantRegistry {
         tenants: Vec<TenantConfig>,
         compartments: Arc<CompartmentIndex>,
     ) -> Result<Self, ConfigError> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
+        let http = crate::fetch::control_client()
             .build()
             .map_err(|e| ConfigError::File(format!("cannot build http client: {e}")))?;
         let map = build(tenants, &compartments, &http)?;

@@ -30,6 +30,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use url::Url;
 
+use crate::config::Secret;
+
 /// OpenFGA's default `maxTuplesPerWrite`.
 pub const MAX_TUPLES_PER_WRITE: usize = 100;
 /// Largest response body read from either server.
@@ -344,9 +346,9 @@ pub fn page_patient_ids(bundle: &Value) -> Result<Vec<String>, String> {
 }
 
 /// Reads the environment variable a `*_env` option names.
-fn secret_from_env(option: &str, var: &str) -> Result<String, SeedError> {
+fn secret_from_env(option: &str, var: &str) -> Result<Secret, SeedError> {
     match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        Ok(v) if !v.trim().is_empty() => Ok(Secret::new(v.trim().to_owned())),
         Ok(_) => Err(SeedError::Invalid(format!(
             "`{option} {var}`: the environment variable is empty"
         ))),
@@ -427,9 +429,7 @@ struct Http {
 
 impl Http {
     fn new(timeout: Duration) -> Result<Self, SeedError> {
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
+        let client = crate::fetch::control_client()
             .connect_timeout(timeout)
             .timeout(timeout)
             .build()
@@ -484,7 +484,7 @@ impl Http {
 struct Fga<'a> {
     http: &'a Http,
     api: String,
-    token: Option<String>,
+    token: Option<Secret>,
 }
 
 impl Fga<'_> {
@@ -494,7 +494,7 @@ impl Fga<'_> {
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.token {
-            Some(t) => request.bearer_auth(t),
+            Some(t) => request.bearer_auth(t.expose()),
             None => request,
         }
     }
@@ -548,7 +548,7 @@ impl Fga<'_> {
 async fn read_patient_ids(
     http: &Http,
     config: &SeedConfig,
-    bearer: Option<&str>,
+    bearer: Option<&Secret>,
     progress: &mut impl FnMut(String),
 ) -> Result<Vec<String>, SeedError> {
     let base = &config.fhir_base;
@@ -567,7 +567,7 @@ async fn read_patient_ids(
             .get(&url)
             .header(http::header::ACCEPT, "application/fhir+json");
         if let Some(token) = bearer {
-            request = request.bearer_auth(token);
+            request = request.bearer_auth(token.expose());
         }
         let what = format!("reading patients (page {page})");
         let bundle = http.send(Service::Fhir, &what, &url, request).await?;
@@ -689,8 +689,7 @@ pub async fn seed(
         progress(format!("store `{id}` exists"));
     }
 
-    let patient_ids =
-        read_patient_ids(&http, config, fhir_bearer.as_deref(), &mut progress).await?;
+    let patient_ids = read_patient_ids(&http, config, fhir_bearer.as_ref(), &mut progress).await?;
     progress(format!(
         "read {} patient(s) from `{}`",
         patient_ids.len(),

@@ -241,9 +241,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new() -> Result<Self, String> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
+        let http = crate::fetch::control_client()
             .build()
             .map_err(|e| format!("cannot build http client: {e}"))?;
         Ok(Shared {

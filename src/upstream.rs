@@ -36,6 +36,13 @@ pub enum UpstreamError {
     BadResponse(&'static str),
     #[error("upstream answer is too large")]
     TooLarge,
+    /// A 2xx answer that is not what the request asked for: another record than the
+    /// one read, or a single resource where a Bundle is due.
+    #[error("upstream answered with another resource than asked")]
+    WrongResource,
+    /// A 3xx (other than 304): never followed, never passed on.
+    #[error("upstream answered with a redirect")]
+    Redirect,
     /// A non-FHIR error status from the upstream, passed on.
     #[error("upstream server answered with an error")]
     Status(StatusCode),
@@ -53,6 +60,8 @@ impl UpstreamError {
             UpstreamError::Unreachable
             | UpstreamError::BadResponse(_)
             | UpstreamError::TooLarge
+            | UpstreamError::WrongResource
+            | UpstreamError::Redirect
             | UpstreamError::Credentials => StatusCode::BAD_GATEWAY,
             UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::Status(s) if s.is_client_error() => *s,
@@ -66,6 +75,8 @@ impl UpstreamError {
             UpstreamError::Timeout => "upstream_timeout",
             UpstreamError::BadResponse(_) => "upstream_bad_response",
             UpstreamError::TooLarge => "upstream_too_large",
+            UpstreamError::WrongResource => "upstream_wrong_resource",
+            UpstreamError::Redirect => "upstream_redirect",
             UpstreamError::Status(_) => "upstream_status",
             UpstreamError::NotFound => "resource_not_found",
             UpstreamError::Credentials => "upstream_credentials",
@@ -201,7 +212,7 @@ impl Upstream {
         }
         match &up.auth {
             UpstreamAuth::None => {}
-            UpstreamAuth::Header { name, value } => builder = builder.header(name, value),
+            UpstreamAuth::Header { name, value } => builder = builder.header(name, value.expose()),
             UpstreamAuth::ClientCredentials { .. } => {
                 // Bounded like the rest of the exchange.
                 let bearer = tokio::time::timeout(up.timeout, self.upstream_token(tenant))
@@ -234,6 +245,13 @@ impl Upstream {
                 }
             })?;
             let (parts, body) = resp.into_parts();
+            // The client follows no redirect (hyper's never does), and a 3xx is no
+            // answer: following it could take the request, with the tenant's upstream
+            // credentials, to another host.
+            if parts.status.is_redirection() && parts.status != StatusCode::NOT_MODIFIED {
+                tracing::warn!(tenant.id = %cfg.id, status = %parts.status, "upstream answered with a redirect");
+                return Err(UpstreamError::Redirect);
+            }
             let body = Limited::new(body, up.max_response_bytes)
                 .collect()
                 .await
@@ -316,7 +334,7 @@ async fn request_upstream_token(
     let resp = http
         .post(token_url.clone())
         .timeout(cfg.upstream.timeout)
-        .basic_auth(client_id, Some(client_secret))
+        .basic_auth(client_id, Some(client_secret.expose()))
         .form(&form)
         .send()
         .await
@@ -328,8 +346,9 @@ async fn request_upstream_token(
     let t: TokenResponse = crate::fetch::read_json(resp)
         .await
         .map_err(|_| UpstreamError::Credentials)?;
-    let value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
+    let mut value = HeaderValue::from_str(&format!("Bearer {}", t.access_token))
         .map_err(|_| UpstreamError::Credentials)?;
+    value.set_sensitive(true);
     // Renewed 30 s before it expires; a token that short-lived is used once.
     let lifetime = Duration::from_secs(t.expires_in.unwrap_or(300).saturating_sub(30));
     Ok(UpstreamToken {
@@ -338,8 +357,13 @@ async fn request_upstream_token(
     })
 }
 
-/// Replaces every occurrence of the upstream base with the public base.
-pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -> Bytes {
+/// Replaces every occurrence of the upstream base with the public base in a JSON text
+/// (see [`BaseRewrite`]).
+pub fn rewrite_base(
+    body: &[u8],
+    upstream: &UpstreamConfig,
+    public_base: &str,
+) -> Result<Bytes, UpstreamError> {
     BaseRewrite {
         from: &upstream.base,
         to: public_base,
@@ -349,26 +373,74 @@ pub fn rewrite_base(body: &[u8], upstream: &UpstreamConfig, public_base: &str) -
 
 /// Upstream URLs in answers become the proxy's: every whole occurrence of the
 /// upstream base (`from`) is replaced with the tenant's public base (`to`).
+///
+/// An occurrence is judged on the string's value, so every JSON spelling of the base is
+/// found: `http:\/\/up\/fhir`, `\u0068ttp://up/fhir` and any other mix of `\/` and
+/// `\uXXXX` escapes. A string with such an escape is decoded and, if it holds the base,
+/// re-encoded rewritten (its other escapes become plain characters where JSON allows);
+/// every other string is rewritten in place, byte for byte. Strings without `\/` or
+/// `\u` need no decoding: their other escapes (`\"`, `\\`, `\n`, ...) stand for
+/// characters no base contains (configuration refuses bases with `"`, `\` or control
+/// characters), so the base occurs in the value exactly where it occurs in the text.
+/// A text whose strings cannot be decoded is refused rather than copied out with
+/// the base possibly in it.
 #[derive(Clone, Copy, Debug)]
 pub struct BaseRewrite<'a> {
     pub from: &'a str,
     pub to: &'a str,
 }
 
+/// A JSON text the rewrite could not read.
+const UNREADABLE: UpstreamError = UpstreamError::BadResponse("json");
+
 impl BaseRewrite<'_> {
-    /// `text` rewritten. Without an occurrence, `Bytes::copy_from_slice` is the one
-    /// copy made.
-    pub fn bytes(&self, text: &[u8]) -> Bytes {
-        if self.from.is_empty() || memchr::memmem::find(text, self.from.as_bytes()).is_none() {
-            return Bytes::copy_from_slice(text);
+    /// `text`, a JSON text, rewritten. Without an occurrence, `Bytes::copy_from_slice`
+    /// is the one copy made.
+    pub fn bytes(&self, text: &[u8]) -> Result<Bytes, UpstreamError> {
+        if self.from.is_empty()
+            || (!may_escape_url(text) && memchr::memmem::find(text, self.from.as_bytes()).is_none())
+        {
+            return Ok(Bytes::copy_from_slice(text));
         }
         let mut out = Vec::with_capacity(text.len() + 256);
-        self.append(text, &mut out);
-        Bytes::from(out)
+        self.append(text, &mut out)?;
+        Ok(Bytes::from(out))
     }
 
-    /// Appends `text`, rewritten, to `out`.
-    pub fn append(&self, text: &[u8], out: &mut Vec<u8>) {
+    /// Appends `text`, rewritten, to `out`. `text` is JSON: a value, or members and
+    /// values with their punctuation (every `"` outside a string opens one).
+    pub fn append(&self, text: &[u8], out: &mut Vec<u8>) -> Result<(), UpstreamError> {
+        if self.from.is_empty() || !may_escape_url(text) {
+            self.append_literal(text, out);
+            return Ok(());
+        }
+        // Copied as they are, but for strings with `\/` or `\u` escapes.
+        let mut copied = 0;
+        let mut at = 0;
+        while let Some(q) = text.get(at..).and_then(|rest| memchr::memchr(b'"', rest)) {
+            let start = at + q;
+            let (end, escaped) = string_end(text, start).ok_or(UNREADABLE)?;
+            if escaped {
+                self.append_literal(text.get(copied..start).unwrap_or_default(), out);
+                let raw = text.get(start..end).unwrap_or_default();
+                let value: String = serde_json::from_slice(raw).map_err(|_| UNREADABLE)?;
+                match self.url(&value) {
+                    std::borrow::Cow::Owned(rewritten) if rewritten != value => {
+                        serde_json::to_writer(&mut *out, &rewritten).map_err(|_| UNREADABLE)?;
+                    }
+                    _ => out.extend_from_slice(raw),
+                }
+                copied = end;
+            }
+            at = end;
+        }
+        self.append_literal(text.get(copied..).unwrap_or_default(), out);
+        Ok(())
+    }
+
+    /// Appends `text` with every whole occurrence of the base, as it is spelled in
+    /// `from`, replaced.
+    fn append_literal(&self, text: &[u8], out: &mut Vec<u8>) {
         let from = self.from.as_bytes();
         if from.is_empty() {
             out.extend_from_slice(text);
@@ -378,11 +450,14 @@ impl BaseRewrite<'_> {
         let mut last = 0;
         for at in memchr::memmem::find_iter(text, from) {
             // Only the whole base: `http://up/fhir` must not turn `http://up/fhir2/...`
-            // into `https://proxy/t2/...`.
+            // into `https://proxy/t2/...`. What ends it: the end of the string (`"`),
+            // a path, query or fragment delimiter, or an escape (`\`) or control
+            // character. The same bytes end it in a JSON text and in a decoded value, so
+            // both read alike.
             let end = at + from.len();
             let whole = matches!(
                 text.get(end),
-                None | Some(b'/' | b'"' | b'?' | b'#' | b'\\')
+                None | Some(b'/' | b'"' | b'?' | b'#' | b'\\' | 0x00..=0x1f)
             );
             if !whole || at < last {
                 continue;
@@ -394,15 +469,40 @@ impl BaseRewrite<'_> {
         out.extend_from_slice(text.get(last..).unwrap_or_default());
     }
 
-    /// A URL, rewritten.
+    /// A URL (a decoded string, not JSON), rewritten.
     pub fn url<'u>(&self, url: &'u str) -> std::borrow::Cow<'u, str> {
         if self.from.is_empty() || !url.contains(self.from) {
             return std::borrow::Cow::Borrowed(url);
         }
         let mut out = Vec::with_capacity(url.len() + 64);
-        self.append(url.as_bytes(), &mut out);
+        self.append_literal(url.as_bytes(), &mut out);
         // Whole UTF-8 strings are spliced at UTF-8 boundaries.
         String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(url), std::borrow::Cow::Owned)
+    }
+}
+
+/// Whether `text` may hold a string with an escape that can stand for a character of
+/// a URL: `\/` or `\uXXXX` (an escaped backslash before `/` or `u` counts too; such a
+/// text only takes the slower, string-by-string path).
+fn may_escape_url(text: &[u8]) -> bool {
+    memchr::memmem::find(text, b"\\/").is_some() || memchr::memmem::find(text, b"\\u").is_some()
+}
+
+/// For the string whose opening quote is at `start`: the index just past its closing
+/// quote, and whether it has a `\/` or `\u` escape. `None` when it does not end.
+fn string_end(text: &[u8], start: usize) -> Option<(usize, bool)> {
+    let mut i = start + 1;
+    let mut escaped = false;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', text.get(i..)?)?;
+        if text.get(i) == Some(&b'"') {
+            return Some((i + 1, escaped));
+        }
+        match text.get(i + 1)? {
+            b'/' | b'u' => escaped = true,
+            _ => {}
+        }
+        i += 2;
     }
 }
 
@@ -410,6 +510,8 @@ impl BaseRewrite<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
 
     fn upstream(base: &str) -> UpstreamConfig {
         UpstreamConfig {
@@ -427,15 +529,265 @@ mod tests {
     fn only_the_whole_base_is_rewritten() {
         let up = upstream("http://up/fhir");
         let body = br#"{"a":"http://up/fhir/Patient/p1","b":"http://up/fhir","c":"http://up/fhir2/Patient/p1","d":"http://up/fhir?x=1","e":"http://up/fhirx"}"#;
-        let out = rewrite_base(body, &up, "https://proxy/t");
+        let out = rewrite_base(body, &up, "https://proxy/t").unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"a":"https://proxy/t/Patient/p1","b":"https://proxy/t","c":"http://up/fhir2/Patient/p1","d":"https://proxy/t?x=1","e":"http://up/fhirx"}"#
         );
         let untouched = br#"{"resourceType":"Patient"}"#;
         assert_eq!(
-            &rewrite_base(untouched, &up, "https://proxy/t")[..],
+            &rewrite_base(untouched, &up, "https://proxy/t").unwrap()[..],
             &untouched[..]
         );
+    }
+
+    const UP: &str = "http://127.0.0.1:8080/fhir";
+    const PUBLIC: &str = "https://proxy.example/t1";
+    const RW: BaseRewrite<'static> = BaseRewrite {
+        from: UP,
+        to: PUBLIC,
+    };
+
+    fn rewritten(text: &str) -> String {
+        String::from_utf8(RW.bytes(text.as_bytes()).unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn every_json_spelling_of_the_base_is_rewritten() {
+        for (text, want) in [
+            (
+                r#"{"a":"http:\/\/127.0.0.1:8080\/fhir\/Patient\/1"}"#,
+                r#"{"a":"https://proxy.example/t1/Patient/1"}"#,
+            ),
+            (
+                r#"{"a":"http:\u002f\u002F127.0.0.1:8080\u002ffhir/Patient/1"}"#,
+                r#"{"a":"https://proxy.example/t1/Patient/1"}"#,
+            ),
+            (
+                r#"{"a":"\u0068ttp://127.0.0.1:8080/fhir"}"#,
+                r#"{"a":"https://proxy.example/t1"}"#,
+            ),
+            (
+                r#"{"a":"\u0068\u0074\u0074\u0070\u003a\u002f\u002f\u0031\u0032\u0037\u002e\u0030\u002e\u0030\u002e\u0031\u003a\u0038\u0030\u0038\u0030\u002f\u0066\u0068\u0069\u0072?x=1"}"#,
+                r#"{"a":"https://proxy.example/t1?x=1"}"#,
+            ),
+            // The string's other escapes are re-encoded as JSON writes them.
+            (
+                r#"["see http:\/\/127.0.0.1:8080\/fhir\/Binary\/b1 \"now\"\n\u00e9\ud83d\udca1"]"#,
+                "[\"see https://proxy.example/t1/Binary/b1 \\\"now\\\"\\n\u{e9}\u{1f4a1}\"]",
+            ),
+            // An escaped backslash before the slash: the base ends at the backslash.
+            (
+                r#"{"a":"http://127.0.0.1:8080/fhir\\/x"}"#,
+                r#"{"a":"https://proxy.example/t1\\/x"}"#,
+            ),
+            // Keys are strings too; escaped and plain spellings side by side.
+            (
+                r#"{"http:\/\/127.0.0.1:8080\/fhir":["http://127.0.0.1:8080/fhir/a",1,{"b":"http:\/\/127.0.0.1:8080\/fhir#f"}]}"#,
+                r#"{"https://proxy.example/t1":["https://proxy.example/t1/a",1,{"b":"https://proxy.example/t1#f"}]}"#,
+            ),
+        ] {
+            assert_eq!(rewritten(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn strings_without_the_base_keep_their_bytes() {
+        for text in [
+            // Another base that starts like this one, spelled with escapes.
+            r#"{"a":"http:\/\/127.0.0.1:8080\/fhir2\/Patient\/1","b":"\u0068ttp://127.0.0.1:8080/fhirx"}"#,
+            r#"{"note":"caf\u00e9 \/ \"x\"","n":1.50,"t":true,"z":null}"#,
+            r#"{"a":"\\u0068ttp://127.0.0.1:8080/fhir is no URL"}"#,
+            r#"{"a":"http://127.0.0.1:8080/fhir\u0032"}"#,
+        ] {
+            assert_eq!(rewritten(text), text);
+        }
+    }
+
+    #[test]
+    fn a_text_the_rewrite_cannot_read_is_refused() {
+        for text in [
+            r#"{"a":"http:\/\/127.0.0.1:8080\/fhir"#,
+            r#"{"a":"\/\x"}"#,
+            r#"{"a":"\u12"}"#,
+            r#"{"a":"\/"#,
+        ] {
+            assert!(
+                matches!(
+                    RW.bytes(text.as_bytes()),
+                    Err(UpstreamError::BadResponse(_))
+                ),
+                "{text}"
+            );
+        }
+    }
+
+    /// Pieces of generated string values: the base, what may follow it, another base
+    /// sharing its prefix, and characters with every kind of escape.
+    fn piece() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            UP,
+            UP,
+            "http://127.0.0.1:8080/fhir2",
+            "/Patient/p1",
+            "/",
+            "2",
+            "x",
+            "?_id=1",
+            "#frag",
+            "\"",
+            "\\",
+            "\n",
+            "\u{1}",
+            " ",
+            "\u{e9}",
+            "\u{1f4a1}",
+            "http://",
+            "127.0.0.1:8080",
+        ])
+    }
+
+    /// A string value: its decoded text and its JSON spelling, each character written
+    /// plainly or escaped (`\/`, `\uXXXX` in either case, surrogate pairs, short
+    /// escapes), as `choices` say.
+    fn json_string() -> impl Strategy<Value = (String, String)> {
+        (
+            prop::collection::vec(piece(), 0..6),
+            0u8..3,
+            prop::collection::vec(any::<u8>(), 1..64),
+        )
+            .prop_map(|(pieces, mode, choices)| {
+                let value: String = pieces.concat();
+                let mut text = String::from("\"");
+                for (i, c) in value.chars().enumerate() {
+                    let k = match mode {
+                        // As JSON writers usually spell it.
+                        0 => 0,
+                        // Only slashes escaped, as some writers do.
+                        1 => usize::from(c == '/'),
+                        _ => usize::from(choices[i % choices.len()]),
+                    };
+                    let u = |c: char| {
+                        let mut buf = [0u16; 2];
+                        c.encode_utf16(&mut buf)
+                            .iter()
+                            .map(|unit| {
+                                if k % 2 == 0 {
+                                    format!("\\u{unit:04x}")
+                                } else {
+                                    format!("\\u{unit:04X}")
+                                }
+                            })
+                            .collect::<String>()
+                    };
+                    let spelled = match c {
+                        '"' => ["\\\"".to_owned(), u(c)][k % 2].clone(),
+                        '\\' => ["\\\\".to_owned(), u(c)][k % 2].clone(),
+                        '\n' => ["\\n".to_owned(), u(c)][k % 2].clone(),
+                        c if (c as u32) < 0x20 => u(c),
+                        '/' => ["/".to_owned(), "\\/".to_owned(), u(c), u(c)][k % 4].clone(),
+                        c => [c.to_string(), u(c), u(c)][k % 3].clone(),
+                    };
+                    text.push_str(&spelled);
+                }
+                text.push('"');
+                (value, text)
+            })
+    }
+
+    /// A JSON document of generated strings: as values, keys, array items, nested.
+    fn document() -> impl Strategy<Value = String> {
+        prop::collection::vec(json_string(), 1..6).prop_map(|strings| {
+            let mut out = String::from("{");
+            for (i, (_, text)) in strings.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                match i % 3 {
+                    0 => out.push_str(&format!("\"k{i}\":{text}")),
+                    // A generated key, made unique by a prefix.
+                    1 => out.push_str(&format!(
+                        "\"k{i}-{}:[{text},{i},{{\"n\":{text}}}]",
+                        &text[1..]
+                    )),
+                    _ => out.push_str(&format!("\"k{i}\" : [ null , {text} ]")),
+                }
+            }
+            out.push('}');
+            out
+        })
+    }
+
+    /// Every string (and key) of `v` through `f`.
+    fn map_strings(v: &Value, f: &impl Fn(&str) -> String) -> Value {
+        match v {
+            Value::String(s) => Value::String(f(s)),
+            Value::Array(items) => Value::Array(items.iter().map(|i| map_strings(i, f)).collect()),
+            Value::Object(map) => {
+                Value::Object(map.iter().map(|(k, v)| (f(k), map_strings(v, f))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// Whether `s` holds the base as a whole (followed by nothing, or by a character
+    /// that cannot continue it).
+    fn holds_whole_base(s: &str) -> bool {
+        s.match_indices(UP).any(|(at, _)| {
+            s[at + UP.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| matches!(c, '/' | '?' | '#' | '"' | '\\') || c.is_control())
+        })
+    }
+
+    fn strings_of(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| strings_of(i, out)),
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                out.push(k.clone());
+                strings_of(v, out);
+            }),
+            _ => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whatever the spelling, the answer that goes out holds the upstream base in
+        /// none of its strings, and reads exactly as the answer with each decoded
+        /// string rewritten; strings that needed no rewriting keep their bytes.
+        #[test]
+        fn no_spelling_of_the_base_survives(doc in document()) {
+            let input: Value = serde_json::from_str(&doc).unwrap();
+            let out = RW.bytes(doc.as_bytes()).unwrap();
+            let output: Value = serde_json::from_slice(&out).unwrap();
+            let mut strings = Vec::new();
+            strings_of(&output, &mut strings);
+            for s in &strings {
+                prop_assert!(!holds_whole_base(s), "{} in {}", s, String::from_utf8_lossy(&out));
+            }
+            let expected = map_strings(&input, &|s| RW.url(s).into_owned());
+            prop_assert_eq!(&output, &expected);
+            if expected == input {
+                prop_assert_eq!(&out[..], doc.as_bytes());
+            }
+        }
+
+        /// The fragments the answer check copies out (members, entries) rewrite as the
+        /// whole text does.
+        #[test]
+        fn fragments_rewrite_as_the_whole((_, text) in json_string(), (_, other) in json_string()) {
+            let whole = format!("[{text},{other}]");
+            let mut pieces = Vec::new();
+            pieces.push(b'[');
+            RW.append(text.as_bytes(), &mut pieces).unwrap();
+            pieces.push(b',');
+            RW.append(other.as_bytes(), &mut pieces).unwrap();
+            pieces.push(b']');
+            prop_assert_eq!(&pieces[..], &RW.bytes(whole.as_bytes()).unwrap()[..]);
+        }
     }
 }

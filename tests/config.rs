@@ -256,3 +256,51 @@ fn openfga_settings_are_validated_and_secrets_never_printed() {
         assert!(text(&out).contains(named), "{key}: {}", text(&out));
     }
 }
+
+#[test]
+fn check_config_never_prints_a_secret() {
+    // Every secret of the example from the environment, each with a value of its own,
+    // and a copy with secrets written inline (a header value, an OpenFGA API token).
+    let secrets = [
+        ("DEMO2_UPSTREAM_API_KEY", "env-upstream-key-5c1d"),
+        (
+            "DEMO2_INTROSPECTION_SECRET",
+            "env-introspection-secret-77ab",
+        ),
+        (
+            "PARTNER_UPSTREAM_CLIENT_SECRET",
+            "env-upstream-client-secret-0e9f",
+        ),
+        (
+            "RESEARCH_OPENFGA_CLIENT_SECRET",
+            "env-openfga-client-secret-3b2a",
+        ),
+        (
+            "PARTNER_HMAC_SECRET",
+            "env-hmac-shared-secret-of-more-than-32-bytes-9d4e",
+        ),
+    ];
+    let out = check(&example(), &secrets);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for (var, value) in secrets {
+        assert!(!t.contains(value), "`{var}` printed:\n{t}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut inline = example_json();
+    let tenants = &mut inline["tenants"];
+    tenants["demo2"]["upstream"]["auth"] = serde_json::json!({
+        "type": "header", "name": "x-api-key", "value": "inline-upstream-key-a8e3"
+    });
+    tenants["research"]["authorization"]["openfga"]["credentials"] = serde_json::json!({
+        "method": "api_token", "api_token": "inline-openfga-token-6f0c"
+    });
+    let out = check(&write(&dir, &inline), &secrets);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("ApiToken(<redacted>)"), "{t}");
+    for value in ["inline-upstream-key-a8e3", "inline-openfga-token-6f0c"] {
+        assert!(!t.contains(value), "`{value}` printed:\n{t}");
+    }
+}

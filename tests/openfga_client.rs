@@ -22,7 +22,7 @@ use openfga::engine::TupleKey;
 use openfga::server::{Control, Mode, Options, TestServer};
 use serde_json::{Value, json};
 use smart_fhir_proxy::authz::openfga::{DEFAULT_LIST_OBJECTS_DEADLINE, FgaError, OpenFgaClient};
-use smart_fhir_proxy::config::{BreakerSettings, FgaConnection, FgaCredentials};
+use smart_fhir_proxy::config::{BreakerSettings, FgaConnection, FgaCredentials, Secret};
 
 const WARD_A_PATIENTS: usize = 1500;
 const WARD_B_PATIENTS: usize = 10;
@@ -160,7 +160,7 @@ impl World {
             store_id: self.store_id.clone(),
             authorization_model_id: self.model_id.clone(),
             credentials: match &self.key {
-                Some(key) => FgaCredentials::ApiToken(key.clone()),
+                Some(key) => FgaCredentials::ApiToken(Secret::new(key.clone())),
                 None => FgaCredentials::None,
             },
             timeout: Duration::from_secs(2),
@@ -490,7 +490,7 @@ async fn a_pre_shared_key_is_sent_and_a_wrong_one_is_refused() {
     );
     for credentials in [
         FgaCredentials::None,
-        FgaCredentials::ApiToken("not-the-key".into()),
+        FgaCredentials::ApiToken(Secret::new("not-the-key".into())),
     ] {
         let mut conn = world.connection();
         conn.credentials = credentials;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use url::Url;
 
-use crate::config::{BreakerSettings, FgaConnection, FgaCredentials};
+use crate::config::{BreakerSettings, FgaConnection, FgaCredentials, Secret};
 
 /// OpenFGA's default `maxChecksPerBatchCheck`.
 pub const MAX_CHECKS_PER_BATCH: usize = 50;
@@ -397,7 +397,7 @@ type CacheKey = (Arc<str>, String, String, String);
 
 #[derive(Debug, Clone)]
 struct CachedToken {
-    value: String,
+    value: Secret,
     renew_at: Instant,
 }
 
@@ -821,7 +821,7 @@ impl OpenFgaClient {
     async fn bearer(&self) -> Result<Option<String>, FgaError> {
         match &self.inner.conn.credentials {
             FgaCredentials::None => Ok(None),
-            FgaCredentials::ApiToken(t) => Ok(Some(t.clone())),
+            FgaCredentials::ApiToken(t) => Ok(Some(t.expose().clone())),
             FgaCredentials::ClientCredentials {
                 token_url,
                 client_id,
@@ -832,12 +832,12 @@ impl OpenFgaClient {
                 if let Some(t) = cached.as_ref()
                     && Instant::now() < t.renew_at
                 {
-                    return Ok(Some(t.value.clone()));
+                    return Ok(Some(t.value.expose().clone()));
                 }
                 let mut form = vec![
                     ("grant_type", "client_credentials"),
                     ("client_id", client_id.as_str()),
-                    ("client_secret", client_secret.as_str()),
+                    ("client_secret", client_secret.expose().as_str()),
                 ];
                 if let Some(a) = audience {
                     form.push(("audience", a.as_str()));
@@ -865,7 +865,7 @@ impl OpenFgaClient {
                     Duration::from_secs(token.expires_in.unwrap_or(300)).min(MAX_TOKEN_LIFETIME);
                 let renew_at = Instant::now() + lifetime.saturating_sub(TOKEN_RENEW_MARGIN);
                 *cached = Some(CachedToken {
-                    value: token.access_token.clone(),
+                    value: Secret::new(token.access_token.clone()),
                     renew_at,
                 });
                 Ok(Some(token.access_token))

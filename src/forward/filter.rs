@@ -99,6 +99,11 @@ pub fn check_answer(
             reason: "not_modified",
         });
     }
+    if status.is_redirection() {
+        // Never followed and never passed on: its `Location` could point anywhere, and
+        // its body is no answer to check.
+        return Err(UpstreamError::Redirect.into());
+    }
     if !status.is_success() {
         // For a single record, "missing" and "gone" look exactly like "denied". For
         // restricted tokens so does every other client error: an upstream that looks
@@ -118,7 +123,7 @@ pub fn check_answer(
             .is_some_and(|a| a.resource_type.as_deref() == Some("OperationOutcome"));
         if is_json(headers) && outcome {
             return Ok(Checked {
-                body: ctx.rewrite.bytes(&body),
+                body: ctx.rewrite.bytes(&body)?,
                 dropped: 0,
                 kept: 0,
                 reason: "upstream_outcome",
@@ -146,11 +151,13 @@ pub fn check_answer(
         }
         .into()
     };
-    let released = |reason| Checked {
-        body: ctx.rewrite.bytes(&body),
-        dropped: 0,
-        kept: 0,
-        reason,
+    let released = |reason| -> Result<Checked, ForwardError> {
+        Ok(Checked {
+            body: ctx.rewrite.bytes(&body)?,
+            dropped: 0,
+            kept: 0,
+            reason,
+        })
     };
 
     if matches!(
@@ -159,13 +166,11 @@ pub fn check_answer(
     ) {
         let resource = &answer.resource;
         // The answer must be the record asked for; anything else is an upstream fault.
-        let same_type = Some(rt) == ctx.request.resource_type;
-        let same_id = resource.id().as_deref() == ctx.request.id.as_ref().map(|i| i.as_str());
-        if !same_type || !same_id {
-            return Err(UpstreamError::BadResponse("read answered another record").into());
+        if !is_asked_record(ctx.request, resource) {
+            return Err(UpstreamError::WrongResource.into());
         }
         return match ctx.release(rt, resource, true) {
-            Release::Allowed(_) => Ok(released("record_allowed")),
+            Release::Allowed(_) => released("record_allowed"),
             // Non-patient data a patient token may only see next to its own records.
             Release::AllowedIfReferenced(_) | Release::DeniedType | Release::DeniedRecord => {
                 Err(denied())
@@ -173,34 +178,56 @@ pub fn check_answer(
         };
     }
 
-    if rt == ResourceType::BUNDLE {
-        let checked = filter_bundle(ctx, &answer, text.len())?;
-        // The history of a record the token may not see must look like a missing
-        // record. An empty history says nothing either way (the upstream may answer
-        // a missing id, `_count=0` or `_since` in the future with an empty 200 and a
-        // `total`), so for restricted tokens an instance history with nothing
-        // releasable is answered exactly like a missing record.
-        if ctx.request.interaction == Interaction::HistoryInstance
-            && !ctx.records.permit.is_unrestricted()
-            && checked.kept == 0
-        {
-            return Err(if checked.dropped > 0 {
-                denied()
-            } else {
-                UpstreamError::NotFound.into()
-            });
-        }
-        return Ok(checked);
-    }
     if rt == ResourceType::OPERATION_OUTCOME {
-        return Ok(released("upstream_outcome"));
+        return released("upstream_outcome");
     }
-    // An operation that answered with a single resource: it must be releasable on its
-    // own.
-    match ctx.release(rt, &answer.resource, false) {
-        Release::Allowed(_) => Ok(released("record_allowed")),
-        _ => Err(denied()),
+    // Every other interaction forwarded (searches of every kind, histories, `$match`,
+    // `Patient/[id]/$everything`) answers with a Bundle; a single resource in its place
+    // is not what was asked, even one the token could see.
+    if rt != ResourceType::BUNDLE {
+        return Err(UpstreamError::WrongResource.into());
     }
+    // The history of one record holds versions of that record only. (Malformed
+    // entries are refused as such by the Bundle check.)
+    if ctx.request.interaction == Interaction::HistoryInstance
+        && !answer.malformed_entries
+        && answer.entries.iter().any(|entry| {
+            entry
+                .resource
+                .as_ref()
+                .is_some_and(|r| !is_asked_record(ctx.request, r))
+        })
+    {
+        return Err(UpstreamError::WrongResource.into());
+    }
+    let checked = filter_bundle(ctx, &answer, text.len())?;
+    // The history of a record the token may not see must look like a missing
+    // record. An empty history says nothing either way (the upstream may answer
+    // a missing id, `_count=0` or `_since` in the future with an empty 200 and a
+    // `total`), so for restricted tokens an instance history with nothing
+    // releasable is answered exactly like a missing record.
+    if ctx.request.interaction == Interaction::HistoryInstance
+        && !ctx.records.permit.is_unrestricted()
+        && checked.kept == 0
+    {
+        return Err(if checked.dropped > 0 {
+            denied()
+        } else {
+            UpstreamError::NotFound.into()
+        });
+    }
+    Ok(checked)
+}
+
+/// Whether `resource` is the record the request names (its type and id).
+fn is_asked_record<R: Record + ?Sized>(request: &FhirRequest, resource: &R) -> bool {
+    let same_type = resource
+        .resource_type()
+        .as_deref()
+        .and_then(ResourceType::parse)
+        == request.resource_type;
+    let same_id = resource.id().as_deref() == request.id.as_ref().map(|i| i.as_str());
+    same_type && same_id
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -383,12 +410,12 @@ fn filter_bundle(
                     if i > 0 {
                         out.push(b',');
                     }
-                    ctx.rewrite.append(entry.raw.as_bytes(), &mut out);
+                    ctx.rewrite.append(entry.raw.as_bytes(), &mut out)?;
                 }
                 out.push(b']');
             }
             "link" => out.extend_from_slice(links.as_deref().unwrap_or("[]").as_bytes()),
-            _ => ctx.rewrite.append(member.value.as_bytes(), &mut out),
+            _ => ctx.rewrite.append(member.value.as_bytes(), &mut out)?,
         }
     }
     // Links where the upstream gave none (the next chunk of a narrowed search) go last.

@@ -87,7 +87,7 @@ async fn introspect(
     let resp = http
         .post(cfg.endpoint.clone())
         .timeout(cfg.timeout)
-        .basic_auth(&cfg.client_id, Some(&cfg.client_secret))
+        .basic_auth(&cfg.client_id, Some(cfg.client_secret.expose()))
         .form(&[("token", token), ("token_type_hint", "access_token")])
         .send()
         .await

@@ -1,9 +1,15 @@
 //! JWKS key source: fetches a tenant's JWK Set, caches it, refreshes on unknown `kid`.
 //!
-//! Guarantees: concurrent misses for one JWKS URI cause a single fetch (moka's
-//! `try_get_with` coalesces them); fetch errors are never cached; an unknown `kid`
-//! triggers at most one refetch per `min_refresh` interval, so a flood of forged `kid`s
-//! cannot turn the proxy into a load generator against the issuer.
+//! Guarantees: key sets are cached per tenant and JWKS URI, so two tenants that name
+//! the same JWKS each live by their own `jwks_cache_seconds` and
+//! `jwks_min_refresh_seconds` (one tenant's fetches, refreshes and settings never
+//! decide what another tenant verifies with), while a reload keeps the warm cache of a
+//! tenant whose id and URI stay; a cached set older than the tenant's current lifetime
+//! is refetched, so a reload that shortens it applies at once. Concurrent misses for
+//! one tenant and URI cause a single fetch (moka's per-key compute serializes them);
+//! fetch errors are never cached; an unknown `kid` triggers at most one refetch per
+//! `min_refresh` interval, so a flood of forged `kid`s cannot turn the proxy into a
+//! load generator against the issuer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +18,7 @@ use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use moka::Expiry;
 use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
 
 use super::TokenError;
 
@@ -35,6 +42,7 @@ pub struct KeySet {
     /// Hash of the fetched document: tells an unchanged refetch from a rotation.
     fingerprint: u64,
     ttl: Duration,
+    fetched_at: Instant,
 }
 
 impl KeySet {
@@ -58,7 +66,13 @@ impl KeySet {
             fingerprint,
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ttl,
+            fetched_at: Instant::now(),
         }
+    }
+
+    /// Whether the set is still within a lifetime of `ttl` (the asking tenant's).
+    fn fresh_for(&self, ttl: Duration) -> bool {
+        self.fetched_at.elapsed() < ttl
     }
 
     /// The key for a token header: by `kid` when the token names one; without a `kid`,
@@ -101,14 +115,28 @@ fn key_algorithm(a: KeyAlgorithm) -> Option<Algorithm> {
     })
 }
 
+/// A cache key: the tenant id and the JWKS URI.
+type SetKey = (String, String);
+
 struct KeySetExpiry;
 
-impl Expiry<String, Arc<KeySet>> for KeySetExpiry {
+impl Expiry<SetKey, Arc<KeySet>> for KeySetExpiry {
     fn expire_after_create(
         &self,
-        _key: &String,
+        _key: &SetKey,
         value: &Arc<KeySet>,
         _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    /// A replaced set (a refresh) lives its own lifetime, not the rest of the old one's.
+    fn expire_after_update(
+        &self,
+        _key: &SetKey,
+        value: &Arc<KeySet>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.ttl)
     }
@@ -153,15 +181,15 @@ impl JwksFetch for HttpJwks {
     }
 }
 
-/// Fetches and caches JWK Sets by URI. Shared by all tenants, so a config reload keeps
-/// warm caches.
+/// Fetches and caches JWK Sets by tenant and URI. One per process, outliving
+/// configuration reloads, so a reload keeps the warm caches of unchanged tenants.
 #[derive(Clone)]
 pub struct JwksKeySource {
     http: Arc<dyn JwksFetch>,
-    cache: Cache<String, Arc<KeySet>>,
-    /// When each JWKS URI was last refetched for an unknown `kid` (few URIs: one per
-    /// configured issuer).
-    last_refresh: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    cache: Cache<SetKey, Arc<KeySet>>,
+    /// When each tenant's JWKS was last refetched for an unknown `kid` (few entries:
+    /// one per configured tenant).
+    last_refresh: Arc<std::sync::Mutex<std::collections::HashMap<SetKey, Instant>>>,
 }
 
 /// What a tenant's token config says about its JWKS.
@@ -189,38 +217,67 @@ impl JwksKeySource {
         }
     }
 
-    /// Returns the cached key set for `uri`, fetching it on a miss.
+    /// Returns `tenant`'s cached key set for `uri`, fetching it on a miss or when the
+    /// cached set is older than `policy.ttl`.
     pub async fn key_set(
         &self,
+        tenant: &str,
         uri: &url::Url,
         policy: JwksPolicy,
     ) -> Result<Arc<KeySet>, TokenError> {
+        let key = set_key(tenant, uri);
+        if let Some(set) = self.cache.get(&key).await
+            && set.fresh_for(policy.ttl)
+        {
+            return Ok(set);
+        }
+        // A miss, or a set older than the tenant's current lifetime (a reload shortened
+        // it). The compute is serialized per key: concurrent callers wait for one fetch
+        // and then find the fresh set.
         let http = Arc::clone(&self.http);
-        let u = uri.clone();
-        self.cache
-            .try_get_with(uri.as_str().to_owned(), async move {
-                fetch(&*http, &u, policy).await.map(Arc::new)
+        let result = self
+            .cache
+            .entry(key)
+            .and_try_compute_with(|entry| async move {
+                if let Some(entry) = entry
+                    && entry.value().fresh_for(policy.ttl)
+                {
+                    return Ok(Op::Nop);
+                }
+                fetch(&*http, uri, policy)
+                    .await
+                    .map(|set| Op::Put(Arc::new(set)))
             })
-            .await
-            .map_err(|e: Arc<TokenError>| (*e).clone())
+            .await?;
+        match result {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                Ok(e.into_value())
+            }
+            CompResult::Removed(_) | CompResult::StillNone(_) => Err(TokenError::JwksUnavailable),
+        }
     }
 
-    /// The serial of the cached key set for `uri`, without fetching.
-    pub async fn current_serial(&self, uri: &url::Url) -> Option<u64> {
-        self.cache.get(uri.as_str()).await.map(|k| k.serial)
+    /// The serial of `tenant`'s cached key set for `uri`, without fetching.
+    pub async fn current_serial(&self, tenant: &str, uri: &url::Url) -> Option<u64> {
+        self.cache
+            .get(&set_key(tenant, uri))
+            .await
+            .map(|k| k.serial)
     }
 
     /// Called when a token names a `kid` the cached set lacks: refetches at most once
-    /// per `min_refresh` per JWKS URI. The cached set is replaced only by a good answer
-    /// whose keys differ from it, so a forged `kid` can neither evict working keys
-    /// (an unreachable issuer keeps them in place) nor churn the key-set serial.
+    /// per `min_refresh` per tenant and JWKS URI. The cached set is replaced only by a
+    /// good answer whose keys differ from it, so a forged `kid` can neither evict
+    /// working keys (an unreachable issuer keeps them in place) nor churn the key-set
+    /// serial.
     pub async fn refresh_for_unknown_kid(
         &self,
+        tenant: &str,
         uri: &url::Url,
         stale: &Arc<KeySet>,
         policy: JwksPolicy,
     ) -> Result<Option<Arc<KeySet>>, TokenError> {
-        let key = uri.as_str().to_owned();
+        let key = set_key(tenant, uri);
         // A concurrent refresh may already have replaced the set.
         if let Some(current) = self.cache.get(&key).await
             && !Arc::ptr_eq(&current, stale)
@@ -253,6 +310,10 @@ impl JwksKeySource {
         self.cache.insert(key, Arc::clone(&fresh)).await;
         Ok(Some(fresh))
     }
+}
+
+fn set_key(tenant: &str, uri: &url::Url) -> SetKey {
+    (tenant.to_owned(), uri.as_str().to_owned())
 }
 
 async fn fetch(
@@ -326,14 +387,14 @@ mod tests {
         });
         let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
         let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
-        let first = source.key_set(&uri, POLICY).await.unwrap();
-        let again = source.key_set(&uri, POLICY).await.unwrap();
+        let first = source.key_set("t1", &uri, POLICY).await.unwrap();
+        let again = source.key_set("t1", &uri, POLICY).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
         // An unknown kid refetches once; the issuer is down, so nothing changes.
         assert!(
             source
-                .refresh_for_unknown_kid(&uri, &first, POLICY)
+                .refresh_for_unknown_kid("t1", &uri, &first, POLICY)
                 .await
                 .unwrap()
                 .is_none()
@@ -341,13 +402,13 @@ mod tests {
         // Within `min_refresh`, no second refetch at all.
         assert!(
             source
-                .refresh_for_unknown_kid(&uri, &first, POLICY)
+                .refresh_for_unknown_kid("t1", &uri, &first, POLICY)
                 .await
                 .unwrap()
                 .is_none()
         );
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
-        let still = source.key_set(&uri, POLICY).await.unwrap();
+        let still = source.key_set("t1", &uri, POLICY).await.unwrap();
         assert!(Arc::ptr_eq(&first, &still));
     }
 
@@ -363,13 +424,129 @@ mod tests {
         let source = JwksKeySource::with_fetch(endpoint);
         let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
         assert!(matches!(
-            source.key_set(&uri, POLICY).await,
+            source.key_set("t1", &uri, POLICY).await,
             Err(TokenError::JwksUnavailable)
         ));
         // Errors are not cached; a broken document is unavailable too.
         assert!(matches!(
-            source.key_set(&uri, POLICY).await,
+            source.key_set("t1", &uri, POLICY).await,
             Err(TokenError::JwksUnavailable)
         ));
+    }
+
+    fn scripted(answers: Vec<Result<Vec<u8>, TokenError>>) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            answers: std::sync::Mutex::new(answers),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    fn with_ttl(ttl: Duration) -> JwksPolicy {
+        JwksPolicy { ttl, ..POLICY }
+    }
+
+    #[tokio::test]
+    async fn tenants_sharing_a_jwks_uri_each_live_by_their_own_lifetime() {
+        let endpoint = scripted(vec![Ok(jwks("k1")), Ok(jwks("k1")), Ok(jwks("k2"))]);
+        let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        let long = with_ttl(Duration::from_secs(300));
+        let short = with_ttl(Duration::from_millis(150));
+        // The long-lived tenant fetches first; the other still gets a set of its own.
+        let a = source.key_set("long", &uri, long).await.unwrap();
+        let b = source.key_set("short", &uri, short).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Past its own lifetime the short-lived tenant refetches (and sees the
+        // rotation); the other keeps its set.
+        let b2 = source.key_set("short", &uri, short).await.unwrap();
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
+        assert!(b2.find(Some("k2"), Algorithm::ES256).is_some());
+        let a2 = source.key_set("long", &uri, long).await.unwrap();
+        assert!(Arc::ptr_eq(&a, &a2));
+        assert!(a2.find(Some("k2"), Algorithm::ES256).is_none());
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn one_tenants_unknown_kid_refresh_governs_no_other_tenant() {
+        let endpoint = scripted(vec![
+            Ok(jwks("k1")),
+            Ok(jwks("k1")),
+            Ok(jwks("k2")),
+            Ok(jwks("k2")),
+        ]);
+        let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        let a = source.key_set("a", &uri, POLICY).await.unwrap();
+        let b = source.key_set("b", &uri, POLICY).await.unwrap();
+        // Tenant a refreshes for a new kid: its set is replaced, b's is not.
+        let a2 = source
+            .refresh_for_unknown_kid("a", &uri, &a, POLICY)
+            .await
+            .unwrap()
+            .expect("a new set");
+        assert!(a2.find(Some("k2"), Algorithm::ES256).is_some());
+        let b_now = source.key_set("b", &uri, POLICY).await.unwrap();
+        assert!(Arc::ptr_eq(&b, &b_now));
+        assert_eq!(source.current_serial("b", &uri).await, Some(b.serial));
+        // a's refresh spent a's budget only: b may still refresh at once.
+        assert!(
+            source
+                .refresh_for_unknown_kid("a", &uri, &a2, POLICY)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
+        let b2 = source
+            .refresh_for_unknown_kid("b", &uri, &b, POLICY)
+            .await
+            .unwrap()
+            .expect("b refreshes on its own budget");
+        assert!(b2.find(Some("k2"), Algorithm::ES256).is_some());
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_a_warm_set_and_a_shortened_lifetime_applies_at_once() {
+        let endpoint = scripted(vec![Ok(jwks("k1")), Ok(jwks("k2"))]);
+        let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        let first = source.key_set("t1", &uri, POLICY).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The same tenant after a reload that kept its settings: the warm set.
+        let again = source.key_set("t1", &uri, POLICY).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
+        // A reload shortened the lifetime below the set's age: refetched now, not when
+        // the lifetime it was fetched under runs out.
+        let shorter = with_ttl(Duration::from_millis(100));
+        let fresh = source.key_set("t1", &uri, shorter).await.unwrap();
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
+        assert!(fresh.find(Some("k2"), Algorithm::ES256).is_some());
+        assert_eq!(source.current_serial("t1", &uri).await, Some(fresh.serial));
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_one_tenant_cause_one_fetch() {
+        let endpoint = scripted(vec![Ok(jwks("k1"))]);
+        let source = JwksKeySource::with_fetch(Arc::clone(&endpoint) as Arc<dyn JwksFetch>);
+        let uri = url::Url::parse("https://issuer.example/jwks").unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let (source, uri) = (source.clone(), uri.clone());
+                tokio::spawn(
+                    async move { source.key_set("t1", &uri, POLICY).await.unwrap().serial },
+                )
+            })
+            .collect();
+        let mut serials = Vec::new();
+        for c in calls {
+            serials.push(c.await.unwrap());
+        }
+        assert!(serials.windows(2).all(|w| w[0] == w[1]), "{serials:?}");
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
     }
 }

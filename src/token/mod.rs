@@ -213,7 +213,9 @@ impl TokenVerifier {
                 // with is still the current one; a refresh (rotation) re-verifies.
                 let keys_current = match hit.key_serial {
                     None => true,
-                    Some(serial) => self.keys.current_serial(&cfg.jwks_uri).await == Some(serial),
+                    Some(serial) => {
+                        self.keys.current_serial(tenant_id, &cfg.jwks_uri).await == Some(serial)
+                    }
                 };
                 keys_current.then(|| hit.token.clone())
             }
@@ -222,7 +224,9 @@ impl TokenVerifier {
         let verified = match hit {
             Some(token) => token,
             None => {
-                let (fresh, key_serial) = self.verify_signature_and_claims(cfg, token).await?;
+                let (fresh, key_serial) = self
+                    .verify_signature_and_claims(tenant_id, cfg, token)
+                    .await?;
                 let fresh = Arc::new(fresh);
                 let remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
                 let ttl = Duration::from_secs(remaining).min(cfg.jwks_cache);
@@ -248,6 +252,7 @@ impl TokenVerifier {
     /// Verifies signature and claims; also returns the serial of the JWKS key set used.
     async fn verify_signature_and_claims(
         &self,
+        tenant_id: &str,
         cfg: &TokenConfig,
         token: &str,
     ) -> Result<(VerifiedToken, Option<u64>), TokenError> {
@@ -258,9 +263,9 @@ impl TokenVerifier {
         let verified = if is_hmac(header.alg) {
             let secret = cfg
                 .hmac_secret
-                .as_deref()
+                .as_ref()
                 .ok_or(TokenError::AlgorithmNotAccepted)?;
-            let key = DecodingKey::from_secret(secret);
+            let key = DecodingKey::from_secret(secret.expose());
             (verify_with_key(cfg, header.alg, &key, token)?, None)
         } else {
             let policy = JwksPolicy {
@@ -268,7 +273,7 @@ impl TokenVerifier {
                 min_refresh: cfg.jwks_min_refresh,
                 timeout: cfg.jwks_timeout,
             };
-            let set = self.keys.key_set(&cfg.jwks_uri, policy).await?;
+            let set = self.keys.key_set(tenant_id, &cfg.jwks_uri, policy).await?;
             let kid = header.kid.as_deref();
             match set.find(kid, header.alg) {
                 Some(k) => (
@@ -278,7 +283,7 @@ impl TokenVerifier {
                 None => {
                     let fresh = self
                         .keys
-                        .refresh_for_unknown_kid(&cfg.jwks_uri, &set, policy)
+                        .refresh_for_unknown_kid(tenant_id, &cfg.jwks_uri, &set, policy)
                         .await?
                         .ok_or(TokenError::UnknownKey)?;
                     let k = fresh.find(kid, header.alg).ok_or(TokenError::UnknownKey)?;

@@ -15,7 +15,7 @@ fn cfg() -> TokenConfig {
         jwks_uri: url::Url::parse("http://127.0.0.1:9/jwks").unwrap(),
         audience: "https://proxy.test/demo".into(),
         algorithms: vec![Algorithm::HS256],
-        hmac_secret: Some(SECRET.to_vec()),
+        hmac_secret: Some(crate::config::Secret::new(SECRET.to_vec())),
         leeway: Duration::from_secs(5),
         jwks_cache: Duration::from_secs(60),
         jwks_min_refresh: Duration::from_secs(10),

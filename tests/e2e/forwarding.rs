@@ -528,3 +528,121 @@ async fn upstream_client_credentials_are_obtained_and_used() {
     assert_ne!(first, t, "the client's token was forwarded");
     assert_eq!(first, second, "the upstream token is cached");
 }
+
+#[tokio::test]
+async fn upstream_redirects_are_never_followed_nor_passed_on() {
+    // Whatever a redirect points to must never be called: not by the FHIR client,
+    // not by the JWKS or introspection clients.
+    let elsewhere = FaultServer::start(Fault::Capture);
+    let moved = FaultServer::start(Fault::Redirect(format!("{}/Patient/p1", elsewhere.base())));
+    let issuer = support::issuer();
+    let dead = support::free_port();
+    let nowhere = format!("http://127.0.0.1:{dead}/fhir");
+    let proxy = Proxy::start_with_env(
+        |port| {
+            let mut fhir = tenant("moved", port, &moved.base(), issuer);
+            fhir["upstream"]["auth"] =
+                json!({"type": "header", "name": "x-upstream-key", "value_env": "MOVED_KEY"});
+            let mut jwks = tenant("jwksmoved", port, &nowhere, issuer);
+            jwks["token"]["jwks_uri"] = json!(format!("{}/jwks", moved.base()));
+            let mut intro = tenant("intromoved", port, &nowhere, issuer);
+            intro["token"]["introspection"] = json!({
+                "endpoint": format!("{}/introspect", moved.base()),
+                "client_id": "backend",
+                "client_secret_env": "MOVED_KEY",
+            });
+            tenants(vec![
+                ("moved", fhir),
+                ("jwksmoved", jwks),
+                ("intromoved", intro),
+            ])
+        },
+        &[("MOVED_KEY", "key-for-the-upstream-only")],
+    );
+    for (tenant_id, status, reason) in [
+        ("moved", 502, "upstream_redirect"),
+        ("jwksmoved", 503, "jwks_unavailable"),
+        ("intromoved", 503, "introspection_unavailable"),
+    ] {
+        let t = support::token("backend", "system/*.rs", &proxy.base(tenant_id)).await;
+        let a = get(&format!("{}/Patient/p1", proxy.base(tenant_id)), Some(&t)).await;
+        assert_eq!(a.status, status, "{tenant_id}: {}", a.text);
+        assert_eq!(a.reason(), reason, "{tenant_id}");
+        assert_eq!(a.header("content-type"), "application/fhir+json");
+        assert!(
+            a.header("location").is_empty(),
+            "{tenant_id}: {:?}",
+            a.headers
+        );
+        assert!(!a.text.contains("moved"), "{tenant_id}: {}", a.text);
+    }
+    // Each client did ask the redirecting server (so the check above is not vacuous),
+    // the FHIR request with the tenant's upstream credential ...
+    let asked = moved.requests.lock().unwrap().join("\n").to_lowercase();
+    assert!(asked.contains("get /fhir/patient/p1 "), "{asked}");
+    assert!(
+        asked.contains("x-upstream-key: key-for-the-upstream-only"),
+        "{asked}"
+    );
+    assert!(asked.contains("get /fhir/jwks "), "{asked}");
+    assert!(asked.contains("post /fhir/introspect "), "{asked}");
+    // ... and nothing went where the redirect pointed.
+    assert!(
+        elsewhere.requests.lock().unwrap().is_empty(),
+        "a redirect was followed: {:?}",
+        elsewhere.requests.lock().unwrap()
+    );
+    let audit = proxy.audit_records();
+    assert!(
+        audit.iter().any(|r| r["tenant.id"] == "moved"
+            && r["authz.decision"] == "deny"
+            && r["authz.reason"] == "upstream_redirect"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_answering_another_resource_is_refused_and_audited() {
+    // The upstream answers every request with the same other patient.
+    let other =
+        json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "Otherpatient"}]});
+    let upstream = FaultServer::start(Fault::Respond(other.to_string()));
+    let issuer = support::issuer();
+    let proxy = Proxy::start(|port| {
+        tenants(vec![(
+            "wrong",
+            tenant("wrong", port, &upstream.base(), issuer),
+        )])
+    });
+    let base = proxy.base("wrong");
+    let system = support::token("backend", "system/*.rs", &base).await;
+    let patient = support::token("patient-p1", "patient/*.rs", &base).await;
+    for (t, path) in [
+        // A read of p1 answered with p2: even a token that may read p2.
+        (&system, "Patient/p1"),
+        (&patient, "Patient/p1"),
+        (&system, "Patient/p1/_history/1"),
+        // Answered with a resource where a Bundle is due.
+        (&system, "Patient/p1/$everything"),
+        (&patient, "Patient/p1/$everything"),
+        (&patient, "Patient/p1/Observation"),
+        (&system, "Patient?name=x"),
+    ] {
+        let a = get(&format!("{base}/{path}"), Some(t)).await;
+        assert_eq!(a.status, 502, "{path}: {}", a.text);
+        assert_eq!(a.reason(), "upstream_wrong_resource", "{path}");
+        assert!(!a.text.contains("Otherpatient"), "{path}: {}", a.text);
+    }
+    assert!(upstream.requests.lock().unwrap().len() >= 7);
+    // A read of the very record the upstream answers with goes through.
+    let a = get(&format!("{base}/Patient/p2"), Some(&system)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let audit = proxy.audit_records();
+    assert!(
+        audit.iter().any(|r| r["fhir.resource_id"] == "p1"
+            && r["fhir.interaction"] == "read"
+            && r["authz.decision"] == "deny"
+            && r["authz.reason"] == "upstream_wrong_resource"),
+        "{audit:?}"
+    );
+}

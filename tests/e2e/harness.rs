@@ -272,6 +272,9 @@ pub enum Fault {
     Capture,
     /// Answers 200 with this FHIR JSON body and records the raw request.
     Respond(String),
+    /// Answers `302 Found` to this location (with an OperationOutcome body) and
+    /// records the raw request.
+    Redirect(String),
 }
 
 /// A loopback TCP server that misbehaves on purpose. Stops when dropped.
@@ -307,6 +310,14 @@ impl FaultServer {
                                 let _ = write!(
                                     s,
                                     "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                    body.len()
+                                );
+                            }
+                            Fault::Redirect(location) => {
+                                let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational","diagnostics":"moved"}]}"#;
+                                let _ = write!(
+                                    s,
+                                    "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                                     body.len()
                                 );
                             }

@@ -360,3 +360,80 @@ async fn a_forged_kid_cannot_evict_working_keys_while_the_issuer_is_down() {
     let a = get(&url, Some(&sign(&kid, &c))).await;
     assert_eq!(a.status, 200, "{}", a.text);
 }
+
+#[tokio::test]
+async fn tenants_sharing_a_jwks_each_live_by_their_own_cache_settings() {
+    let mut issuer = Issuer::start(IssuerConfig::shared());
+    let fhir = support::fhir_server();
+    let iss_url = issuer.url().to_owned();
+    // Both tenants name the same JWKS; only `short` may keep it for a second. Neither
+    // refetches for an unknown kid more than once an hour.
+    let proxy = Proxy::start(|port| {
+        let mut long = tenant("long", port, fhir.base_url(), &issuer);
+        long["token"]["jwks_cache_seconds"] = json!(3600);
+        long["token"]["jwks_min_refresh_seconds"] = json!(3600);
+        let mut short = tenant("short", port, fhir.base_url(), &issuer);
+        short["token"]["jwks_cache_seconds"] = json!(1);
+        short["token"]["jwks_min_refresh_seconds"] = json!(3600);
+        tenants(vec![("long", long), ("short", short)])
+    });
+    let token_for = |tenant: &str, kid: &str, pem: &str, jti: &str| {
+        let aud = proxy.base(tenant);
+        let mut c = claims(&aud);
+        c["iss"] = json!(iss_url);
+        c["jti"] = json!(jti);
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(
+            &header,
+            &c,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let read = |tenant: &str| format!("{}/{OWN_OBS}", proxy.base(tenant));
+    let kid = issuer.kid(Alg::RS256);
+    let pem = issuer.private_key_pem(&kid);
+    // `long` fetches the JWKS first (a cache shared by URI would keep its lifetime for
+    // both), then `short`.
+    for tenant in ["long", "short"] {
+        let a = get(&read(tenant), Some(&token_for(tenant, &kid, &pem, tenant))).await;
+        assert_eq!(a.status, 200, "{tenant}: {}", a.text);
+    }
+    // A forged kid on `long` spends `long`'s refetch for the hour, not `short`'s.
+    let forged = token_for("long", "forged-kid", &pem, "forged");
+    assert_invalid_token(
+        &get(&read("long"), Some(&forged)).await,
+        "token_unknown_key",
+    );
+
+    // The issuer rotates its keys.
+    issuer.restart_with_keys(support::generate_keys());
+    let new_kid = issuer.kid(Alg::RS256);
+    let new_pem = issuer.private_key_pem(&new_kid);
+    assert_ne!(new_kid, kid);
+    // `short` gets the new key, by its own lifetime or its own refetch for the unknown
+    // kid (with one cache for both, `long`'s hour and spent refetch would refuse it).
+    let a = get(
+        &read("short"),
+        Some(&token_for("short", &new_kid, &new_pem, "n1")),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // `long` spent its refetch on the forged kid and keeps its set for an hour.
+    let a = get(
+        &read("long"),
+        Some(&token_for("long", &new_kid, &new_pem, "n2")),
+    )
+    .await;
+    assert_invalid_token(&a, "token_unknown_key");
+    // So `short` no longer knows the old key, and `long` still verifies with it.
+    let old_short = token_for("short", &kid, &pem, "o1");
+    assert_invalid_token(
+        &get(&read("short"), Some(&old_short)).await,
+        "token_unknown_key",
+    );
+    let old_long = token_for("long", &kid, &pem, "o2");
+    let a = get(&read("long"), Some(&old_long)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}

@@ -302,12 +302,12 @@ fn error_reasons_are_stable() {
 
 #[test]
 fn credentials_are_redacted_in_debug() {
-    let api = FgaCredentials::ApiToken("s3cret-token".into());
+    let api = FgaCredentials::ApiToken(Secret::new("s3cret-token".into()));
     assert!(!format!("{api:?}").contains("s3cret"));
     let cc = FgaCredentials::ClientCredentials {
         token_url: Url::parse("https://idp.example/token").unwrap(),
         client_id: "proxy".into(),
-        client_secret: "s3cret-secret".into(),
+        client_secret: Secret::new("s3cret-secret".into()),
         audience: None,
     };
     let shown = format!("{:?}", connection("http://127.0.0.1:1", cc));
@@ -469,7 +469,10 @@ async fn api_token_is_sent_as_bearer() {
     let fake = Fake::start(|_, _| (200, json!({"allowed": true}).to_string())).await;
     let client = OpenFgaClient::new(
         reqwest::Client::new(),
-        connection(&fake.url, FgaCredentials::ApiToken("psk-1".into())),
+        connection(
+            &fake.url,
+            FgaCredentials::ApiToken(Secret::new("psk-1".into())),
+        ),
     )
     .unwrap();
     assert!(
@@ -506,7 +509,7 @@ async fn client_credentials_token_is_fetched_once_and_sent() {
     let creds = FgaCredentials::ClientCredentials {
         token_url: Url::parse(&format!("{}/oauth/token", fake.url)).unwrap(),
         client_id: "proxy".into(),
-        client_secret: "sec".into(),
+        client_secret: Secret::new("sec".into()),
         audience: Some("fga".into()),
     };
     let client = OpenFgaClient::new(reqwest::Client::new(), connection(&fake.url, creds)).unwrap();

@@ -276,8 +276,14 @@ fn read_by_system_token_passes() {
     assert_eq!(fx.check(200, &body).unwrap().body, body.as_bytes());
 }
 
+fn is_wrong_resource(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Upstream(UpstreamError::WrongResource))
+        && e.status() == StatusCode::BAD_GATEWAY
+        && e.reason() == "upstream_wrong_resource"
+}
+
 #[test]
-fn read_answered_with_another_record_is_bad_response() {
+fn read_answered_with_another_record_is_wrong_resource() {
     let fx = Fixture::patient("patient/Observation.rs", "/Observation/o1");
     for body in [
         obs("o2", "Patient/p1").to_string(),
@@ -290,11 +296,175 @@ fn read_answered_with_another_record_is_bad_response() {
         .to_string(),
         // A Bundle instead of the record.
         bundle(vec![search_entry(obs("o1", "Patient/p1"), "match")]),
+        // An OperationOutcome with a 2xx.
+        r#"{"resourceType":"OperationOutcome","id":"o1","issue":[]}"#.to_owned(),
     ] {
         let err = fx.check(200, &body).unwrap_err();
-        assert!(is_bad_response(&err), "{body}: {err:?}");
-        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert!(is_wrong_resource(&err), "{body}: {err:?}");
     }
+}
+
+#[test]
+fn read_of_a_patient_answered_with_another_patient_or_type_is_never_released() {
+    // Every token, the unrestricted one too: the record it could see is not the one
+    // asked for.
+    for fx in [
+        Fixture::patient("patient/Patient.r patient/Observation.r", "/Patient/p1"),
+        Fixture::system("system/*.rs", "/Patient/p1"),
+        Fixture::new("user/*.rs", None, Some("Patient/p1"), "/Patient/p1"),
+    ] {
+        for body in [
+            json!({"resourceType": "Patient", "id": "p2"}).to_string(),
+            json!({"resourceType": "Patient", "id": "p10"}).to_string(),
+            json!({"resourceType": "Patient", "id": "P1"}).to_string(),
+            obs("p1", "Patient/p1").to_string(),
+        ] {
+            let err = fx.check(200, &body).unwrap_err();
+            assert!(is_wrong_resource(&err), "{body}: {err:?}");
+        }
+        assert!(
+            fx.check(200, r#"{"resourceType":"Patient","id":"p1"}"#)
+                .is_ok()
+        );
+    }
+}
+
+#[test]
+fn answers_that_must_be_bundles_are_bundles() {
+    let single = json!({"resourceType": "Patient", "id": "p1"}).to_string();
+    let own_obs = obs("o1", "Patient/p1").to_string();
+    for (fx, body) in [
+        // `$everything`, even with the very patient it was asked about.
+        (
+            Fixture::patient("patient/*.rs", "/Patient/p1/$everything"),
+            &single,
+        ),
+        (
+            Fixture::system("system/*.rs", "/Patient/p1/$everything"),
+            &single,
+        ),
+        // A compartment search, a type search, histories.
+        (
+            Fixture::patient("patient/Observation.rs", "/Patient/p1/Observation"),
+            &own_obs,
+        ),
+        (
+            Fixture::patient("patient/Observation.rs", "/Observation?code=a"),
+            &own_obs,
+        ),
+        (
+            Fixture::patient("patient/Observation.rs", "/Observation/o1/_history"),
+            &own_obs,
+        ),
+        (
+            Fixture::system("system/*.rs", "/Observation/_history"),
+            &own_obs,
+        ),
+        (
+            Fixture::system("system/Patient.rs", "/Patient/$match"),
+            &single,
+        ),
+    ] {
+        let err = fx.check(200, body).unwrap_err();
+        assert!(
+            is_wrong_resource(&err),
+            "{}: {err:?}",
+            fx.request.interaction.name()
+        );
+    }
+    // The Bundle itself goes through the usual entry checks.
+    let fx = Fixture::patient("patient/Observation.rs", "/Patient/p1/Observation");
+    let c = fx
+        .check(
+            200,
+            &bundle(vec![
+                search_entry(obs("o1", "Patient/p1"), "match"),
+                search_entry(obs("o2", "Patient/p2"), "match"),
+            ]),
+        )
+        .unwrap();
+    assert_eq!(entry_ids(&c), ["Observation/o1"]);
+}
+
+#[test]
+fn instance_history_holds_versions_of_the_asked_record_only() {
+    let history = |resources: Vec<serde_json::Value>| {
+        json!({"resourceType": "Bundle", "type": "history",
+               "entry": resources.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+        .to_string()
+    };
+    for fx in [
+        Fixture::patient("patient/Observation.rs", "/Observation/o1/_history"),
+        Fixture::system("system/Observation.rs", "/Observation/o1/_history"),
+    ] {
+        let ok = fx
+            .check(
+                200,
+                &history(vec![obs("o1", "Patient/p1"), obs("o1", "Patient/p1")]),
+            )
+            .unwrap();
+        assert_eq!(ok.kept, 2);
+        for other in [
+            obs("o2", "Patient/p1"),
+            json!({"resourceType": "Condition", "id": "o1", "subject": {"reference": "Patient/p1"}}),
+            json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}}),
+        ] {
+            let err = fx
+                .check(200, &history(vec![obs("o1", "Patient/p1"), other.clone()]))
+                .unwrap_err();
+            assert!(is_wrong_resource(&err), "{other}: {err:?}");
+        }
+    }
+}
+
+#[test]
+fn redirects_are_never_passed_on() {
+    let outcome = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]}"#;
+    for fx in [
+        Fixture::patient("patient/Observation.rs", "/Observation/o1"),
+        Fixture::system("system/*.rs", "/Observation?code=a"),
+    ] {
+        for status in [300, 301, 302, 303, 307, 308] {
+            for body in [outcome, "", "<html>moved</html>"] {
+                let err = fx.check(status, body).unwrap_err();
+                assert!(
+                    matches!(err, ProxyError::Upstream(UpstreamError::Redirect)),
+                    "{status}: {err:?}"
+                );
+                assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+                assert_eq!(err.reason(), "upstream_redirect");
+            }
+        }
+    }
+}
+
+#[test]
+fn escaped_upstream_urls_are_rewritten_in_released_answers() {
+    let up = r"http:\/\/127.0.0.1:8081\/fhir";
+    let fx = Fixture::system("system/Observation.rs", "/Observation/o1");
+    let body = format!(
+        r#"{{"resourceType":"Observation","id":"o1","subject":{{"reference":"{up}\/Patient\/p1"}},"note":[{{"text":"\u0068ttp://127.0.0.1:8081\u002Ffhir/Binary/b1 \"quoted\""}}]}}"#
+    );
+    let c = fx.check(200, &body).unwrap();
+    let out = std::str::from_utf8(&c.body).unwrap();
+    assert!(!out.contains("127.0.0.1:8081"), "{out}");
+    let v = parsed(&c);
+    assert_eq!(v["subject"]["reference"], format!("{PUBLIC}/Patient/p1"));
+    assert_eq!(
+        v["note"][0]["text"],
+        format!("{PUBLIC}/Binary/b1 \"quoted\"")
+    );
+    // In Bundles too, entries and other members alike.
+    let fx = Fixture::system("system/Observation.rs", "/Observation?code=a");
+    let body = format!(
+        r#"{{"resourceType":"Bundle","type":"searchset","meta":{{"source":"{up}"}},"entry":[{{"fullUrl":"{up}\/Observation\/o1","resource":{{"resourceType":"Observation","id":"o1","subject":{{"reference":"Patient\/p1"}}}}}}]}}"#
+    );
+    let c = fx.check(200, &body).unwrap();
+    let out = std::str::from_utf8(&c.body).unwrap();
+    assert!(!out.contains("127.0.0.1:8081"), "{out}");
+    let v = parsed(&c);
+    assert_eq!(v["meta"]["source"], PUBLIC);
+    assert_eq!(v["entry"][0]["fullUrl"], format!("{PUBLIC}/Observation/o1"));
 }
 
 #[test]
@@ -308,7 +478,7 @@ fn vread_is_checked_like_read() {
     let err = fx
         .check(200, &obs("o2", "Patient/p1").to_string())
         .unwrap_err();
-    assert!(is_bad_response(&err));
+    assert!(is_wrong_resource(&err));
 }
 
 #[test]
@@ -953,24 +1123,6 @@ fn success_operation_outcome_passes_through() {
     let c = fx.check(200, body).unwrap();
     assert_eq!(c.body, body.as_bytes());
     assert_eq!(c.reason, "upstream_outcome");
-}
-
-#[test]
-fn single_resource_answer_to_search_must_be_releasable() {
-    let fx = Fixture::patient("patient/Patient.rs", "/Patient/p1/$everything");
-    let c = fx
-        .check(200, r#"{"resourceType":"Patient","id":"p1"}"#)
-        .unwrap();
-    assert_eq!(c.reason, "record_allowed");
-    let err = fx
-        .check(200, r#"{"resourceType":"Patient","id":"p2"}"#)
-        .unwrap_err();
-    assert!(is_hidden(&err, StatusCode::NOT_FOUND));
-    // A type without a scope of its own.
-    let err = fx
-        .check(200, &obs("o1", "Patient/p1").to_string())
-        .unwrap_err();
-    assert!(is_hidden(&err, StatusCode::NOT_FOUND));
 }
 
 #[test]

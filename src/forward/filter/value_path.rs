@@ -19,7 +19,7 @@ use crate::pipeline::Internal;
 use crate::upstream::UpstreamError;
 
 use super::super::ForwardError;
-use super::{CheckCtx, Checked, is_json, targets_one_record};
+use super::{CheckCtx, Checked, is_asked_record, is_json, targets_one_record};
 
 /// Decides what of an upstream answer the client may see.
 pub fn check_answer(
@@ -40,6 +40,9 @@ pub fn check_answer(
             kept: 0,
             reason: "not_modified",
         });
+    }
+    if status.is_redirection() {
+        return Err(UpstreamError::Redirect.into());
     }
     if !status.is_success() {
         // For a single record, "missing" and "gone" look exactly like "denied". For
@@ -88,11 +91,8 @@ pub fn check_answer(
     ) {
         let resource = parse()?;
         // The answer must be the record asked for; anything else is an upstream fault.
-        let same_type = Some(rt) == ctx.request.resource_type;
-        let same_id = resource.get("id").and_then(Value::as_str)
-            == ctx.request.id.as_ref().map(|i| i.as_str());
-        if !same_type || !same_id {
-            return Err(UpstreamError::BadResponse("read answered another record").into());
+        if !is_asked_record(ctx.request, &resource) {
+            return Err(UpstreamError::WrongResource.into());
         }
         return match ctx.records.release(rt, &resource, true) {
             Release::Allowed(_) => Ok(Checked {
@@ -109,6 +109,11 @@ pub fn check_answer(
     }
 
     if rt == ResourceType::BUNDLE {
+        if ctx.request.interaction == Interaction::HistoryInstance
+            && history_of_another_record(ctx, &body)
+        {
+            return Err(UpstreamError::WrongResource.into());
+        }
         let checked = filter_bundle(ctx, &body)?;
         // The history of a record the token may not see must look like a missing
         // record, not like an empty history.
@@ -137,18 +142,27 @@ pub fn check_answer(
             reason: "upstream_outcome",
         });
     }
-    // An operation that answered with a single resource: it must be releasable on its
-    // own.
-    let resource = parse()?;
-    match ctx.records.release(rt, &resource, false) {
-        Release::Allowed(_) => Ok(Checked {
-            body,
-            dropped: 0,
-            kept: 0,
-            reason: "record_allowed",
-        }),
-        _ => Err(denied()),
-    }
+    // Every other interaction answers with a Bundle.
+    Err(UpstreamError::WrongResource.into())
+}
+
+/// Whether an instance history holds a version of another record (`false` when its
+/// entries do not parse: the Bundle check then refuses them).
+fn history_of_another_record(ctx: &CheckCtx<'_>, body: &[u8]) -> bool {
+    let Ok(top) = serde_json::from_slice::<IndexMap<String, Box<RawValue>>>(body) else {
+        return false;
+    };
+    let Some(entries) = top.get("entry") else {
+        return false;
+    };
+    let Ok(entries) = serde_json::from_str::<Vec<EntryView>>(entries.get()) else {
+        return false;
+    };
+    entries.iter().any(|e| {
+        e.resource
+            .as_ref()
+            .is_some_and(|r| !is_asked_record(ctx.request, r))
+    })
 }
 
 fn resource_type_of(body: &[u8]) -> Option<&str> {
