@@ -72,7 +72,7 @@ impl<U: FhirServer> Capabilities<U> {
             .await
             .map_err(|e: Arc<DiscoveryError>| match &*e {
                 DiscoveryError::Upstream(u) => DiscoveryError::Upstream(u.clone()),
-                DiscoveryError::Internal(i) => DiscoveryError::Internal(i.clone()),
+                DiscoveryError::Internal(i) => DiscoveryError::Internal(*i),
             })
     }
 

@@ -142,7 +142,7 @@ impl ProxyError {
             StatusCode::NOT_FOUND => "not-found",
             StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED => "not-supported",
             StatusCode::PAYLOAD_TOO_LARGE => "too-costly",
-            StatusCode::GATEWAY_TIMEOUT => "timeout",
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "timeout",
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "transient",
             s if s.is_client_error() => "invalid",
             _ => "exception",

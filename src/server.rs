@@ -1,20 +1,24 @@
 //! The accept loop: hyper 1 over tokio, HTTP/1.1 and HTTP/2, request limits, graceful
 //! shutdown. Each request body is read here, bounded, before the stack sees it; an
-//! oversized body is refused with 413 without reaching any stage.
+//! oversized body is refused with 413, one that does not arrive in time with 408 and a
+//! broken one (bad chunked encoding) with 400, without reaching any stage. A connection
+//! that has not sent a whole request head within the header timeout is closed.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::error::ProxyError;
@@ -74,14 +78,32 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let first_request = Arc::new(Notify::new());
+        let started = Arc::clone(&first_request);
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            started.notify_one();
             let app = app.clone();
             async move { Ok::<_, Infallible>(handle(app, req, limits, peer).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), svc);
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            // hyper's header timeout runs only once the protocol is known, i.e. after the
+            // first bytes of an HTTP/1 request, and HTTP/2 has none: a connection that
+            // sends nothing, part of the HTTP/2 preface, or only a preface would be held
+            // forever. Until its first request head is complete it gets the header
+            // timeout here; dropping it closes the socket. (After a first request an
+            // idle HTTP/2 connection is still kept: hyper has no idle timeout for it.)
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = first_request.notified() => conn.await,
+                () = tokio::time::sleep(limits.header_read_timeout) => {
+                    tracing::debug!("no request head within the header timeout: connection closed");
+                    return;
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with error");
             }
         });
@@ -125,16 +147,9 @@ async fn handle(
     if too_large {
         return render_error(&ProxyError::Tenant(TenantError::BodyTooLarge), None, None);
     }
-    let collected = tokio::time::timeout(
-        limits.body_read_timeout,
-        Limited::new(body, limits.max_body_bytes).collect(),
-    )
-    .await;
-    let bytes = match collected {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(_)) | Err(_) => {
-            return render_error(&ProxyError::Tenant(TenantError::BodyTooLarge), None, None);
-        }
+    let bytes = match read_body(body, &limits).await {
+        Ok(bytes) => bytes,
+        Err(e) => return render_error(&ProxyError::Tenant(e), None, None),
     };
     let req = Request::from_parts(parts, bytes);
     match app.oneshot(req).await {
@@ -142,3 +157,30 @@ async fn handle(
         Err(never) => match never {},
     }
 }
+
+/// The whole request body, at most `max_body_bytes` of it, read within
+/// `body_read_timeout`. Each failure has its own answer: too large (413), too slow
+/// (408), or not a well-formed body (400: broken chunked encoding, a connection that
+/// ended early).
+async fn read_body<B>(body: B, limits: &Limits) -> Result<Bytes, TenantError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let collected = tokio::time::timeout(
+        limits.body_read_timeout,
+        Limited::new(body, limits.max_body_bytes).collect(),
+    )
+    .await;
+    match collected {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(TenantError::BodyTooLarge)
+        }
+        Ok(Err(_)) => Err(TenantError::BodyMalformed),
+        Err(_) => Err(TenantError::BodyTimeout),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -44,6 +44,10 @@ pub enum TenantError {
     Unknown,
     #[error("request body is too large")]
     BodyTooLarge,
+    #[error("request body was not received in time")]
+    BodyTimeout,
+    #[error("request body is malformed")]
+    BodyMalformed,
     #[error("`_search` bodies must be `application/x-www-form-urlencoded`")]
     UnsupportedMediaType,
 }
@@ -53,6 +57,8 @@ impl TenantError {
         match self {
             TenantError::Unknown => StatusCode::NOT_FOUND,
             TenantError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            TenantError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            TenantError::BodyMalformed => StatusCode::BAD_REQUEST,
             TenantError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
@@ -60,6 +66,8 @@ impl TenantError {
         match self {
             TenantError::Unknown => "tenant_unknown",
             TenantError::BodyTooLarge => "body_too_large",
+            TenantError::BodyTimeout => "body_timeout",
+            TenantError::BodyMalformed => "body_malformed",
             TenantError::UnsupportedMediaType => "unsupported_media_type",
         }
     }

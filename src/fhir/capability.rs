@@ -108,6 +108,7 @@ fn param_names(holder: &Value) -> impl Iterator<Item = String> + '_ {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;

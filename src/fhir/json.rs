@@ -3,14 +3,15 @@
 //! rest through as bytes.
 //!
 //! It accepts exactly RFC 8259 JSON (what `serde_json` accepts): no trailing commas,
-//! no comments, no control characters or invalid escapes in strings, at most
+//! no comments, no control characters or invalid escapes in strings, fewer than
 //! [`MAX_DEPTH`] nested containers. Strings are handed out raw (the text between the
 //! quotes, escapes intact) with a flag saying whether they need decoding, so the common
 //! case of a plain ASCII key or id is compared without a copy.
 
 use std::borrow::Cow;
 
-/// Most nested arrays and objects (as `serde_json`'s default recursion limit).
+/// `serde_json`'s default recursion limit: like it, the reader refuses the 128th nested
+/// array or object, so both accept exactly the same texts.
 pub const MAX_DEPTH: usize = 128;
 
 /// The text is not JSON (or nests too deeply).
@@ -130,7 +131,7 @@ impl<'a> Reader<'a> {
 
     fn enter(&mut self) -> Result<(), JsonError> {
         self.depth += 1;
-        if self.depth > MAX_DEPTH {
+        if self.depth >= MAX_DEPTH {
             return Err(self.err());
         }
         Ok(())
@@ -280,7 +281,7 @@ impl<'a> Reader<'a> {
             match self.peek() {
                 Some(b'{') => {
                     self.pos += 1;
-                    if self.depth + level + 1 > MAX_DEPTH {
+                    if self.depth + level + 1 >= MAX_DEPTH {
                         return Err(self.err());
                     }
                     if self.peek() == Some(b'}') {
@@ -294,7 +295,7 @@ impl<'a> Reader<'a> {
                 }
                 Some(b'[') => {
                     self.pos += 1;
-                    if self.depth + level + 1 > MAX_DEPTH {
+                    if self.depth + level + 1 >= MAX_DEPTH {
                         return Err(self.err());
                     }
                     if self.peek() == Some(b']') {
@@ -510,10 +511,22 @@ mod tests {
 
     #[test]
     fn depth_is_bounded_without_recursion() {
-        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
-        assert!(valid(&ok));
-        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
-        assert!(!valid(&deep));
+        // Exactly where serde_json stops, for arrays, objects and a mix, read or skipped.
+        let arrays = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let objects = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        let mixed = |n: usize| format!("{{\"a\":{}{}}}", "[".repeat(n - 1), "]".repeat(n - 1));
+        for depth in [MAX_DEPTH - 1, MAX_DEPTH] {
+            for text in [arrays(depth), objects(depth), mixed(depth)] {
+                let serde = serde_json::from_str::<serde_json::Value>(&text).is_ok();
+                assert_eq!(valid(&text), serde, "depth {depth}: {text}");
+                assert_eq!(serde, depth < MAX_DEPTH, "depth {depth}");
+                let mut r = Reader::new(&text);
+                let read = r.object(|r, _| r.skip().map(|_| ())).is_ok();
+                if text.starts_with('{') {
+                    assert_eq!(read, serde, "depth {depth} read as an object: {text}");
+                }
+            }
+        }
         // Far past any stack: still an error, not a crash.
         assert!(!valid(&"[".repeat(1_000_000)));
         assert!(!valid(&"{\"a\":".repeat(100_000)));

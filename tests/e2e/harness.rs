@@ -86,6 +86,47 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
+    /// The pid of the proxy process itself (the watchdog's child).
+    pub fn pid(&self) -> u32 {
+        let watchdog = self.child.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // `pid (comm) state ppid ...`; comm may contain spaces, so after the `)`.
+                let ppid = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split(' ').nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+                if ppid == Some(watchdog) && exe.to_string_lossy().contains("smart-fhir-proxy") {
+                    return pid;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no proxy process under watchdog {watchdog}");
+    }
+
+    /// The proxy's resident set in bytes (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("proxy process gone: {e}; log:\n{}", self.log()));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+    }
+
     /// The audit records (JSON lines on the `audit` target) logged so far. The proxy
     /// writes them from a queue every few milliseconds, so this first waits well past
     /// that for the records of requests just answered.
@@ -275,6 +316,79 @@ pub enum Fault {
     /// Answers `302 Found` to this location (with an OperationOutcome body) and
     /// records the raw request.
     Redirect(String),
+    /// Answers every request with this reply and records the raw request.
+    Reply(Reply),
+    /// Answers with the reply of the first route whose key occurs in the request line
+    /// (`GET /fhir/Patient/p1 HTTP/1.1`), 404 without one; records the raw request.
+    Routes(Vec<(String, Reply)>),
+}
+
+/// An HTTP answer a [`FaultServer`] sends: any status, headers and body, the body sent
+/// with a `content-length` or chunked without one.
+#[derive(Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Arc<[u8]>,
+    pub chunked: bool,
+}
+
+impl Reply {
+    pub fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".to_owned(), content_type.to_owned())],
+            body: Arc::from(body.into()),
+            chunked: false,
+        }
+    }
+
+    /// 200 `application/fhir+json`.
+    pub fn fhir(body: impl Into<Vec<u8>>) -> Reply {
+        Reply::new(200, "application/fhir+json", body)
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sends the body chunked, without announcing its length.
+    pub fn chunked(mut self) -> Reply {
+        self.chunked = true;
+        self
+    }
+
+    /// Writes the reply; a peer that stops reading ends it quietly.
+    fn write_to(&self, s: &mut TcpStream) {
+        let mut head = format!("HTTP/1.1 {} Fault\r\n", self.status);
+        for (name, value) in &self.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if self.chunked {
+            head.push_str("transfer-encoding: chunked\r\n");
+        } else {
+            head.push_str(&format!("content-length: {}\r\n", self.body.len()));
+        }
+        head.push_str("connection: close\r\n\r\n");
+        if s.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        if !self.chunked {
+            let _ = s.write_all(&self.body);
+            return;
+        }
+        for chunk in self.body.chunks(64 * 1024) {
+            let size = format!("{:x}\r\n", chunk.len());
+            if s.write_all(size.as_bytes()).is_err()
+                || s.write_all(chunk).is_err()
+                || s.write_all(b"\r\n").is_err()
+            {
+                return;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    }
 }
 
 /// A loopback TCP server that misbehaves on purpose. Stops when dropped.
@@ -286,9 +400,16 @@ pub struct FaultServer {
 
 impl FaultServer {
     pub fn start(fault: Fault) -> FaultServer {
+        Self::start_with(|_| fault)
+    }
+
+    /// Starts a server whose fault is made knowing the server's own base URL (for
+    /// answers that point back at it, e.g. redirects).
+    pub fn start_with(make: impl FnOnce(&str) -> Fault) -> FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
+        let fault = make(&format!("http://127.0.0.1:{port}/fhir"));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (reqs, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
@@ -302,7 +423,7 @@ impl FaultServer {
                         s.set_read_timeout(Some(Duration::from_millis(500)))
                             .unwrap();
                         let request = read_request(&mut s);
-                        reqs.lock().unwrap().push(request);
+                        reqs.lock().unwrap().push(request.clone());
                         match &fault {
                             Fault::Stall => held.push(s),
                             Fault::BrokenJson => {
@@ -331,6 +452,16 @@ impl FaultServer {
                                     "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                                     body.len()
                                 );
+                            }
+                            Fault::Reply(reply) => reply.write_to(&mut s),
+                            Fault::Routes(routes) => {
+                                let line = request.lines().next().unwrap_or_default();
+                                match routes.iter().find(|(key, _)| line.contains(key.as_str())) {
+                                    Some((_, reply)) => reply.write_to(&mut s),
+                                    None => {
+                                        Reply::new(404, "text/plain", "no route").write_to(&mut s)
+                                    }
+                                }
                             }
                         }
                     }

@@ -11,6 +11,7 @@ mod harness;
 #[allow(dead_code)]
 mod openfga;
 
+mod adversarial;
 mod cases;
 mod constraints;
 mod discovery;
