@@ -533,7 +533,7 @@ async fn an_upstream_answering_another_resource_than_asked_is_not_released() {
         (&p1, "Observation/obs-p1"),
     ] {
         let a = get(&format!("{base}/{path}"), Some(token)).await;
-        assert_outcome(&a, 502, "upstream_bad_response", path);
+        assert_outcome(&a, 502, "upstream_wrong_resource", path);
         assert_clean(path, &a.text, &["SECRET", "obs-p2", &upstream.base()]);
     }
     target.assert_survived().await;

@@ -391,6 +391,30 @@ impl Reply {
     }
 }
 
+/// The CapabilityStatement fault servers answer `GET /metadata` with: every search
+/// parameter the tests use, declared for every type.
+const CAPABILITY_STATEMENT: &str = r#"{"resourceType":"CapabilityStatement","status":"active","kind":"instance","fhirVersion":"4.0.1","format":["json"],"rest":[{"mode":"server","searchParam":[{"name":"_id","type":"token"},{"name":"_lastUpdated","type":"date"},{"name":"code","type":"token"},{"name":"patient","type":"reference"},{"name":"subject","type":"reference"},{"name":"performer","type":"reference"},{"name":"name","type":"string"},{"name":"identifier","type":"token"},{"name":"category","type":"token"},{"name":"date","type":"date"}]}]}"#;
+
+/// Whether a fault server answers this request with [`CAPABILITY_STATEMENT`]: a
+/// `GET .../metadata` to a server that answers (not `Stall`, `BrokenJson` or a route
+/// of its own for it).
+fn answers_metadata(fault: &Fault, request: &str) -> bool {
+    let line = request.lines().next().unwrap_or_default();
+    let path = line.split(' ').nth(1).unwrap_or_default();
+    let metadata = line.starts_with("GET ")
+        && path
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .ends_with("/metadata");
+    metadata
+        && match fault {
+            Fault::Stall | Fault::BrokenJson => false,
+            Fault::Routes(routes) => !routes.iter().any(|(key, _)| key.contains("metadata")),
+            _ => true,
+        }
+}
+
 /// A loopback TCP server that misbehaves on purpose. Stops when dropped.
 pub struct FaultServer {
     pub port: u16,
@@ -423,6 +447,14 @@ impl FaultServer {
                         s.set_read_timeout(Some(Duration::from_millis(500)))
                             .unwrap();
                         let request = read_request(&mut s);
+                        // Restricted searches first ask for the CapabilityStatement (the
+                        // search parameters the upstream declares): answered, and not
+                        // recorded, for every fault that answers at all, unless a route
+                        // says otherwise.
+                        if answers_metadata(&fault, &request) {
+                            Reply::fhir(CAPABILITY_STATEMENT).write_to(&mut s);
+                            continue;
+                        }
                         reqs.lock().unwrap().push(request.clone());
                         match &fault {
                             Fault::Stall => held.push(s),
