@@ -1131,3 +1131,69 @@ fn restricted_searches_are_held_to_the_parameters_the_upstream_declares() {
     // Reads carry no search parameters to hold.
     assert!(check_declared(&t, "/Observation/o1").is_ok());
 }
+
+mod never_widens {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn client_params() -> impl Strategy<Value = Vec<(String, String)>> {
+        let name = prop::sample::select(vec![
+            "code",
+            "date",
+            "status",
+            "category",
+            "patient",
+            "subject",
+            "performer",
+            "_id",
+            "_count",
+            "_sort",
+            "_elements",
+            "_include",
+            "code:text",
+            "date:missing",
+        ]);
+        prop::collection::vec((name, "[a-z0-9]{1,8}"), 0..6)
+            .prop_map(|ps| ps.into_iter().map(|(n, v)| (n.to_owned(), v)).collect())
+    }
+
+    /// The token's compartment, as the narrowing must carry it.
+    fn narrowed_to(out: &OutboundRequest, owner: &str, id: &str, by: &[&str]) -> bool {
+        out.path == format!("/{owner}/{id}/Observation")
+            || (out.path == "/Observation"
+                && out
+                    .params
+                    .iter()
+                    .any(|(k, v)| by.contains(&k.as_str()) && *v == format!("{owner}/{id}")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Narrowing never widens a query: whatever the client sends, a forwarded
+        /// search keeps every client parameter (ANDed by FHIR, so they only narrow
+        /// further) and carries the token's compartment; anything else is refused.
+        #[test]
+        fn narrowing_never_widens_a_query(params in client_params(), native in any::<bool>(), user in any::<bool>()) {
+            let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let target = format!("/Observation?{}", query.join("&"));
+            let (t, owner, id, by): (VerifiedToken, &str, &str, &[&str]) = if user {
+                (token("user/Observation.rs", None, Some("Practitioner/dr1")), "Practitioner", "dr1", &["performer"])
+            } else {
+                (patient_token("patient/Observation.rs"), "Patient", "p1", &["subject", "patient"])
+            };
+            let out = if native { rewrite(&t, &get(&target)) } else { rewrite_by_parameter(&t, &target) };
+            // Plain parameters are never refused, so the property is not met vacuously.
+            let plain = params.iter().all(|(k, _)| ["code", "date", "status", "_count"].contains(&k.as_str()));
+            prop_assert!(out.is_ok() || !plain, "{target}: {:?}", out);
+            let Ok(out) = out else { return Ok(()) };
+            prop_assert!(narrowed_to(&out, owner, id, by), "{target} -> {} {:?}", out.path, out.params);
+            for (k, v) in &params {
+                let kept = out.params.iter().any(|(ok, ov)| {
+                    ok == k && (ov == v || (k == "_elements" && ov.starts_with(&format!("{v},"))))
+                });
+                prop_assert!(kept, "{target}: {k}={v} lost in {:?}", out.params);
+            }
+        }
+    }
+}

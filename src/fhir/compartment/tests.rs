@@ -827,3 +827,61 @@ fn official_device_request_in_device_compartment_via_code_reference() {
     });
     assert!(OFFICIAL.contains(&cref("Device", "d1"), rt("DeviceRequest"), &dr, &BASES));
 }
+
+mod exact_ids {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An id close to `p1`: the ids a sloppy comparison would confuse with it.
+    fn near_p1() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("p1".to_owned()),
+            Just("P1".to_owned()),
+            Just("p10".to_owned()),
+            Just("p".to_owned()),
+            Just("1".to_owned()),
+            Just("xp1".to_owned()),
+            Just("p1-".to_owned()),
+            Just("p1.".to_owned()),
+            "[A-Za-z0-9.-]{1,64}",
+            "p1[A-Za-z0-9.-]{0,3}",
+            "[A-Za-z0-9.-]{0,3}p1",
+        ]
+    }
+
+    /// How a reference to `Patient/{id}` may be written: relative, versioned, absolute
+    /// under either local base, or under a foreign base (never local).
+    fn written(id: &str, how: u8) -> (String, bool) {
+        match how % 5 {
+            0 => (format!("Patient/{id}"), true),
+            1 => (format!("Patient/{id}/_history/3"), true),
+            2 => (format!("{PUBLIC}/Patient/{id}"), true),
+            3 => (format!("{UPSTREAM}/Patient/{id}"), true),
+            _ => (
+                format!("https://elsewhere.example/fhir/Patient/{id}"),
+                false,
+            ),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// `Patient/p1` never matches another id: an Observation is in p1's
+        /// compartment exactly when a linking reference names p1 itself, whether the
+        /// record is read as a value or as text.
+        #[test]
+        fn patient_p1_never_matches_another_id(id in near_p1(), how in any::<u8>(), field in 0usize..2) {
+            let (reference, local) = written(&id, how);
+            let member = ["subject", "performer"][field];
+            let record = json!({"resourceType": "Observation", "id": "o1",
+                                member: {"reference": reference}});
+            let text = record.to_string();
+            let answer = crate::fhir::answer::read(&text).unwrap();
+            let expected = local && id == "p1";
+            let c = cref("Patient", "p1");
+            prop_assert_eq!(OFFICIAL.contains(&c, rt("Observation"), &record, &BASES), expected, "{}", reference);
+            prop_assert_eq!(OFFICIAL.contains(&c, rt("Observation"), &answer.resource, &BASES), expected, "{}", reference);
+        }
+    }
+}

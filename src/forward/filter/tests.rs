@@ -1662,3 +1662,113 @@ proptest! {
         }
     }
 }
+
+/// The direct check of one record: may `scopes` (for patient p1, or as `user`) read
+/// `resource` on its own (`GET /{type}/{id}` answered with it)? Refused by the scope or
+/// record stage, or hidden by the answer check: no.
+fn directly_readable(scopes: &str, user: Option<&str>, resource: &serde_json::Value) -> bool {
+    let token = VerifiedToken {
+        issuer: "https://issuer.example".to_owned(),
+        subject: None,
+        client_id: None,
+        scopes: parse_scopes(scopes),
+        patient: user.is_none().then(|| ResourceId::parse("p1").unwrap()),
+        fhir_user: user.map(|u| FhirUser::parse(u).unwrap()),
+        expires_at: u64::MAX,
+    };
+    let path = format!(
+        "/{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    let Ok(request) = parse_request(&Method::GET, &path, None, None) else {
+        return false;
+    };
+    let context = TokenContext {
+        has_patient: token.patient.is_some(),
+    };
+    let Ok(grant) = check_scopes(&token.scopes, &request, context) else {
+        return false;
+    };
+    let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+    let Ok(permit) = authorize(&checker, &request, &token, &grant) else {
+        return false;
+    };
+    let fx = Fixture {
+        request,
+        token,
+        grant,
+        permit,
+    };
+    fx.check(200, &resource.to_string()).is_ok()
+}
+
+mod never_releases_more {
+    use super::*;
+
+    /// A record a search could return: Observations and MedicationRequests of p1 or
+    /// p2 (by subject or performer), the Patients, a Practitioner, a Medication.
+    fn record() -> impl Strategy<Value = serde_json::Value> {
+        let who = prop::sample::select(vec![
+            "Patient/p1",
+            "Patient/p2",
+            "Patient/p10",
+            "Practitioner/dr1",
+        ]);
+        (0usize..6, who, 0u32..1000).prop_map(|(kind, who, n)| match kind {
+            0 => json!({"resourceType": "Observation", "id": format!("o{n}"), "subject": {"reference": who}}),
+            1 => json!({"resourceType": "Observation", "id": format!("o{n}"), "performer": [{"reference": who}]}),
+            2 => json!({"resourceType": "MedicationRequest", "id": format!("mr{n}"),
+                        "subject": {"reference": who}, "medicationReference": {"reference": "Medication/m1"}}),
+            3 => json!({"resourceType": "Patient", "id": if n % 2 == 0 { "p1" } else { "p2" }}),
+            4 => json!({"resourceType": "Practitioner", "id": "dr1"}),
+            _ => json!({"resourceType": "Medication", "id": "m1"}),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The answer check never releases an entry a direct check would deny: every
+        /// entry kept in a filtered Bundle is readable on its own by the same token, or
+        /// is non-patient data that a kept record references (the one thing a
+        /// `patient/` token sees only next to its own records).
+        #[test]
+        fn the_answer_check_never_releases_what_a_direct_check_denies(
+            records in prop::collection::vec((record(), any::<bool>()), 0..10),
+            user in any::<bool>(),
+        ) {
+            let scopes = if user {
+                "user/Observation.rs user/MedicationRequest.rs user/Patient.rs user/Practitioner.rs user/Medication.rs"
+            } else {
+                "patient/Observation.rs patient/MedicationRequest.rs patient/Patient.rs patient/Practitioner.rs patient/Medication.rs"
+            };
+            let practitioner = user.then_some("Practitioner/dr1");
+            let fx = Fixture::new(scopes, (!user).then_some("p1"), practitioner, "/Observation?code=a");
+            let entries = records
+                .iter()
+                .map(|(r, include)| {
+                    let mode = if *include || r["resourceType"] != "Observation" { "include" } else { "match" };
+                    search_entry(r.clone(), mode)
+                })
+                .collect();
+            let c = fx.check(200, &bundle(entries)).unwrap();
+            let out = parsed(&c);
+            let kept: Vec<&serde_json::Value> = out["entry"]
+                .as_array()
+                .map(|es| es.iter().map(|e| &e["resource"]).collect())
+                .unwrap_or_default();
+            let text = serde_json::to_string(&kept).unwrap();
+            for r in &kept {
+                let t = r["resourceType"].as_str().unwrap();
+                let id = r["id"].as_str().unwrap();
+                let referenced = INDEX.is_non_patient_data(ResourceType::parse(t).unwrap())
+                    && text.contains(&format!("\"{t}/{id}\""));
+                prop_assert!(
+                    directly_readable(scopes, practitioner, r) || referenced,
+                    "{t}/{id} released but not readable on its own: {}", out
+                );
+            }
+        }
+    }
+}
