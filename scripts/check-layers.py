@@ -39,6 +39,7 @@ LAYERS = {
     "discovery": 4,
     "token": 4,
     "scope": 5,
+    "limits": 5,
     "authz": 6,
     "cursor": 6,
     "rewrite": 7,

@@ -624,7 +624,95 @@ pub fn load(path: &Path) -> Result<Vec<TenantConfig>, ConfigError> {
     validate(raw)
 }
 
+/// A tenant's configuration as written (the file with environment overrides applied),
+/// in a canonical form (members sorted): a reload tells an unchanged tenant by it, so
+/// only what was edited is rebuilt. It may hold inline secrets, so it formats as
+/// `<tenant source>` and is only ever compared.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantSource(String);
+
+impl std::fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<tenant source>")
+    }
+}
+
+impl TenantSource {
+    fn of(value: &serde_json::Value) -> Self {
+        let mut out = String::new();
+        canonical(value, &mut out);
+        TenantSource(out)
+    }
+}
+
+/// `v` as JSON with every object's members sorted by key.
+fn canonical(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().collect();
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// As [`load`], with each tenant's [`TenantSource`] (`None` only if the tenant cannot
+/// be found again in the file's tree, which is then treated as a change).
+pub fn load_with_sources(
+    path: &Path,
+) -> Result<Vec<(TenantConfig, Option<TenantSource>)>, ConfigError> {
+    let built = read_built(path)?;
+    let display = path.display().to_string();
+    let tree = built
+        .clone()
+        .try_deserialize::<serde_json::Value>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))?;
+    let raw = built
+        .try_deserialize::<RawFile>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))?;
+    let tenants = validate(raw)?;
+    Ok(tenants
+        .into_iter()
+        .map(|t| {
+            let source = tree
+                .get("tenants")
+                .and_then(|all| all.get(&t.id))
+                .map(TenantSource::of);
+            (t, source)
+        })
+        .collect())
+}
+
 fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
+    let display = path.display().to_string();
+    read_built(path)?
+        .try_deserialize::<RawFile>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))
+}
+
+/// The file merged with the environment overrides, not yet deserialized.
+fn read_built(path: &Path) -> Result<config::Config, ConfigError> {
     let display = path.display().to_string();
     if !path.is_file() {
         return Err(ConfigError::Load {
@@ -632,7 +720,7 @@ fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
             message: "no such file".into(),
         });
     }
-    let built = config::Config::builder()
+    config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Json))
         .add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -642,12 +730,9 @@ fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
         )
         .build()
         .map_err(|e| ConfigError::Load {
-            path: display.clone(),
+            path: display,
             message: e.to_string(),
-        })?;
-    built
-        .try_deserialize::<RawFile>()
-        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))
+        })
 }
 
 /// Validates raw tenants into domain types. Errors name the tenant and key.

@@ -15,6 +15,7 @@ pub mod error;
 pub mod fetch;
 pub mod fhir;
 pub mod forward;
+pub mod limits;
 pub mod pipeline;
 pub mod registry;
 pub mod rewrite;

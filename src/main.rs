@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use smart_fhir_proxy::audit;
 use smart_fhir_proxy::cursor::{self, CursorKey};
 use smart_fhir_proxy::fhir::CompartmentIndex;
+use smart_fhir_proxy::limits::{self, RateLimiter, RateSettings};
 use smart_fhir_proxy::registry::TenantRegistry;
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
@@ -132,6 +133,73 @@ struct ServeArgs {
     /// unrecorded), `drop` answers and counts the lost record.
     #[arg(long, env = "SFP_AUDIT_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
     audit_overflow: AuditOverflow,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Request limits (README, *Limits*).
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Largest request head in bytes (HTTP/1 request line and headers, HTTP/2 header
+    /// list); larger heads are refused with 431.
+    #[arg(long, env = "SFP_MAX_HEADER_BYTES",
+          default_value_t = server::DEFAULT_MAX_HEADER_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(server::MIN_HEADER_BYTES as u64..=16 * 1024 * 1024))]
+    max_header_bytes: u64,
+    /// Most header lines in a request; more are refused with 431.
+    #[arg(long, env = "SFP_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_headers: u64,
+    /// Requests handled at once; beyond, a request is answered 503 with `Retry-After: 1`
+    /// at once, not queued.
+    #[arg(long, env = "SFP_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_concurrent_requests: u64,
+    /// Per-client rate limit: `N` or `N/s`, `N/min`, `N/h` (off when unset). The client
+    /// is the token's client id when the token verifies, else its address. Over it: 429.
+    #[arg(long, env = "SFP_RATE_LIMIT_PER_CLIENT", value_name = "RATE",
+          value_parser = limits::parse_rate)]
+    rate_limit_per_client: Option<f64>,
+    /// The bucket's size: requests a client may send in a burst before the rate holds
+    /// it back (default: one second's worth of the rate, at least 1).
+    #[arg(long, env = "SFP_RATE_BURST", requires = "rate_limit_per_client",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: Option<u32>,
+    /// Proxies (load balancers) in front of this one whose `X-Forwarded-For` entries
+    /// are believed; 0: the peer's address is the client's.
+    #[arg(long, env = "SFP_TRUST_FORWARDED_FOR", value_name = "HOPS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=16))]
+    trust_forwarded_for: u64,
+    /// On SIGTERM or SIGINT: seconds requests in flight may take to finish before the
+    /// remaining connections are closed.
+    #[arg(long, env = "SFP_SHUTDOWN_GRACE_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    shutdown_grace_seconds: u64,
+}
+
+impl LimitArgs {
+    fn server_limits(&self, max_body_bytes: usize) -> Limits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Limits {
+            max_body_bytes,
+            max_header_bytes: size(self.max_header_bytes),
+            max_headers: size(self.max_headers),
+            max_concurrent_requests: size(self.max_concurrent_requests),
+            trust_forwarded_for: size(self.trust_forwarded_for),
+            ..Limits::default()
+        }
+    }
+
+    fn rate_limiter(&self) -> Option<Arc<RateLimiter>> {
+        let per_second = self.rate_limit_per_client?;
+        let burst = self
+            .rate_burst
+            .unwrap_or_else(|| RateSettings::default_burst(per_second));
+        Some(Arc::new(RateLimiter::new(RateSettings {
+            per_second,
+            burst,
+        })))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -303,8 +371,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let rate_limit = args.limits.rate_limiter();
         let shared = match Shared::new() {
-            Ok(s) => Shared { cursors, ..s },
+            Ok(s) => Shared {
+                cursors,
+                rate_limit,
+                ..s
+            },
             Err(e) => {
                 tracing::error!(error = %e, "start-up failed");
                 return ExitCode::FAILURE;
@@ -324,16 +397,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         registry.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
         tracing::info!(listen = %local, tenants = ?registry.ids(), "smart-fhir-proxy listening");
         let app = stack::build(Arc::clone(&registry), shared);
-        let limits = Limits {
-            max_body_bytes: args.max_body_bytes,
-            ..Limits::default()
-        };
+        let limits = args.limits.server_limits(args.max_body_bytes);
         server::serve(
             listener,
             app,
             limits,
             shutdown_signal(),
-            Duration::from_secs(10),
+            Duration::from_secs(args.limits.shutdown_grace_seconds),
         )
         .await;
         // Records still queued are written before the process ends.

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
+//! LimitRate         rate limit by address for requests no verified token pays for
 //! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
 //! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
 //! ValidateToken     stage 1: VerifiedToken
+//! ChargeClient      rate limit by the token's client id
 //! CheckScope        stage 2: ScopeGrant
 //! Authorize         stage 3: Permit
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
@@ -30,6 +32,7 @@ use crate::discovery::{Capabilities, ServeDiscovery};
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
 use crate::forward::Forward;
+use crate::limits::{ChargeClient, LimitRateLayer, RateLimiter};
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
 use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
@@ -167,7 +170,8 @@ pub fn render_error(
     realm: Option<&str>,
 ) -> ProxyResponse {
     let status = e.status();
-    if status.is_server_error() {
+    // A shed request is logged at debug only: under overload a line each would add to it.
+    if status.is_server_error() && !matches!(e, ProxyError::Limit(_)) {
         tracing::warn!(error = ?e, authz.reason = e.reason(), "request failed");
     } else {
         tracing::debug!(error = %e, authz.reason = e.reason(), "request refused");
@@ -189,6 +193,9 @@ pub fn render_error(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-store"),
     );
+    if let Some(secs) = e.retry_after_secs() {
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     if let ProxyError::Request(r) = e
         && let Some(allow) = r.allow()
     {
@@ -213,11 +220,15 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
     let svc = ServiceBuilder::new()
         .layer(RenderErrorsLayer)
+        .layer(LimitRateLayer::new(shared.rate_limit.clone()))
         .layer(StageLayer::new(ResolveTenant::new(registry)))
         .layer(StageLayer::new(ServeDiscovery::new(Arc::clone(
             &capabilities,
         ))))
         .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
+        .layer(StageLayer::new(ChargeClient::new(
+            shared.rate_limit.clone(),
+        )))
         .layer(StageLayer::new(CheckScope))
         .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
         .layer(StageLayer::new(RewriteSearch::new(
@@ -237,6 +248,8 @@ pub struct Shared {
     /// deployment of several instances must set one (`main` does, from the
     /// environment).
     pub cursors: crate::cursor::CursorKey,
+    /// Per-client rate limit (`limits`); `None` (the default): off.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Shared {
@@ -248,6 +261,7 @@ impl Shared {
             tokens: Arc::new(crate::token::TokenVerifier::new(http.clone())),
             upstream: Upstream::new(http)?,
             cursors: crate::cursor::CursorKey::generate(crate::cursor::DEFAULT_TTL_SECONDS)?,
+            rate_limit: None,
         })
     }
 }
