@@ -13,6 +13,7 @@
 use http::StatusCode;
 
 use crate::authz::{AuthorizeError, AuthzError};
+use crate::cors::CorsError;
 use crate::cursor::CursorError;
 use crate::discovery::DiscoveryError;
 use crate::fhir::RequestError;
@@ -40,6 +41,9 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    /// A CORS preflight the tenant does not allow.
+    #[error(transparent)]
+    Cors(#[from] CorsError),
     /// The audit record of an answer could not be queued and the audit sink fails
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
@@ -129,6 +133,7 @@ impl ProxyError {
             ProxyError::Authz(e) => e.status(),
             ProxyError::Upstream(e) => e.status(),
             ProxyError::Cursor(e) => e.status(),
+            ProxyError::Cors(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -159,6 +164,7 @@ impl ProxyError {
             ProxyError::Authz(e) => e.reason(),
             ProxyError::Upstream(e) => e.reason(),
             ProxyError::Cursor(e) => e.reason(),
+            ProxyError::Cors(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
             ProxyError::Internal(_) => "internal",
         }

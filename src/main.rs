@@ -132,6 +132,13 @@ struct ServeArgs {
     /// unrecorded), `drop` answers and counts the lost record.
     #[arg(long, env = "SFP_AUDIT_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
     audit_overflow: AuditOverflow,
+    /// PEM certificate chain of the HTTPS listener (with `--tls-key`: `--listen` then
+    /// speaks HTTPS only). Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "SFP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SFP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -284,6 +291,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match server::tls::ServerTls::load(cert, key) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                eprintln!("invalid configuration: --tls-cert/--tls-key: {e}");
+                tracing::error!(error = %e, "invalid tls certificate or key");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     let cursors = match cursor_key(&args) {
         Ok(k) => k,
         Err(e) => {
@@ -322,20 +340,39 @@ fn serve(args: ServeArgs) -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_default();
         registry.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
-        tracing::info!(listen = %local, tenants = ?registry.ids(), "smart-fhir-proxy listening");
+        if let Some(tls) = &tls {
+            tls.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(listen = %local, scheme, tenants = ?registry.ids(), "smart-fhir-proxy listening");
         let app = stack::build(Arc::clone(&registry), shared);
         let limits = Limits {
             max_body_bytes: args.max_body_bytes,
             ..Limits::default()
         };
-        server::serve(
-            listener,
-            app,
-            limits,
-            shutdown_signal(),
-            Duration::from_secs(10),
-        )
-        .await;
+        match &tls {
+            Some(tls) => {
+                server::serve_tls(
+                    listener,
+                    tls,
+                    app,
+                    limits,
+                    shutdown_signal(),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+            None => {
+                server::serve(
+                    listener,
+                    app,
+                    limits,
+                    shutdown_signal(),
+                    Duration::from_secs(10),
+                )
+                .await
+            }
+        }
         // Records still queued are written before the process ends.
         audit::drain(Duration::from_secs(5));
         ExitCode::SUCCESS

@@ -3,6 +3,9 @@
 //! oversized body is refused with 413, one that does not arrive in time with 408 and a
 //! broken one (bad chunked encoding) with 400, without reaching any stage. A connection
 //! that has not sent a whole request head within the header timeout is closed.
+//!
+//! With a certificate ([`serve_tls`], module [`tls`]) the listener speaks HTTPS only;
+//! the TLS handshake counts against the same header timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,12 +22,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::error::ProxyError;
 use crate::pipeline::ProxyResponse;
 use crate::stack::{App, render_error};
 use crate::tenant::TenantError;
+
+pub mod tls;
 
 /// Server-wide limits.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +56,30 @@ impl Default for Limits {
 /// (bounded by `drain`).
 pub async fn serve(
     listener: TcpListener,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    serve_on(listener, None, app, limits, shutdown, drain).await;
+}
+
+/// [`serve`] over TLS: every connection is HTTPS, with the certificate `tls` serves
+/// at the time of its handshake.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: &tls::ServerTls,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    serve_on(listener, Some(tls.acceptor()), app, limits, shutdown, drain).await;
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
     app: App,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -85,9 +115,33 @@ pub async fn serve(
             let app = app.clone();
             async move { Ok::<_, Infallible>(handle(app, req, limits, peer).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
         tokio::spawn(async move {
+            let io = match acceptor {
+                None => tls::Conn::Plain(stream),
+                // A peer that stalls in the handshake is dropped like one that sends
+                // no request head.
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(head_deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => tls::Conn::Tls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                "no tls handshake within the header timeout: connection closed"
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = watcher.watch(conn.into_owned());
             let mut conn = std::pin::pin!(conn);
             // hyper's header timeout runs only once the protocol is known, i.e. after the
             // first bytes of an HTTP/1 request, and HTTP/2 has none: a connection that
@@ -98,7 +152,7 @@ pub async fn serve(
             let result = tokio::select! {
                 result = conn.as_mut() => result,
                 () = first_request.notified() => conn.await,
-                () = tokio::time::sleep(limits.header_read_timeout) => {
+                () = tokio::time::sleep_until(head_deadline) => {
                     tracing::debug!("no request head within the header timeout: connection closed");
                     return;
                 }

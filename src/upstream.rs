@@ -101,6 +101,10 @@ pub struct Upstream {
     /// Upstream access tokens by (configuration generation, tenant): a reload with a new
     /// upstream or new credentials never reuses a token fetched for the old ones.
     tokens: Cache<(u64, String), UpstreamToken>,
+    /// Connection pools of tenants with TLS settings of their own (`upstream.tls`: a
+    /// private CA, a client certificate), by the settings' load id: a pool is never
+    /// shared between different settings, and one that was reloaded away idles out.
+    tls_clients: Cache<u64, HyperClient>,
 }
 
 /// What the stages need of an upstream FHIR server: one request out, one bounded
@@ -138,29 +142,45 @@ pub struct Fetched {
 
 impl Upstream {
     pub fn new(http: reqwest::Client) -> Result<Self, String> {
-        let mut http_connector = HttpConnector::new();
-        http_connector.enforce_http(false);
-        http_connector.set_nodelay(true);
-        http_connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| format!("cannot load TLS roots: {e}"))?
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http_connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(tls);
+            .wrap_connector(http_connector());
         Ok(Upstream {
-            client,
+            client: pooled(tls),
             http,
             tokens: Cache::builder()
                 .max_capacity(1_000)
                 .expire_after(UpstreamTokenExpiry)
                 .build(),
+            tls_clients: Cache::builder()
+                .max_capacity(1_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
         })
+    }
+
+    /// The pooled client of a tenant's upstream: the shared one, or the one built for
+    /// the tenant's own TLS settings (HTTPS only: configuration refuses `upstream.tls`
+    /// with an `http` base).
+    async fn client_for(&self, up: &UpstreamConfig) -> HyperClient {
+        let Some(tls) = &up.tls else {
+            return self.client.clone();
+        };
+        self.tls_clients
+            .get_with(tls.id(), async {
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls.config().clone())
+                    .https_only()
+                    .enable_http1()
+                    .enable_http2()
+                    .wrap_connector(http_connector());
+                pooled(connector)
+            })
+            .await
     }
 
     /// Sends `out` to the tenant's upstream and reads the whole answer, bounded by the
@@ -235,8 +255,9 @@ impl Upstream {
         let request = builder
             .body(body)
             .map_err(|_| UpstreamError::BadResponse("outbound request"))?;
+        let client = self.client_for(up).await;
         let exchange = async {
-            let resp = self.client.request(request).await.map_err(|e| {
+            let resp = client.request(request).await.map_err(|e| {
                 tracing::warn!(tenant.id = %cfg.id, error = %e, "upstream request failed");
                 if e.is_connect() {
                     UpstreamError::Unreachable
@@ -288,6 +309,21 @@ impl Upstream {
             .map(|t| t.value)
             .map_err(|e: Arc<UpstreamError>| (*e).clone())
     }
+}
+
+fn http_connector() -> HttpConnector {
+    let mut http_connector = HttpConnector::new();
+    http_connector.enforce_http(false);
+    http_connector.set_nodelay(true);
+    http_connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    http_connector
+}
+
+fn pooled(connector: HttpsConnector) -> HyperClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .build(connector)
 }
 
 #[derive(Clone)]
@@ -522,6 +558,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
             compartment_search: crate::config::CompartmentSearch::Native,
+            tls: None,
         }
     }
 

@@ -26,6 +26,17 @@ impl Proxy {
     }
 
     pub fn start_with_env(build: impl FnOnce(u16) -> Value, env: &[(&str, &str)]) -> Proxy {
+        Self::start_with_args(build, &[], env)
+    }
+
+    /// As [`Proxy::start_with_env`], with extra command-line arguments. With
+    /// `--tls-cert` the proxy speaks HTTPS only, so it is ready once it logs that it
+    /// listens (the plain `/_health` probe cannot reach it).
+    pub fn start_with_args(
+        build: impl FnOnce(u16) -> Value,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         use std::os::unix::process::CommandExt;
         let port = support::free_port();
         let dir = tempfile::tempdir().unwrap();
@@ -43,6 +54,7 @@ impl Proxy {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--reload-poll-seconds")
             .arg("1")
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -53,8 +65,23 @@ impl Proxy {
         }
         let child = cmd.spawn().unwrap();
         let proxy = Proxy { child, port, dir };
-        proxy.wait_ready();
+        if args.iter().any(|a| a == "--tls-cert") {
+            proxy.wait_listening();
+        } else {
+            proxy.wait_ready();
+        }
         proxy
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log().contains("smart-fhir-proxy listening") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy did not start listening; log:\n{}", self.log());
     }
 
     fn wait_ready(&self) {
