@@ -174,6 +174,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     config::CompartmentSearch::ByParameter => "searched by linking parameter",
                 };
                 println!("    upstream     {} ({compartments})", t.upstream.base);
+                if let Some(tls) = &t.upstream.tls {
+                    println!("    upstream tls {}", tls.summary());
+                }
                 println!("    issuers      {}", t.token.issuers.join(", "));
                 println!("    audience     {}", t.token.audience);
                 println!("    jwks         {}", t.token.jwks_uri);
@@ -185,6 +188,18 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     .collect();
                 println!("    algorithms   {}", algs.join(", "));
                 println!("    authz        {:?}", t.authorization);
+                if let Some(cors) = &t.cors {
+                    let origins = match &cors.origins {
+                        config::CorsOrigins::Any => "*".to_owned(),
+                        config::CorsOrigins::List(l) => l.join(", "),
+                    };
+                    let credentials = if cors.allow_credentials {
+                        ", with credentials"
+                    } else {
+                        ""
+                    };
+                    println!("    cors         {origins}{credentials}");
+                }
                 let doc = discovery::smart_configuration(t);
                 println!(
                     "    capabilities {}",

@@ -144,6 +144,18 @@ impl ClientTls {
         self.id
     }
 
+    /// What is trusted and presented, for `check-config`.
+    pub fn summary(&self) -> String {
+        let trust = match &self.ca_file {
+            Some(p) => format!("trusts {}", p.display()),
+            None => "trusts the system roots".to_owned(),
+        };
+        match &self.client_cert_file {
+            Some(p) => format!("{trust}, presents {}", p.display()),
+            None => trust,
+        }
+    }
+
     /// Whether a client certificate is presented.
     pub fn has_identity(&self) -> bool {
         self.client_cert_file.is_some()
