@@ -67,14 +67,28 @@ pub enum TlsFile {
 /// the system's roots) and the client certificate to present, if any.
 ///
 /// Each load has its own [`ClientTls::id`], so a connection pool built for it is never
-/// reused for other files (a reload re-reads the files and gets a new id).
+/// reused for other files (a reload re-reads the files and gets a new id). Two loads
+/// are equal (`==`) when they read the same files with the same bytes, so a reload can
+/// tell an unchanged setting from a changed one.
 #[derive(Clone)]
 pub struct ClientTls {
     id: u64,
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
+    /// The bytes of the CA, certificate and key files as read (never shown).
+    material: Arc<[Vec<u8>; 3]>,
     config: Arc<rustls::ClientConfig>,
 }
+
+impl PartialEq for ClientTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file
+            && self.client_cert_file == other.client_cert_file
+            && self.material == other.material
+    }
+}
+
+impl Eq for ClientTls {}
 
 impl fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -92,10 +106,12 @@ impl ClientTls {
         ca_file: Option<&Path>,
         identity: Option<(&Path, &Path)>,
     ) -> Result<ClientTls, (TlsFile, String)> {
+        let mut material: [Vec<u8>; 3] = Default::default();
         let mut roots = rustls::RootCertStore::empty();
         match ca_file {
             Some(path) => {
                 let pem = read_pem_file(path).map_err(|m| (TlsFile::Ca, m))?;
+                material[0].clone_from(&pem);
                 let certs = parse_certs(&pem).map_err(|m| (TlsFile::Ca, m))?;
                 for cert in certs {
                     roots
@@ -123,8 +139,10 @@ impl ClientTls {
             Some((cert_path, key_path)) => {
                 let pem = read_pem_file(cert_path).map_err(|m| (TlsFile::ClientCert, m))?;
                 let chain = parse_certs(&pem).map_err(|m| (TlsFile::ClientCert, m))?;
+                material[1] = pem;
                 let pem = read_pem_file(key_path).map_err(|m| (TlsFile::ClientKey, m))?;
                 let key = parse_key(&pem).map_err(|m| (TlsFile::ClientKey, m))?;
+                material[2] = pem;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| (TlsFile::ClientKey, key_error(&e)))?
@@ -135,6 +153,7 @@ impl ClientTls {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             ca_file: ca_file.map(Path::to_owned),
             client_cert_file: identity.map(|(c, _)| c.to_owned()),
+            material: Arc::new(material),
             config: Arc::new(config),
         })
     }
@@ -221,6 +240,15 @@ mod tests {
         assert!(a.has_identity());
         assert!(!b.has_identity());
         assert_ne!(a.id(), b.id(), "every load has its own id");
+        // The same files read again are equal; other bytes are not.
+        let again = ClientTls::load(Some(&ca), Some((&c, &k))).unwrap();
+        assert_ne!(again.id(), a.id());
+        assert_eq!(again, a);
+        assert_ne!(a, b);
+        let (cert2, key2) = pair("client.test");
+        std::fs::write(&c, &cert2).unwrap();
+        std::fs::write(&k, &key2).unwrap();
+        assert_ne!(ClientTls::load(Some(&ca), Some((&c, &k))).unwrap(), a);
         assert!(a.config().client_auth_cert_resolver.has_certs());
         assert!(!b.config().client_auth_cert_resolver.has_certs());
         // Debug names the files, never key material.
