@@ -160,6 +160,22 @@ async fn https_with_a_test_ca_serves_the_real_upstream_over_http1_and_h2() {
     let proxy = https_proxy(dir.path(), &server);
     let base = https_base(&proxy);
 
+    // A peer that never starts the handshake is dropped after the header timeout (10 s),
+    // checked at the end of the test.
+    let port = proxy.port;
+    let silent = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => Ok(()),
+            Ok(n) => Err(format!("{n} bytes answered to nothing")),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+            Err(e) => Err(format!("not closed: {e}")),
+        }
+    });
+
     let token = support::token("patient-p1", "patient/Patient.rs", &base).await;
     let resp = https_client(&ca)
         .get(format!("{base}/Patient/p1"))
@@ -238,6 +254,11 @@ async fn https_with_a_test_ca_serves_the_real_upstream_over_http1_and_h2() {
         .send()
         .await;
     assert!(untrusting.is_err(), "{untrusting:?}");
+
+    let closed = tokio::task::spawn_blocking(move || silent.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(closed, Ok(()));
 }
 
 /// Waits, bounded, until `done` holds.
