@@ -27,12 +27,16 @@ LAYERS = {
     "fhir": 0,
     "fetch": 0,
     "pipeline": 0,
+    # TLS material: PEM files, client TLS configurations (private CA, client certs)
+    "tls": 0,
     # 1: configuration types (validated into domain types); the SMART scope grammar
     "config": 1,
     "smart": 1,
     # 2: the audit sink every stage writes to; the resolved tenant (stage 0's model)
     "audit": 2,
     "tenant": 2,
+    # the CORS decisions (pure; applied by the stack's outermost layer)
+    "cors": 2,
     # 3: the upstream FHIR client (I/O adapter used by discovery, authz and forward)
     "upstream": 3,
     # 4..8: the stages, in request order

@@ -12,8 +12,10 @@
 #   - cargo-deny (crates.io, the pinned CARGO_DENY_VERSION of scripts/lib/common.sh),
 #     for scripts/check-supply-chain.sh: `cargo install --locked` into cargo's own bin
 #     directory, only when that version is missing there (so a second clone skips it)
+#   - headless Chromium (Debian's `chromium`) for the CORS browser test, from apt when
+#     /usr/bin/chromium is missing and this runs as root
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
-# Maven 3.8+, cargo, curl. Nothing from apt unless
+# Maven 3.8+, cargo, curl. Nothing else from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
@@ -116,6 +118,19 @@ else
   cargo install "${install_args[@]}" >&2 || die "cargo install cargo-deny@$CARGO_DENY_VERSION failed"
   [[ $(cargo deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]] \
     || die "cargo-deny $CARGO_DENY_VERSION was installed but \`cargo deny\` does not run it (is cargo's bin directory on PATH?)"
+fi
+
+# --- Chromium --------------------------------------------------------------------------
+# The CORS test runs a SMART fetch in a real browser (tests/e2e/cors.rs): Debian's package.
+if [[ -x /usr/bin/chromium ]]; then
+  log "chromium present (/usr/bin/chromium)"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing chromium from apt"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+  [[ -x /usr/bin/chromium ]] || die "chromium was installed but /usr/bin/chromium is missing"
+else
+  die "Debian's chromium package is required for the CORS browser test (apt-get install chromium)"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -13,6 +13,7 @@
 use http::StatusCode;
 
 use crate::authz::{AuthorizeError, AuthzError};
+use crate::cors::CorsError;
 use crate::cursor::CursorError;
 use crate::discovery::DiscoveryError;
 use crate::fhir::RequestError;
@@ -44,6 +45,9 @@ pub enum ProxyError {
     /// Refused by a limit (load shedding, rate limit) before the work is done.
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// A CORS preflight the tenant does not allow.
+    #[error(transparent)]
+    Cors(#[from] CorsError),
     /// The audit record of an answer could not be queued and the audit sink fails
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
@@ -143,6 +147,7 @@ impl ProxyError {
             ProxyError::Upstream(e) => e.status(),
             ProxyError::Cursor(e) => e.status(),
             ProxyError::Limit(e) => e.status(),
+            ProxyError::Cors(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -177,6 +182,7 @@ impl ProxyError {
             ProxyError::Upstream(e) => e.reason(),
             ProxyError::Cursor(e) => e.reason(),
             ProxyError::Limit(e) => e.reason(),
+            ProxyError::Cors(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
             ProxyError::Internal(_) => "internal",
         }

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod authz;
 pub mod config;
+pub mod cors;
 pub mod cursor;
 pub mod discovery;
 pub mod error;
@@ -25,5 +26,6 @@ pub mod server;
 pub mod smart;
 pub mod stack;
 pub mod tenant;
+pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -29,6 +29,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the serve variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
@@ -133,6 +135,13 @@ struct ServeArgs {
     /// unrecorded), `drop` answers and counts the lost record.
     #[arg(long, env = "SFP_AUDIT_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
     audit_overflow: AuditOverflow,
+    /// PEM certificate chain of the HTTPS listener (with `--tls-key`: `--listen` then
+    /// speaks HTTPS only). Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "SFP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SFP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -235,6 +244,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     config::CompartmentSearch::ByParameter => "searched by linking parameter",
                 };
                 println!("    upstream     {} ({compartments})", t.upstream.base);
+                if let Some(tls) = &t.upstream.tls {
+                    println!("    upstream tls {}", tls.summary());
+                }
                 println!("    issuers      {}", t.token.issuers.join(", "));
                 println!("    audience     {}", t.token.audience);
                 println!("    jwks         {}", t.token.jwks_uri);
@@ -246,6 +258,18 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     .collect();
                 println!("    algorithms   {}", algs.join(", "));
                 println!("    authz        {:?}", t.authorization);
+                if let Some(cors) = &t.cors {
+                    let origins = match &cors.origins {
+                        config::CorsOrigins::Any => "*".to_owned(),
+                        config::CorsOrigins::List(l) => l.join(", "),
+                    };
+                    let credentials = if cors.allow_credentials {
+                        ", with credentials"
+                    } else {
+                        ""
+                    };
+                    println!("    cors         {origins}{credentials}");
+                }
                 let doc = discovery::smart_configuration(t);
                 println!(
                     "    capabilities {}",
@@ -352,6 +376,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match server::tls::ServerTls::load(cert, key) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                eprintln!("invalid configuration: --tls-cert/--tls-key: {e}");
+                tracing::error!(error = %e, "invalid tls certificate or key");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     let cursors = match cursor_key(&args) {
         Ok(k) => k,
         Err(e) => {
@@ -395,17 +430,20 @@ fn serve(args: ServeArgs) -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_default();
         registry.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
-        tracing::info!(listen = %local, tenants = ?registry.ids(), "smart-fhir-proxy listening");
+        if let Some(tls) = &tls {
+            tls.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(listen = %local, scheme, tenants = ?registry.ids(), "smart-fhir-proxy listening");
         let app = stack::build(Arc::clone(&registry), shared);
         let limits = args.limits.server_limits(args.max_body_bytes);
-        server::serve(
-            listener,
-            app,
-            limits,
-            shutdown_signal(),
-            Duration::from_secs(args.limits.shutdown_grace_seconds),
-        )
-        .await;
+        let drain = Duration::from_secs(args.limits.shutdown_grace_seconds);
+        match &tls {
+            Some(tls) => {
+                server::serve_tls(listener, tls, app, limits, shutdown_signal(), drain).await
+            }
+            None => server::serve(listener, app, limits, shutdown_signal(), drain).await,
+        }
         // Records still queued are written before the process ends.
         audit::drain(Duration::from_secs(5));
         ExitCode::SUCCESS

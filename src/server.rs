@@ -13,6 +13,9 @@
 //! Shutdown: once `shutdown` resolves the listener is closed (new connections are
 //! refused), idle connections are closed, and requests in flight may finish within the
 //! drain time; then the remaining connections are dropped.
+//!
+//! With a certificate ([`serve_tls`], module [`tls`]) the listener speaks HTTPS only;
+//! the TLS handshake counts against the same header timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,6 +32,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::audit::AuditSlot;
@@ -37,6 +41,8 @@ use crate::limits::{LimitError, client_addr};
 use crate::pipeline::{ClientAddr, ProxyResponse};
 use crate::stack::{App, render_error};
 use crate::tenant::TenantError;
+
+pub mod tls;
 
 /// The smallest request-head limit hyper takes (its initial read buffer).
 pub const MIN_HEADER_BYTES: usize = 8192;
@@ -86,6 +92,30 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    serve_on(listener, None, app, limits, shutdown, drain).await;
+}
+
+/// [`serve`] over TLS: every connection is HTTPS, with the certificate `tls` serves
+/// at the time of its handshake.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: &tls::ServerTls,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    serve_on(listener, Some(tls.acceptor()), app, limits, shutdown, drain).await;
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     let max_header_bytes = limits.max_header_bytes.max(MIN_HEADER_BYTES);
@@ -128,9 +158,33 @@ pub async fn serve(
             let in_flight = Arc::clone(&in_flight);
             async move { Ok::<_, Infallible>(handle(app, req, limits, peer, &in_flight).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
         tokio::spawn(async move {
+            let io = match acceptor {
+                None => tls::Conn::Plain(stream),
+                // A peer that stalls in the handshake is dropped like one that sends
+                // no request head.
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(head_deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => tls::Conn::Tls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                "no tls handshake within the header timeout: connection closed"
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = watcher.watch(conn.into_owned());
             let mut conn = std::pin::pin!(conn);
             // hyper's header timeout runs only once the protocol is known, i.e. after the
             // first bytes of an HTTP/1 request, and HTTP/2 has none: a connection that
@@ -141,7 +195,7 @@ pub async fn serve(
             let result = tokio::select! {
                 result = conn.as_mut() => result,
                 () = first_request.notified() => conn.await,
-                () = tokio::time::sleep(limits.header_read_timeout) => {
+                () = tokio::time::sleep_until(head_deadline) => {
                     tracing::debug!("no request head within the header timeout: connection closed");
                     return;
                 }

@@ -1,6 +1,7 @@
 //! THE one place that orders the layers. Read top to bottom: request order.
 //!
 //! ```text
+//! ApplyCors         CORS preflights answered; the tenant's CORS headers on every answer
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
 //! LimitRate         rate limit by address for requests no verified token pays for
 //! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
@@ -39,6 +40,9 @@ use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
+
+mod apply_cors;
+pub use apply_cors::{ApplyCors, ApplyCorsLayer};
 
 /// The tower adapter around a [`Stage`].
 pub struct StageLayer<St>(Arc<St>);
@@ -219,6 +223,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     // restricted searches to the parameters it declares.
     let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
     let svc = ServiceBuilder::new()
+        .layer(ApplyCorsLayer::new(Arc::clone(&registry)))
         .layer(RenderErrorsLayer)
         .layer(LimitRateLayer::new(shared.rate_limit.clone()))
         .layer(StageLayer::new(ResolveTenant::new(registry)))

@@ -144,9 +144,13 @@ impl Upstream {
     pub fn new(http: reqwest::Client) -> Result<Self, String> {
         // Built once here so that a machine without usable TLS roots fails at start-up,
         // not on a request; each tenant's client is built on its first request.
-        build_client(ConnectSettings {
-            connect_timeout: Duration::from_secs(2),
-        })?;
+        build_client(
+            ConnectSettings {
+                connect_timeout: Duration::from_secs(2),
+                tls: None,
+            },
+            None,
+        )?;
         Ok(Upstream {
             clients: Cache::builder()
                 .max_capacity(MAX_CLIENTS)
@@ -277,8 +281,9 @@ impl Upstream {
     /// The pooled client that connects as `up` says.
     async fn client_for(&self, up: &UpstreamConfig) -> Result<HyperClient, UpstreamError> {
         let settings = ConnectSettings::of(up);
+        let tls = up.tls.as_ref().map(|t| t.config());
         self.clients
-            .try_get_with(settings, async move { build_client(settings) })
+            .try_get_with(settings, async move { build_client(settings, tls) })
             .await
             .map_err(|e: Arc<String>| {
                 tracing::error!(error = %e, "cannot build the upstream client");
@@ -300,19 +305,24 @@ impl Upstream {
 }
 
 /// How connections to an upstream are made: what tells one tenant's client from
-/// another's. The connect timeout is a property of the connector, so tenants with
-/// different ones cannot share a client.
+/// another's. The connect timeout and the TLS settings are properties of the
+/// connector, so tenants that differ in either cannot share a client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnectSettings {
     /// Bound on establishing one TCP connection (`upstream.connect_timeout_ms`); a
     /// connection not made in time fails the request with 502 `upstream_unreachable`.
     pub connect_timeout: Duration,
+    /// The load id of the tenant's own TLS settings (`upstream.tls`: a private CA, a
+    /// client certificate); `None`: the system's roots, no client certificate. A pool
+    /// is never shared between different settings, and one reloaded away idles out.
+    pub tls: Option<u64>,
 }
 
 impl ConnectSettings {
     pub fn of(up: &UpstreamConfig) -> Self {
         ConnectSettings {
             connect_timeout: up.connect_timeout,
+            tls: up.tls.as_ref().map(|t| t.id()),
         }
     }
 }
@@ -325,22 +335,36 @@ const MAX_CLIENTS: u64 = 1024;
 /// a new one).
 const CLIENT_IDLE: Duration = Duration::from_secs(3600);
 
-fn build_client(settings: ConnectSettings) -> Result<HyperClient, String> {
+/// A pooled client connecting as `settings` say; `tls` is the tenant's own TLS
+/// configuration (HTTPS only: configuration refuses `upstream.tls` with an `http`
+/// base), else the system's roots for `https` and plain `http`.
+fn build_client(
+    settings: ConnectSettings,
+    tls: Option<&rustls::ClientConfig>,
+) -> Result<HyperClient, String> {
     let mut http_connector = HttpConnector::new();
     http_connector.enforce_http(false);
     http_connector.set_nodelay(true);
     http_connector.set_connect_timeout(Some(settings.connect_timeout));
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("cannot load TLS roots: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http_connector);
+    let connector = match tls {
+        Some(config) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config.clone())
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector),
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("cannot load TLS roots: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector),
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
-        .build(tls))
+        .build(connector))
 }
 
 #[derive(Clone)]
@@ -575,6 +599,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
             compartment_search: crate::config::CompartmentSearch::Native,
+            tls: None,
         }
     }
 

@@ -26,13 +26,15 @@ impl Proxy {
     }
 
     pub fn start_with_env(build: impl FnOnce(u16) -> Value, env: &[(&str, &str)]) -> Proxy {
-        Self::start_with_args(build, &[], env)
+        Self::start_with_args::<&str>(build, &[], env)
     }
 
-    /// As [`Proxy::start_with_env`], with more command-line flags.
-    pub fn start_with_args(
+    /// As [`Proxy::start_with_env`], with extra command-line arguments. With
+    /// `--tls-cert` the proxy speaks HTTPS only, so it is ready once it logs that it
+    /// listens (the plain `/_health` probe cannot reach it).
+    pub fn start_with_args<S: AsRef<str>>(
         build: impl FnOnce(u16) -> Value,
-        args: &[&str],
+        args: &[S],
         env: &[(&str, &str)],
     ) -> Proxy {
         use std::os::unix::process::CommandExt;
@@ -52,7 +54,7 @@ impl Proxy {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--reload-poll-seconds")
             .arg("1")
-            .args(args)
+            .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -63,8 +65,23 @@ impl Proxy {
         }
         let child = cmd.spawn().unwrap();
         let proxy = Proxy { child, port, dir };
-        proxy.wait_ready();
+        if args.iter().any(|a| a.as_ref() == "--tls-cert") {
+            proxy.wait_listening();
+        } else {
+            proxy.wait_ready();
+        }
         proxy
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log().contains("smart-fhir-proxy listening") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy did not start listening; log:\n{}", self.log());
     }
 
     fn wait_ready(&self) {
