@@ -79,14 +79,25 @@ async fn each_body_failure_has_its_own_error() {
     assert_eq!(TenantError::BodyMalformed.status(), StatusCode::BAD_REQUEST);
 }
 
-/// `serve` on a loopback port in front of an app that answers `{}` to everything.
+/// `serve` on a loopback port in front of an app that answers `{}` to everything but a
+/// request the server refused, which it answers with the error as the stack's
+/// outermost layer does.
 async fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let app: App =
-        tower::util::BoxCloneSyncService::new(tower::service_fn(|_req: Request<Bytes>| async {
-            Ok::<_, Infallible>(fhir_json(StatusCode::OK, Bytes::from_static(b"{}")))
-        }));
+    let app: App = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        |req: Request<Bytes>| async move {
+            let resp = match req.extensions().get::<BodyRefused>() {
+                Some(BodyRefused(e)) => crate::stack::render_error(
+                    &crate::error::ProxyError::Tenant(e.clone()),
+                    None,
+                    None,
+                ),
+                None => fhir_json(StatusCode::OK, Bytes::from_static(b"{}")),
+            };
+            Ok::<_, Infallible>(resp)
+        },
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(
         listener,
