@@ -163,11 +163,19 @@ where
 
     fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let audit = AuditSlot::default();
+        if let Some(id) = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            audit.set_request_id(id);
+        }
         if let Some(BodyRefused(e)) = req.extensions_mut().remove::<BodyRefused>() {
             let known = split_tenant(req.uri().path())
                 .and_then(|(id, _)| self.registry.get(id).map(|r| r.tenant));
             if let Some(tenant) = known {
                 audit.set_tenant(tenant.id());
+                audit.set_public_base(&tenant.config.public_base);
             }
             let resp = render_error(&ProxyError::Tenant(e), Some(&audit), None);
             return Box::pin(async move { Ok(resp) });
@@ -210,7 +218,7 @@ pub fn render_error(
     }
     if let Some(a) = audit {
         // A refusal goes out whether or not its record could be queued.
-        let _ = a.emit(status.as_u16(), "deny", e.reason());
+        a.emit_refusal(status.as_u16(), e.reason());
     }
     let body =
         OperationOutcome::error(e.issue_code(), e.client_reason(), e.client_message()).to_json();
