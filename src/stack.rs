@@ -38,6 +38,7 @@ use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage
 use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
+use crate::tenant::{BodyRefused, split_tenant};
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
 
@@ -110,20 +111,45 @@ where
 }
 
 /// Outermost layer: the one place a `ProxyError` becomes an OperationOutcome, and the
-/// one place the audit record is emitted.
+/// one place the audit record is emitted. A request the server refused before the stack
+/// ([`BodyRefused`]) is answered here with its error, never passed on.
 #[derive(Clone)]
-pub struct RenderErrorsLayer;
+pub struct RenderErrorsLayer {
+    registry: Arc<TenantRegistry>,
+}
+
+impl RenderErrorsLayer {
+    /// `registry` names the tenants a refused request's record may be filed under.
+    pub fn new(registry: Arc<TenantRegistry>) -> Self {
+        RenderErrorsLayer { registry }
+    }
+}
 
 impl<S> Layer<S> for RenderErrorsLayer {
     type Service = RenderErrors<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RenderErrors { inner }
+        RenderErrors {
+            inner,
+            registry: Arc::clone(&self.registry),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RenderErrors<S> {
     inner: S,
+    registry: Arc<TenantRegistry>,
+}
+
+/// The audit decision of an answer the stack released: `error` for an upstream error
+/// handed to the client as it was (an OperationOutcome with a 4xx/5xx status: nothing
+/// was released, but the proxy did not refuse either), else `allow`.
+fn released_decision(status: http::StatusCode) -> &'static str {
+    if status.is_client_error() || status.is_server_error() {
+        "error"
+    } else {
+        "allow"
+    }
 }
 
 impl<S> Service<Request<Bytes>> for RenderErrors<S>
@@ -144,6 +170,23 @@ where
 
     fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let audit = AuditSlot::default();
+        if let Some(id) = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            audit.set_request_id(id);
+        }
+        if let Some(BodyRefused(e)) = req.extensions_mut().remove::<BodyRefused>() {
+            let known = split_tenant(req.uri().path())
+                .and_then(|(id, _)| self.registry.get(id).map(|r| r.tenant));
+            if let Some(tenant) = known {
+                audit.set_tenant(tenant.id());
+                audit.set_public_base(&tenant.config.public_base);
+            }
+            let resp = render_error(&ProxyError::Tenant(e), Some(&audit), None);
+            return Box::pin(async move { Ok(resp) });
+        }
         req.extensions_mut().insert(audit.clone());
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -154,7 +197,8 @@ where
                         .get::<Decision>()
                         .map(|d| d.0)
                         .unwrap_or("allowed");
-                    match audit.emit(resp.status().as_u16(), "allow", reason) {
+                    let status = resp.status();
+                    match audit.emit(status.as_u16(), released_decision(status), reason) {
                         Ok(()) => Ok(resp),
                         // Not recorded, so not released.
                         Err(e) => Ok(render_error(&e.into(), None, None)),
@@ -182,7 +226,7 @@ pub fn render_error(
     }
     if let Some(a) = audit {
         // A refusal goes out whether or not its record could be queued.
-        let _ = a.emit(status.as_u16(), "deny", e.reason());
+        a.emit_refusal(status.as_u16(), e.reason());
     }
     let body =
         OperationOutcome::error(e.issue_code(), e.client_reason(), e.client_message()).to_json();
@@ -224,7 +268,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
     let svc = ServiceBuilder::new()
         .layer(ApplyCorsLayer::new(Arc::clone(&registry)))
-        .layer(RenderErrorsLayer)
+        .layer(RenderErrorsLayer::new(Arc::clone(&registry)))
         .layer(LimitRateLayer::new(shared.rate_limit.clone()))
         .layer(StageLayer::new(ResolveTenant::new(registry)))
         .layer(StageLayer::new(ServeDiscovery::new(Arc::clone(
@@ -270,3 +314,6 @@ impl Shared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
