@@ -397,10 +397,12 @@ impl<'a> Reader<'a> {
             }
         }
         // Like `serde_json`'s values: a number beyond the range of `f64` is an error.
-        // Only an exponent or some 300 digits can get there.
+        // Only an exponent or some 300 digits can get there. The range is `serde_json`'s
+        // own: its (fast, not correctly rounded) parsing refuses some numbers just
+        // below `f64::MAX` that `str::parse` rounds to it, e.g. `1.7976931348623158e308`.
         if exponent || p - self.pos > 300 {
             let text = self.src.get(self.pos..p).unwrap_or_default();
-            if !text.parse::<f64>().is_ok_and(f64::is_finite) {
+            if serde_json::from_str::<serde_json::Number>(text).is_err() {
                 return Err(JsonError { at: self.pos });
             }
         }
@@ -505,6 +507,35 @@ mod tests {
                 serde_json::from_str::<serde_json::Value>(s).is_err(),
                 "{s:?}"
             );
+        }
+    }
+
+    #[test]
+    fn numbers_near_the_range_of_f64_are_read_as_serde_json_reads_them() {
+        // Found by fuzzing (fuzz/regressions/json/): `str::parse` rounds the first ones
+        // down to `f64::MAX`, `serde_json` refuses them as out of range.
+        for s in [
+            "1.7976931348623158e308",
+            "-1.7976931348623158e308",
+            "17976931348623158e292",
+            "[0,-0,123456789012345678901234567890,1.7976931348623158e308,4.9e-324,1e-400]",
+            "1.7976931348623157e308",
+            "1.8e308",
+            "4.9e-324",
+            "1e-400",
+            "0e999999999999999999",
+            &format!(
+                "1797693134862315807937289714053034150799{}",
+                "0".repeat(269)
+            ),
+            &format!(
+                "1797693134862315807937289714053034150799{}",
+                "0".repeat(270)
+            ),
+            &format!("0.{}1e-10", "0".repeat(400)),
+        ] {
+            let theirs = serde_json::from_str::<serde_json::Value>(s).is_ok();
+            assert_eq!(valid(s), theirs, "{s}");
         }
     }
 
