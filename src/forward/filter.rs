@@ -366,7 +366,8 @@ fn filter_bundle(
             continue;
         }
         separate(&mut out);
-        out.extend_from_slice(member.raw_key.as_bytes());
+        // Keys are handed out too: an upstream URL in one is rewritten like any other.
+        ctx.rewrite.append(member.raw_key.as_bytes(), &mut out);
         out.push(b':');
         match key {
             "entry" => {
