@@ -10,8 +10,9 @@
 
 use std::borrow::Cow;
 
-/// Most nested arrays and objects (as `serde_json`'s default recursion limit).
-pub const MAX_DEPTH: usize = 128;
+/// Most nested arrays and objects: as many as `serde_json` reads with its default
+/// recursion limit of 128, which refuses the 128th level.
+pub const MAX_DEPTH: usize = 127;
 
 /// The text is not JSON (or nests too deeply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -545,6 +546,24 @@ mod tests {
         assert!(valid(&ok));
         let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
         assert!(!valid(&deep));
+        // Exactly serde_json's limit, for arrays, objects and both, read or skipped (the
+        // reader read one level more; fuzz/regressions/json/ has the json fuzz target's
+        // input).
+        let objects = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        let mixed = |n: usize| format!("{}{}", "[{\"a\":".repeat(n / 2), "}]".repeat(n / 2));
+        for n in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1, 128, 129] {
+            let arrays = format!("{}{}", "[".repeat(n), "]".repeat(n));
+            for s in [arrays, objects(n), mixed(n)] {
+                let theirs = serde_json::from_str::<serde_json::Value>(&s).is_ok();
+                assert_eq!(valid(&s), theirs, "{n} levels: {s}");
+                let mut r = Reader::new(&s);
+                let read = match r.peek() {
+                    Some(b'[') => r.array(|r| r.skip().map(drop)),
+                    _ => r.object(|r, _| r.skip().map(drop)),
+                };
+                assert_eq!(read.is_ok(), theirs, "{n} levels, read: {s}");
+            }
+        }
         // Far past any stack: still an error, not a crash.
         assert!(!valid(&"[".repeat(1_000_000)));
         assert!(!valid(&"{\"a\":".repeat(100_000)));
