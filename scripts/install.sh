@@ -9,8 +9,10 @@
 #     cache in Go's own caches, so a second clone builds it in seconds)
 #   - the HAPI FHIR JPA server of scripts/hapi/ (Maven Central) built into .stack/hapi
 #     by scripts/hapi/build.sh (jars cached in ~/.m2)
+#   - cargo-fuzz at .stack/cargo-fuzz/bin, for scripts/fuzz.sh: `cargo install --locked`
+#     of the pinned version from crates.io
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
-# Maven 3.8+, curl. Nothing from apt unless
+# Maven 3.8+, curl, cargo. Nothing from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
@@ -98,6 +100,20 @@ else
     || die "go install $openfga_module@$openfga_version failed"
   "$OPENFGA_BIN" version >/dev/null 2>&1 || die "$OPENFGA_BIN does not run"
   echo "$openfga_version" >"$stamp"
+fi
+
+# --- cargo-fuzz ----------------------------------------------------------------------
+# Pinned; builds and runs the fuzz targets of fuzz/ (scripts/fuzz.sh).
+cargo_fuzz_version=0.13.2
+if ! $force && [[ -x $CARGO_FUZZ && $("$CARGO_FUZZ" --version 2>/dev/null) == "cargo-fuzz $cargo_fuzz_version" ]]; then
+  log "cargo-fuzz $cargo_fuzz_version up to date ($CARGO_FUZZ)"
+else
+  command -v cargo >/dev/null || die "cargo is required to build cargo-fuzz"
+  log "building cargo-fuzz $cargo_fuzz_version (cargo install --locked)"
+  cargo install --locked --quiet --force --root "$(dirname "$(dirname "$CARGO_FUZZ")")" \
+    cargo-fuzz --version "=$cargo_fuzz_version" >&2 \
+    || die "cargo install cargo-fuzz@$cargo_fuzz_version failed"
+  "$CARGO_FUZZ" --version >/dev/null 2>&1 || die "$CARGO_FUZZ does not run"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -4,7 +4,8 @@
 # layer order of src/ (scripts/check-layers.py), tests the benchmark report generator
 # (scripts/tests/), then checks formatting and lints, and
 # runs every test: unit tests, integration tests against the real FHIR server (HAPI),
-# OpenFGA and token issuer, and the benches in test mode (each benchmark runs once).
+# OpenFGA and token issuer, the benches in test mode (each benchmark runs once), and
+# a short run of every fuzz target (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,4 +20,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # Benches first (each benchmark runs once), so the suites' summaries close the output.
 cargo test --benches --locked
+# The fuzz targets of fuzz/ for 10 s each, unoptimized (the build is most of the time:
+# about 2 min from scratch on 2 cores); longer runs: README, *Fuzzing*.
+(cd fuzz && cargo fmt -- --check)
+scripts/fuzz.sh --dev --seconds 10
 cargo test --lib --bins --tests --locked

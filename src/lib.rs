@@ -15,6 +15,9 @@ pub mod error;
 pub mod fetch;
 pub mod fhir;
 pub mod forward;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pipeline;
 pub mod registry;
 pub mod rewrite;

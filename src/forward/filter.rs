@@ -457,5 +457,6 @@ fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>,
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-mod value_path;
+// The reference check: the differential tests and the fuzz targets compare with it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod value_path;
