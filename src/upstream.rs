@@ -367,8 +367,14 @@ impl BaseRewrite<'_> {
         Bytes::from(out)
     }
 
-    /// Appends `text`, rewritten, to `out`.
+    /// Appends `text`, JSON text, rewritten, to `out`.
     pub fn append(&self, text: &[u8], out: &mut Vec<u8>) {
+        self.append_as(text, out, true);
+    }
+
+    /// `json`: `text` is JSON text, where what follows the base may be written as an
+    /// escape (`\/`, `\u002f`); otherwise it is a decoded string.
+    fn append_as(&self, text: &[u8], out: &mut Vec<u8>, json: bool) {
         let from = self.from.as_bytes();
         if from.is_empty() {
             out.extend_from_slice(text);
@@ -378,12 +384,15 @@ impl BaseRewrite<'_> {
         let mut last = 0;
         for at in memchr::memmem::find_iter(text, from) {
             // Only the whole base: `http://up/fhir` must not turn `http://up/fhir2/...`
-            // into `https://proxy/t2/...`.
+            // into `https://proxy/t2/...`, nor `http://up/fhir\u0032/...` (the same in
+            // JSON) into `https://proxy/t\u0032/...`.
             let end = at + from.len();
-            let whole = matches!(
-                text.get(end),
-                None | Some(b'/' | b'"' | b'?' | b'#' | b'\\')
-            );
+            let whole = match text.get(end) {
+                None | Some(b'/' | b'"' | b'?' | b'#') => true,
+                Some(b'\\') if json => escape_ends_base(text.get(end + 1..).unwrap_or_default()),
+                Some(b'\\') => true,
+                Some(_) => false,
+            };
             if !whole || at < last {
                 continue;
             }
@@ -400,9 +409,25 @@ impl BaseRewrite<'_> {
             return std::borrow::Cow::Borrowed(url);
         }
         let mut out = Vec::with_capacity(url.len() + 64);
-        self.append(url.as_bytes(), &mut out);
+        self.append_as(url.as_bytes(), &mut out, false);
         // Whole UTF-8 strings are spliced at UTF-8 boundaries.
         String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(url), std::borrow::Cow::Owned)
+    }
+}
+
+/// Whether the JSON escape after a backslash (`rest` starts after it) stands for a
+/// character that ends a base: `/`, `"`, `?`, `#` or a backslash (which URL parsers take
+/// for a slash).
+fn escape_ends_base(rest: &[u8]) -> bool {
+    match rest.first() {
+        Some(b'/' | b'"' | b'\\') => true,
+        Some(b'u') => rest
+            .get(1..5)
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            .is_some_and(|c| matches!(c, 0x2f | 0x22 | 0x3f | 0x23 | 0x5c)),
+        _ => false,
     }
 }
 
@@ -410,6 +435,50 @@ impl BaseRewrite<'_> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_base_followed_by_an_escape_is_whole_only_if_the_escape_ends_it() {
+        // Any escape after the base counted as its end, so a link's URL, rewritten after
+        // decoding, was rewritten otherwise than the text around it (found by the answer
+        // fuzz target, fuzz/regressions/answer/), and `fhir\u0032` (`fhir2`) became
+        // `t\u0032` (`t2`).
+        let rw = BaseRewrite {
+            from: "http://up/fhir",
+            to: "https://proxy/t",
+        };
+        let text = |s: &str| {
+            let mut out = Vec::new();
+            rw.append(s.as_bytes(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        for (json, rewritten) in [
+            (r#""http://up/fhir\/Patient\/p1""#, true),
+            (r#""http://up/fhir\u002FPatient""#, true),
+            (r#""http://up/fhir\u003fx=1""#, true),
+            (r#""http://up/fhir\u0023x""#, true),
+            (r#""http://up/fhir\"""#, true),
+            (r#""http://up/fhir\\Patient""#, true),
+            (r#""http://up/fhir\u0032/Patient""#, false),
+            (r#""http://up/fhir\tx""#, false),
+            (r#""http://up/fhir\n""#, false),
+        ] {
+            let out = text(json);
+            assert_eq!(
+                out.starts_with("\"https://proxy/t\\"),
+                rewritten,
+                "{json} -> {out}"
+            );
+            // As the decoded string is rewritten.
+            let decoded: String = serde_json::from_str(json).unwrap();
+            let url = rw.url(&decoded);
+            assert_eq!(
+                url.starts_with("https://proxy/t"),
+                rewritten,
+                "{decoded:?} -> {url}"
+            );
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), url, "{json}");
+        }
+    }
 
     fn upstream(base: &str) -> UpstreamConfig {
         UpstreamConfig {

@@ -114,6 +114,19 @@ fn malformed(body: &[u8]) -> bool {
     }
 }
 
+/// Adds the occurrences of the upstream base in the strings of `v` to `n`.
+fn count_base(v: &Value, n: &mut usize) {
+    match v {
+        Value::String(s) => *n += s.matches(UPSTREAM_BASE).count(),
+        Value::Array(items) => items.iter().for_each(|i| count_base(i, n)),
+        Value::Object(o) => o.iter().for_each(|(k, v)| {
+            *n += k.matches(UPSTREAM_BASE).count();
+            count_base(v, n);
+        }),
+        _ => {}
+    }
+}
+
 /// The entries of a Bundle's JSON, if it is one.
 fn entries(v: &Value) -> Option<&Vec<Value>> {
     (v.get("resourceType")? == "Bundle").then_some(())?;
@@ -179,7 +192,20 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(after.len() + checked.dropped, before.len(), "{}", context());
         assert!(checked.kept <= after.len(), "{}", context());
     }
+    // The reference rewrote the answer's text before reading it, so it missed an
+    // upstream base written with escapes (`http:\/\/...`), which the check, reading
+    // links decoded, rewrites: their links may differ.
+    let escaped_base = input.as_ref().is_some_and(|v| {
+        let mut decoded = 0;
+        count_base(v, &mut decoded);
+        decoded
+            > body
+                .windows(UPSTREAM_BASE.len())
+                .filter(|w| *w == UPSTREAM_BASE.as_bytes())
+                .count()
+    });
     match reference {
+        Ok(_) if escaped_base => {}
         Ok(theirs) => {
             let theirs_json: Value = serde_json::from_slice(&theirs.body)
                 .unwrap_or_else(|e| panic!("the reference released non-JSON ({e}): {}", context()));
