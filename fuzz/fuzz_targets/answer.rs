@@ -31,7 +31,8 @@ const CONTENT_TYPES: [Option<&str>; 4] = [
     None,
 ];
 
-/// Valid JSON in which no object has a member twice.
+/// Valid JSON in which no object has a member twice (nor starts with `serde_json`'s
+/// raw-value token).
 struct Strict;
 
 impl<'de> serde::Deserialize<'de> for Strict {
@@ -74,6 +75,10 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
         let mut keys = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
+            // An object that `serde_json` reads as another value (`fhir::json`).
+            if keys.is_empty() && key == "$serde_json::private::RawValue" {
+                return Err(serde::de::Error::custom("the raw-value token"));
+            }
             if !keys.insert(key) {
                 return Err(serde::de::Error::custom("a member twice"));
             }

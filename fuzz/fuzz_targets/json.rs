@@ -165,7 +165,78 @@ fn check_answer_reader(text: &str, value: Option<&Value>) {
     }
 }
 
+/// Whether some object of the JSON text starts with `serde_json`'s raw-value token,
+/// which makes `serde_json` read it as another value, so the reader refuses it.
+struct RawValueToken(bool);
+
+impl<'de> serde::Deserialize<'de> for RawValueToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TokenVisitor)
+    }
+}
+
+struct TokenVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TokenVisitor {
+    type Value = RawValueToken;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_unit<E>(self) -> Result<RawValueToken, E> {
+        Ok(RawValueToken(false))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<RawValueToken, A::Error> {
+        let mut found = false;
+        while let Some(RawValueToken(f)) = seq.next_element()? {
+            found |= f;
+        }
+        Ok(RawValueToken(found))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<RawValueToken, A::Error> {
+        let mut found = false;
+        let mut first = true;
+        while let Some(key) = map.next_key::<String>()? {
+            found |=
+                std::mem::replace(&mut first, false) && key == "$serde_json::private::RawValue";
+            let RawValueToken(f) = map.next_value()?;
+            found |= f;
+        }
+        Ok(RawValueToken(found))
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
+    if serde_json::from_slice::<RawValueToken>(data).is_ok_and(|RawValueToken(found)| found) {
+        let text = std::str::from_utf8(data).expect("serde_json read it, so it is UTF-8");
+        assert!(
+            reader_accepts(text).is_none(),
+            "read an object serde_json reads otherwise"
+        );
+        assert!(matches!(answer::read(text), Err(AnswerError::Json(_))));
+        return;
+    }
     let theirs: Option<Value> = serde_json::from_slice(data).ok();
     let Ok(text) = std::str::from_utf8(data) else {
         assert!(theirs.is_none(), "serde_json accepted invalid UTF-8");
