@@ -54,6 +54,8 @@ LAYERS = {
     "registry": 10,
     "stack": 11,
     "seed": 11,
+    # the fixtures of the fuzz targets (feature `fuzzing`): the stages run in order
+    "fuzzing": 11,
     "server": 12,
     "lib": 13,
     "main": 13,

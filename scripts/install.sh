@@ -14,6 +14,8 @@
 #     directory, only when that version is missing there (so a second clone skips it)
 #   - headless Chromium (Debian's `chromium`) for the CORS browser test, from apt when
 #     /usr/bin/chromium is missing and this runs as root
+#   - cargo-fuzz at .stack/cargo-fuzz/bin, for scripts/fuzz.sh: `cargo install --locked`
+#     of the pinned version from crates.io
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
 # Maven 3.8+, cargo, curl. Nothing else from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
@@ -131,6 +133,20 @@ elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   [[ -x /usr/bin/chromium ]] || die "chromium was installed but /usr/bin/chromium is missing"
 else
   die "Debian's chromium package is required for the CORS browser test (apt-get install chromium)"
+fi
+
+# --- cargo-fuzz ----------------------------------------------------------------------
+# Pinned; builds and runs the fuzz targets of fuzz/ (scripts/fuzz.sh).
+cargo_fuzz_version=0.13.2
+if ! $force && [[ -x $CARGO_FUZZ && $("$CARGO_FUZZ" --version 2>/dev/null) == "cargo-fuzz $cargo_fuzz_version" ]]; then
+  log "cargo-fuzz $cargo_fuzz_version up to date ($CARGO_FUZZ)"
+else
+  command -v cargo >/dev/null || die "cargo is required to build cargo-fuzz"
+  log "building cargo-fuzz $cargo_fuzz_version (cargo install --locked)"
+  cargo install --locked --quiet --force --root "$(dirname "$(dirname "$CARGO_FUZZ")")" \
+    cargo-fuzz --version "=$cargo_fuzz_version" >&2 \
+    || die "cargo install cargo-fuzz@$cargo_fuzz_version failed"
+  "$CARGO_FUZZ" --version >/dev/null 2>&1 || die "$CARGO_FUZZ does not run"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -16,6 +16,9 @@ pub mod error;
 pub mod fetch;
 pub mod fhir;
 pub mod forward;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod pipeline;
 pub mod registry;

@@ -590,6 +590,52 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::Value;
 
+    #[test]
+    fn a_base_followed_by_an_escape_is_whole_only_if_the_escape_ends_it() {
+        // Any escape after the base counted as its end, so a link's URL, rewritten after
+        // decoding, was rewritten otherwise than the text around it (found by the answer
+        // fuzz target, fuzz/regressions/answer/), and `fhir\u0032` (`fhir2`) became
+        // `t\u0032` (`t2`).
+        let rw = BaseRewrite {
+            from: "http://up/fhir",
+            to: "https://proxy/t",
+        };
+        let text = |s: &str| {
+            let mut out = Vec::new();
+            rw.append(s.as_bytes(), &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        for (json, rewritten) in [
+            (r#""http://up/fhir\/Patient\/p1""#, true),
+            (r#""http://up/fhir\u002FPatient""#, true),
+            (r#""http://up/fhir\u003fx=1""#, true),
+            (r#""http://up/fhir\u0023x""#, true),
+            (r#""http://up/fhir\"""#, true),
+            (r#""http://up/fhir\\Patient""#, true),
+            (r#""http://up/fhir\u0032/Patient""#, false),
+            // A control character ends the base too: the upstream address never stays.
+            (r#""http://up/fhir\tx""#, true),
+            (r#""http://up/fhir\n""#, true),
+        ] {
+            let out = text(json);
+            let value: String = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                value.starts_with("https://proxy/t"),
+                rewritten,
+                "{json} -> {out}"
+            );
+            // As the decoded string is rewritten.
+            let decoded: String = serde_json::from_str(json).unwrap();
+            let url = rw.url(&decoded);
+            assert_eq!(
+                url.starts_with("https://proxy/t"),
+                rewritten,
+                "{decoded:?} -> {url}"
+            );
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), url, "{json}");
+        }
+    }
+
     fn upstream(base: &str) -> UpstreamConfig {
         UpstreamConfig {
             base: base.to_owned(),

@@ -9,6 +9,7 @@
 #   OPENFGA_BIN  the OpenFGA server binary [OPENFGA_BIN, default STACK_DIR/bin/openfga]
 #   HAPI_DIR     the built HAPI FHIR server (STACK_DIR/hapi)
 #   CARGO_DENY_VERSION  the cargo-deny that deny.toml is written for (installed by install.sh)
+#   CARGO_FUZZ   cargo-fuzz, for scripts/fuzz.sh (STACK_DIR/cargo-fuzz/bin/cargo-fuzz)
 
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_ROOT=$(cd "$SCRIPTS_DIR/.." && pwd)
@@ -18,7 +19,8 @@ ISSUER_DIR=$SCRIPTS_DIR/issuer
 OPENFGA_BIN=${OPENFGA_BIN:-$STACK_DIR/bin/openfga}
 HAPI_DIR=$STACK_DIR/hapi
 CARGO_DENY_VERSION=0.20.2
-export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR OPENFGA_BIN HAPI_DIR CARGO_DENY_VERSION
+CARGO_FUZZ=$STACK_DIR/cargo-fuzz/bin/cargo-fuzz
+export SCRIPTS_DIR REPO_ROOT STACK_DIR VENV ISSUER_DIR OPENFGA_BIN HAPI_DIR CARGO_DENY_VERSION CARGO_FUZZ
 
 log() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

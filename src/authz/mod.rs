@@ -87,7 +87,7 @@ impl Checker {
     }
 
     /// A compartment checker over `index` that hides denied records with `denied_status`.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn for_test(index: Arc<CompartmentIndex>, denied_status: StatusCode) -> Checker {
         Checker::Compartment(CompartmentChecker {
             index,

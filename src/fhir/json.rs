@@ -150,11 +150,15 @@ impl<'a> Reader<'a> {
             self.depth -= 1;
             return Ok(());
         }
+        let mut first = true;
         loop {
             if self.peek() != Some(b'"') {
                 return Err(self.err());
             }
             let key = self.string()?;
+            if std::mem::replace(&mut first, false) && is_raw_value_token(key) {
+                return Err(self.err());
+            }
             self.eat(b':')?;
             member(self, key)?;
             match self.peek() {
@@ -289,7 +293,7 @@ impl<'a> Reader<'a> {
                     } else {
                         open = (open << 1) | 1;
                         level += 1;
-                        self.key_colon()?;
+                        self.key_colon(true)?;
                         continue;
                     }
                 }
@@ -326,7 +330,7 @@ impl<'a> Reader<'a> {
                     Some(b',') => {
                         self.pos += 1;
                         if in_object {
-                            self.key_colon()?;
+                            self.key_colon(false)?;
                         }
                         break;
                     }
@@ -341,13 +345,21 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A member's key and colon, inside [`Reader::skip_value`].
-    fn key_colon(&mut self) -> Result<(), JsonError> {
+    /// A member's key and colon, inside [`Reader::skip_value`]; `first`: the object's
+    /// first member.
+    fn key_colon(&mut self, first: bool) -> Result<(), JsonError> {
         if self.peek() != Some(b'"') {
             return Err(self.err());
         }
+        let start = self.pos;
         self.pos += 1;
-        self.string_tail()?;
+        let escaped = self.string_tail()?;
+        if first {
+            let quoted = self.src.get(start..self.pos).unwrap_or_default();
+            if is_raw_value_token(Str { quoted, escaped }) {
+                return Err(self.err());
+            }
+        }
         self.eat(b':')
     }
 
@@ -398,16 +410,30 @@ impl<'a> Reader<'a> {
             }
         }
         // Like `serde_json`'s values: a number beyond the range of `f64` is an error.
-        // Only an exponent or some 300 digits can get there.
+        // Only an exponent or some 300 digits can get there. The range is `serde_json`'s
+        // own: its (fast, not correctly rounded) parsing refuses some numbers just
+        // below `f64::MAX` that `str::parse` rounds to it, e.g. `1.7976931348623158e308`.
         if exponent || p - self.pos > 300 {
             let text = self.src.get(self.pos..p).unwrap_or_default();
-            if !text.parse::<f64>().is_ok_and(f64::is_finite) {
+            if serde_json::from_str::<serde_json::Number>(text).is_err() {
                 return Err(JsonError { at: self.pos });
             }
         }
         self.pos = p;
         Ok(())
     }
+}
+
+/// `serde_json` (with its `raw_value` feature, which the crate enables) reads an object
+/// whose first key is this token not as an object: it parses the member's value, a
+/// string, as JSON and takes that for the object (any other value is an error). So the
+/// text would say one thing and a `Value` of it another: such an object is refused.
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+fn is_raw_value_token(key: Str<'_>) -> bool {
+    // Cheap for every other key: the token written plainly has this length, and with
+    // escapes it is longer.
+    key.raw().len() >= RAW_VALUE_TOKEN.len() && key.is(RAW_VALUE_TOKEN)
 }
 
 /// The position of the first byte at or after `pos` that ends a run of plain string
@@ -505,6 +531,69 @@ mod tests {
             assert!(
                 serde_json::from_str::<serde_json::Value>(s).is_err(),
                 "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_near_the_range_of_f64_are_read_as_serde_json_reads_them() {
+        // Found by fuzzing (fuzz/regressions/json/): `str::parse` rounds the first ones
+        // down to `f64::MAX`, `serde_json` refuses them as out of range.
+        for s in [
+            "1.7976931348623158e308",
+            "-1.7976931348623158e308",
+            "17976931348623158e292",
+            "[0,-0,123456789012345678901234567890,1.7976931348623158e308,4.9e-324,1e-400]",
+            "1.7976931348623157e308",
+            "1.8e308",
+            "4.9e-324",
+            "1e-400",
+            "0e999999999999999999",
+            &format!(
+                "1797693134862315807937289714053034150799{}",
+                "0".repeat(269)
+            ),
+            &format!(
+                "1797693134862315807937289714053034150799{}",
+                "0".repeat(270)
+            ),
+            &format!("0.{}1e-10", "0".repeat(400)),
+        ] {
+            let theirs = serde_json::from_str::<serde_json::Value>(s).is_ok();
+            assert_eq!(valid(s), theirs, "{s}");
+        }
+    }
+
+    #[test]
+    fn an_object_serde_json_would_read_as_another_value_is_refused() {
+        // Found by the json fuzz target (fuzz/regressions/json/): `serde_json` refuses
+        // the first, and reads the second as the Patient in its string, not as what
+        // the text says.
+        for s in [
+            r#"{"$serde_json::private::RawValue":[{"resource":null}]}"#,
+            r#"{"$serde_json::private::RawValue":"{\"resourceType\":\"Patient\"}"}"#,
+            r#"{"\u0024serde_json::private::RawValue":"1"}"#,
+            r#"[{"a":{"$serde_json::private::RawValue":"1"}}]"#,
+        ] {
+            assert!(!valid(s), "{s}");
+            let mut r = Reader::new(s);
+            assert!(r.object(|r, _| r.skip().map(drop)).is_err(), "{s}");
+        }
+        let patient = serde_json::from_str::<serde_json::Value>(
+            r#"{"$serde_json::private::RawValue":"{\"resourceType\":\"Patient\"}"}"#,
+        )
+        .unwrap();
+        assert_eq!(patient["resourceType"], "Patient");
+        // Anywhere but first it is an ordinary key, for serde_json too.
+        for s in [
+            r#"{"a":1,"$serde_json::private::RawValue":"1"}"#,
+            r#"{"$serde_json::private::RawValuE":"1"}"#,
+        ] {
+            assert!(valid(s), "{s}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(s)
+                    .unwrap()
+                    .is_object()
             );
         }
     }

@@ -396,7 +396,8 @@ fn filter_bundle(
             continue;
         }
         separate(&mut out);
-        out.extend_from_slice(member.raw_key.as_bytes());
+        // Keys are handed out too: an upstream URL in one is rewritten like any other.
+        ctx.rewrite.append(member.raw_key.as_bytes(), &mut out)?;
         out.push(b':');
         match key {
             "entry" => {
@@ -514,5 +515,6 @@ fn proxy_links(ctx: &CheckCtx<'_>, link: Option<&str>) -> Result<Option<String>,
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-mod value_path;
+// The reference check: the differential tests and the fuzz targets compare with it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod value_path;

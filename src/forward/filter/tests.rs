@@ -1378,6 +1378,24 @@ fn bundle_links_never_carry_upstream_urls() {
 }
 
 #[test]
+fn upstream_base_in_a_bundle_member_key_is_rewritten() {
+    // Found by fuzzing (fuzz/regressions/answer/): a top-level key was copied out as
+    // written, so an upstream URL in it reached the client.
+    let fx = Fixture::new(
+        "user/Observation.rs user/Patient.rs",
+        None,
+        Some("Practitioner/pr1"),
+        "/Observation?code=a",
+    );
+    let body = format!(r#"{{"resourceType":"Bundle","{UPSTREAM}":[],"{UPSTREAM}/x":1}}"#);
+    let c = fx.check(200, &body).unwrap();
+    let text = std::str::from_utf8(&c.body).unwrap();
+    assert!(!text.contains(UPSTREAM), "{text}");
+    assert_eq!(parsed(&c)[PUBLIC], json!([]));
+    assert_eq!(parsed(&c)[format!("{PUBLIC}/x")], 1);
+}
+
+#[test]
 fn bundle_without_paging_context_loses_its_links() {
     let fx = Fixture::patient("patient/Observation.rs", "/Observation?code=a");
     let body = bundle(vec![search_entry(obs("o1", "Patient/p1"), "match")]);
