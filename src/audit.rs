@@ -33,6 +33,8 @@ pub struct AuditRecord {
     pub fhir_user: Option<String>,
     /// Extra facts a stage wants on record (e.g. dropped entries), as `key=value`.
     pub notes: Vec<String>,
+    /// The request id (`X-Request-Id`, the client's when sane, else the proxy's).
+    pub request_id: Option<String>,
 }
 
 /// Shared, per-request audit record under construction.
@@ -52,14 +54,14 @@ impl Default for AuditSlot {
 }
 
 impl AuditSlot {
-    fn with(&self, f: impl FnOnce(&mut AuditRecord)) {
+    fn with<R>(&self, f: impl FnOnce(&mut AuditRecord) -> R) -> R {
         // A poisoned lock only means another thread panicked mid-update; the record is
         // still worth emitting.
         let mut guard = match self.record.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        f(&mut guard);
+        f(&mut guard)
     }
 
     pub fn set_tenant(&self, tenant: &str) {
@@ -92,6 +94,15 @@ impl AuditSlot {
             r.patient = patient;
             r.fhir_user = fhir_user;
         });
+    }
+
+    pub fn set_request_id(&self, id: &str) {
+        self.with(|r| r.request_id = Some(id.to_owned()));
+    }
+
+    /// The tenant and interaction recorded so far (the request metrics' labels).
+    pub fn labels<R>(&self, f: impl FnOnce(Option<&str>, Option<&'static str>) -> R) -> R {
+        self.with(|r| f(r.tenant.as_deref(), r.interaction))
     }
 
     pub fn note(&self, note: String) {
@@ -136,6 +147,7 @@ fn trace_record(r: &AuditRecord, latency_ms: f64, status: u16, decision: &str, r
         authz.reason = reason,
         http.status = status,
         notes = %r.notes.join(" "),
+        request.id = r.request_id.as_deref().unwrap_or("-"),
         "decision"
     );
 }
@@ -312,7 +324,7 @@ const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(5);
 fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
     let r = &f.record;
     let notes = r.notes.join(" ");
-    let fields: [(&str, &str); 13] = [
+    let fields: [(&str, &str); 14] = [
         ("tenant.id", r.tenant.as_deref().unwrap_or("-")),
         ("client.id", r.client_id.as_deref().unwrap_or("-")),
         ("subject", r.subject.as_deref().unwrap_or("-")),
@@ -326,6 +338,7 @@ fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
         ("authz.reason", &f.reason),
         ("http.status", ""),
         ("notes", &notes),
+        ("request.id", r.request_id.as_deref().unwrap_or("-")),
     ];
     let timestamp = rfc3339(f.at);
     match format {

@@ -6,6 +6,7 @@
 //! at the bottom, the stages above it in request order, the composition on top
 //! (`docs/architecture.md`, checked by `scripts/check-layers.py`).
 
+pub mod admin;
 pub mod audit;
 pub mod authz;
 pub mod config;
@@ -15,6 +16,8 @@ pub mod error;
 pub mod fetch;
 pub mod fhir;
 pub mod forward;
+pub mod metrics;
+pub mod observe;
 pub mod pipeline;
 pub mod registry;
 pub mod rewrite;
@@ -25,4 +28,5 @@ pub mod smart;
 pub mod stack;
 pub mod tenant;
 pub mod token;
+pub mod trace;
 pub mod upstream;

@@ -88,8 +88,9 @@ impl TenantRegistry {
         let Some(path) = &self.source else {
             return Ok(self.current.load().len());
         };
-        let tenants = config::load(path)?;
-        let map = build(tenants, &self.compartments, &self.http)?;
+        let result = config::load(path).and_then(|t| build(t, &self.compartments, &self.http));
+        crate::metrics::global().config_reload(result.is_ok());
+        let map = result?;
         let n = map.len();
         self.current.store(Arc::new(map));
         Ok(n)
@@ -156,6 +157,8 @@ fn build(
     tenants
         .into_iter()
         .map(|config| {
+            // The id becomes a metrics label value (only configured ids ever do).
+            crate::metrics::global().register_tenant(&config.id);
             let checker = Checker::for_tenant(&config, compartments, http).map_err(|message| {
                 ConfigError::Invalid {
                     tenant: config.id.clone(),

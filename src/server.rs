@@ -115,7 +115,17 @@ pub async fn serve(
     }
 }
 
+/// Every request, in its trace scope and request span, counted (`crate::observe`).
 async fn handle(
+    app: App,
+    req: Request<Incoming>,
+    limits: Limits,
+    peer: SocketAddr,
+) -> ProxyResponse {
+    crate::observe::traced(req, |req| handle_request(app, req, limits, peer)).await
+}
+
+async fn handle_request(
     app: App,
     req: Request<Incoming>,
     limits: Limits,
