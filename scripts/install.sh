@@ -12,9 +12,11 @@
 #   - cargo-deny (crates.io, the pinned CARGO_DENY_VERSION of scripts/lib/common.sh),
 #     for scripts/check-supply-chain.sh: `cargo install --locked` into cargo's own bin
 #     directory, only when that version is missing there (so a second clone skips it)
+#   - Prometheus and promtool (Debian's `prometheus` package) for the metrics tests,
+#     from apt when missing (as root)
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
-# Maven 3.8+, cargo, curl. Nothing from apt unless
-# python3's venv module is missing (then python3-venv is installed when running as root).
+# Maven 3.8+, cargo, curl. From apt, when running as root: prometheus if missing, and
+# python3-venv if python3's venv module is missing.
 #
 # Usage: scripts/install.sh [--force]
 set -euo pipefail
@@ -102,6 +104,21 @@ else
     || die "go install $openfga_module@$openfga_version failed"
   "$OPENFGA_BIN" version >/dev/null 2>&1 || die "$OPENFGA_BIN does not run"
   echo "$openfga_version" >"$stamp"
+fi
+
+# --- Prometheus (Debian package) -----------------------------------------------------
+# `prometheus` and `promtool` for the metrics tests (tests/e2e/observability.rs: a real
+# scrape of the admin listener, `promtool check metrics`). Only when missing, as root.
+if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+  log "prometheus $(prometheus --version 2>/dev/null | head -n 1 | cut -d' ' -f3) present"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing prometheus from apt"
+  # The tests start Prometheus servers of their own on free ports; the package's
+  # service (started where systemd runs) is not used.
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+else
+  # Not fatal: only the metrics tests need it (and fail saying so).
+  log "WARNING: prometheus and promtool are missing and cannot be installed without root: install Debian's prometheus package for the metrics tests"
 fi
 
 # --- cargo-deny ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ mod constraints;
 mod discovery;
 mod fga;
 mod forwarding;
+mod observability;
 mod paging;
 mod records;
 mod scopes;
