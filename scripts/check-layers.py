@@ -31,18 +31,23 @@ LAYERS = {
     # Context, request ids, the span exporter): every stage records into them
     "metrics": 0,
     "trace": 0,
+    # TLS material: PEM files, client TLS configurations (private CA, client certs)
+    "tls": 0,
     # 1: configuration types (validated into domain types); the SMART scope grammar
     "config": 1,
     "smart": 1,
     # 2: the audit sink every stage writes to; the resolved tenant (stage 0's model)
     "audit": 2,
     "tenant": 2,
+    # the CORS decisions (pure; applied by the stack's outermost layer)
+    "cors": 2,
     # 3: the upstream FHIR client (I/O adapter used by discovery, authz and forward)
     "upstream": 3,
     # 4..8: the stages, in request order
     "discovery": 4,
     "token": 4,
     "scope": 5,
+    "limits": 5,
     "authz": 6,
     "cursor": 6,
     "rewrite": 7,

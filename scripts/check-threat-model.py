@@ -10,16 +10,22 @@ number, unique in the document) and, in its Tests cell, items separated by `<br>
   for a `.rs` file, a `#[test]` or `#[tokio::test]` function `name` in that file (not
   `#[ignore]`d); for `tests/cases/*.json`, a case whose `description` is `name`; for a
   `.py` file, a `def name(` of a unittest method or function;
+- a fuzz target in backticks, `fuzz/fuzz_targets/<target>.rs` (no `::`): the file
+  exists and defines the target with `fuzz_target!`;
 - `gap` (optionally followed by an explanation): the threat is not (fully) shown by a
   test. The row's id must then appear in the *Known gaps* section, and every id listed
   there must be a row marked `gap`;
 - `PENDING: <what>`: a test that is being written. Any PENDING fails the check unless
-  `--allow-pending` is given (then they are counted and listed).
+  `--allow-pending` is given (then they are counted and listed);
+- `PENDING-FUZZ:` and one `fuzz/fuzz_targets/<target>.rs` in backticks: a fuzz target
+  that has not landed yet. It fails the check unless `--allow-pending` or
+  `--allow-pending-fuzz` is given, and fails it in any case once that file exists
+  (the item must then become the reference itself).
 
 Every row needs at least one item. Exit status 0 when everything holds, 1 otherwise
 (each problem printed on its own line), 64 for bad usage.
 
-Usage: scripts/check-threat-model.py [--allow-pending] [--root DIR] [FILE]
+Usage: scripts/check-threat-model.py [--allow-pending] [--allow-pending-fuzz] [--root DIR] [FILE]
 """
 import json
 import pathlib
@@ -33,6 +39,11 @@ ID_RE = re.compile(r"^[STRIDE][0-9]+$")
 REF_RE = re.compile(r"^(?P<path>[A-Za-z0-9_./-]+)::(?P<name>.+)$")
 GAP_RE = re.compile(r"^gap\b", re.IGNORECASE)
 PENDING_RE = re.compile(r"^PENDING:\s*\S")
+FUZZ_PATH = r"fuzz/fuzz_targets/[A-Za-z0-9_-]+\.rs"
+FUZZ_REF_RE = re.compile(r"^" + FUZZ_PATH + r"$")
+PENDING_FUZZ_RE = re.compile(r"^PENDING-FUZZ:")
+PENDING_FUZZ_ITEM_RE = re.compile(r"^PENDING-FUZZ:\s*`(?P<path>" + FUZZ_PATH + r")`\s*$")
+FUZZ_TARGET_RE = re.compile(r"^\s*(libfuzzer_sys::)?fuzz_target!\s*\(", re.MULTILINE)
 SEPARATOR_RE = re.compile(r"<br\s*/?>|;")
 KNOWN_GAPS_RE = re.compile(r"^#{1,6}\s+Known gaps\s*$", re.IGNORECASE)
 HEADING_RE = re.compile(r"^#{1,6}\s")
@@ -194,10 +205,23 @@ def check_ref(root, path, name, cache):
     return f"`{path}`: only .rs, tests/cases/*.json and .py files hold tests"
 
 
-def check(doc_text, root, allow_pending=False):
-    """Returns (problems, pending, summary) for the document text."""
+def check_fuzz_target(root, path, cache):
+    """None when `path` (under fuzz/fuzz_targets/) is a fuzz target, else what is wrong."""
+    file = root / path
+    if not file.is_file():
+        return f"no fuzz target `{path}`"
+    if file not in cache:
+        cache[file] = file.read_text(encoding="utf-8")
+    if not FUZZ_TARGET_RE.search(cache[file]):
+        return f"`{path}` defines no `fuzz_target!`"
+    return None
+
+
+def check(doc_text, root, allow_pending=False, allow_pending_fuzz=False):
+    """Returns (problems, pending, summary) for the document text. `pending` lists
+    PENDING and PENDING-FUZZ items alike."""
     lines = doc_text.splitlines()
-    problems, pending = [], []
+    problems, pending, pending_fuzz = [], [], []
     rows = threat_rows(lines)
     if not rows:
         problems.append("no threat table found (a table with an `ID` and a `Tests` column)")
@@ -218,9 +242,18 @@ def check(doc_text, root, allow_pending=False):
         for item in items:
             if item.startswith("`"):
                 m = re.fullmatch(r"`([^`]+)`", item)
+                if m and FUZZ_REF_RE.match(m.group(1)):
+                    refs += 1
+                    problem = check_fuzz_target(root, m.group(1), cache)
+                    if problem:
+                        problems.append(f"{where}: {threat_id}: {problem}")
+                    continue
                 ref = REF_RE.match(m.group(1)) if m else None
                 if not ref:
-                    problems.append(f"{where}: {threat_id}: `{item}` is not one `path::test_name` in backticks")
+                    problems.append(
+                        f"{where}: {threat_id}: `{item}` is not one `path::test_name` "
+                        "(or `fuzz/fuzz_targets/<target>.rs`) in backticks"
+                    )
                     continue
                 refs += 1
                 problem = check_ref(root, ref.group("path"), ref.group("name"), cache)
@@ -228,11 +261,26 @@ def check(doc_text, root, allow_pending=False):
                     problems.append(f"{where}: {threat_id}: {problem}")
             elif GAP_RE.match(item):
                 gap_rows.add(threat_id)
+            elif PENDING_FUZZ_RE.match(item):
+                fm = PENDING_FUZZ_ITEM_RE.match(item)
+                if not fm:
+                    problems.append(
+                        f"{where}: {threat_id}: `{item}` is not `PENDING-FUZZ: ` and one "
+                        "`fuzz/fuzz_targets/<target>.rs` in backticks"
+                    )
+                elif (root / fm.group("path")).exists():
+                    problems.append(
+                        f"{where}: {threat_id}: `{fm.group('path')}` exists: "
+                        "reference it instead of PENDING-FUZZ"
+                    )
+                else:
+                    pending_fuzz.append(f"{where}: {threat_id}: {item}")
             elif PENDING_RE.match(item):
                 pending.append(f"{where}: {threat_id}: {item}")
             else:
                 problems.append(
-                    f"{where}: {threat_id}: `{item}` is neither a test reference in backticks, `gap` nor `PENDING: ...`"
+                    f"{where}: {threat_id}: `{item}` is neither a test reference in backticks, `gap`, "
+                    "`PENDING: ...` nor `PENDING-FUZZ: ...`"
                 )
     listed, found = known_gap_ids(lines)
     if gap_rows and not found:
@@ -246,12 +294,20 @@ def check(doc_text, root, allow_pending=False):
             problems.append(f"{threat_id} is listed under Known gaps but has no row")
     if pending and not allow_pending:
         problems.extend(f"{p} (run with --allow-pending while it is being written)" for p in pending)
-    summary = f"{len(rows)} threats, {refs} test references, {len(gap_rows)} gaps, {len(pending)} pending"
-    return problems, pending, summary
+    if pending_fuzz and not (allow_pending or allow_pending_fuzz):
+        problems.extend(
+            f"{p} (run with --allow-pending-fuzz while the fuzz target is being written)" for p in pending_fuzz
+        )
+    summary = (
+        f"{len(rows)} threats, {refs} test references, {len(gap_rows)} gaps, "
+        f"{len(pending) + len(pending_fuzz)} pending ({len(pending_fuzz)} fuzz targets)"
+    )
+    return problems, pending + pending_fuzz, summary
 
 
 def main(argv):
     allow_pending = False
+    allow_pending_fuzz = False
     root = ROOT
     doc = None
     args = list(argv)
@@ -259,13 +315,18 @@ def main(argv):
         a = args.pop(0)
         if a == "--allow-pending":
             allow_pending = True
+        elif a == "--allow-pending-fuzz":
+            allow_pending_fuzz = True
         elif a == "--root" and args:
             root = pathlib.Path(args.pop(0)).resolve()
         elif a in ("-h", "--help"):
             print(__doc__.strip())
             return 0
         elif a.startswith("-") or doc is not None:
-            print(f"usage: {pathlib.Path(sys.argv[0]).name} [--allow-pending] [--root DIR] [FILE]", file=sys.stderr)
+            print(
+                f"usage: {pathlib.Path(sys.argv[0]).name} [--allow-pending] [--allow-pending-fuzz] [--root DIR] [FILE]",
+                file=sys.stderr,
+            )
             return 64
         else:
             doc = pathlib.Path(a)
@@ -276,10 +337,10 @@ def main(argv):
     except OSError as e:
         print(f"check-threat-model: cannot read {doc}: {e}", file=sys.stderr)
         return 1
-    problems, pending, summary = check(text, root, allow_pending)
+    problems, pending, summary = check(text, root, allow_pending, allow_pending_fuzz)
     for p in problems:
         print(f"check-threat-model: {p}", file=sys.stderr)
-    if allow_pending:
+    if allow_pending or allow_pending_fuzz:
         for p in pending:
             print(f"check-threat-model: pending: {p}")
     status = "FAILED" if problems else "ok"

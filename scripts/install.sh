@@ -12,11 +12,13 @@
 #   - cargo-deny (crates.io, the pinned CARGO_DENY_VERSION of scripts/lib/common.sh),
 #     for scripts/check-supply-chain.sh: `cargo install --locked` into cargo's own bin
 #     directory, only when that version is missing there (so a second clone skips it)
+#   - headless Chromium (Debian's `chromium`) for the CORS browser test, from apt when
+#     /usr/bin/chromium is missing and this runs as root
 #   - Prometheus and promtool (Debian's `prometheus` package) for the metrics tests,
-#     from apt when missing (as root)
+#     from apt when missing and this runs as root
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
-# Maven 3.8+, cargo, curl. From apt, when running as root: prometheus if missing, and
-# python3-venv if python3's venv module is missing.
+# Maven 3.8+, cargo, curl. Nothing else from apt unless
+# python3's venv module is missing (then python3-venv is installed when running as root).
 #
 # Usage: scripts/install.sh [--force]
 set -euo pipefail
@@ -106,21 +108,6 @@ else
   echo "$openfga_version" >"$stamp"
 fi
 
-# --- Prometheus (Debian package) -----------------------------------------------------
-# `prometheus` and `promtool` for the metrics tests (tests/e2e/observability.rs: a real
-# scrape of the admin listener, `promtool check metrics`). Only when missing, as root.
-if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-  log "prometheus $(prometheus --version 2>/dev/null | head -n 1 | cut -d' ' -f3) present"
-elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  log "installing prometheus from apt"
-  # The tests start Prometheus servers of their own on free ports; the package's
-  # service (started where systemd runs) is not used.
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-else
-  # Not fatal: only the metrics tests need it (and fail saying so).
-  log "WARNING: prometheus and promtool are missing and cannot be installed without root: install Debian's prometheus package for the metrics tests"
-fi
-
 # --- cargo-deny ----------------------------------------------------------------------
 # Pinned: deny.toml is written for this version. `cargo deny --version` finds it wherever
 # cargo finds subcommands (cargo's bin directory, PATH).
@@ -133,6 +120,34 @@ else
   cargo install "${install_args[@]}" >&2 || die "cargo install cargo-deny@$CARGO_DENY_VERSION failed"
   [[ $(cargo deny --version 2>/dev/null) == "cargo-deny $CARGO_DENY_VERSION" ]] \
     || die "cargo-deny $CARGO_DENY_VERSION was installed but \`cargo deny\` does not run it (is cargo's bin directory on PATH?)"
+fi
+
+# --- Chromium --------------------------------------------------------------------------
+# The CORS test runs a SMART fetch in a real browser (tests/e2e/cors.rs): Debian's package.
+if [[ -x /usr/bin/chromium ]]; then
+  log "chromium present (/usr/bin/chromium)"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing chromium from apt"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || die "apt-get install chromium failed"
+  [[ -x /usr/bin/chromium ]] || die "chromium was installed but /usr/bin/chromium is missing"
+else
+  die "Debian's chromium package is required for the CORS browser test (apt-get install chromium)"
+fi
+
+# --- Prometheus ------------------------------------------------------------------------
+# The metrics tests scrape the admin listener with a real Prometheus and run `promtool
+# check metrics` (tests/e2e/observability.rs): Debian's package. The tests start servers
+# of their own on free ports; the package's service is not used.
+if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+  log "prometheus present ($(command -v prometheus))"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing prometheus from apt"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || die "apt-get install prometheus failed"
+  command -v promtool >/dev/null || die "prometheus was installed but promtool is missing"
+else
+  die "Debian's prometheus package is required for the metrics tests (apt-get install prometheus)"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -87,6 +87,33 @@ pub struct RawTenant {
     pub token: RawToken,
     pub smart: RawSmart,
     pub authorization: RawAuthorization,
+    /// Cross-origin access for browser SMART apps; absent: no CORS headers at all.
+    pub cors: Option<RawCors>,
+}
+
+/// `cors`: which browser origins may call the tenant.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    /// Exact origins (`https://app.example`, `http://127.0.0.1:3000`), or `["*"]`.
+    pub allowed_origins: Vec<String>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+    #[serde(default = "default_cors_max_age")]
+    pub max_age_seconds: u64,
+    /// Response headers scripts may read, besides the ones always exposed.
+    #[serde(default)]
+    pub exposed_headers: Vec<String>,
+}
+
+/// `upstream.tls`, `authorization.openfga.tls`: the CA to trust instead of the system's
+/// roots, and a client certificate to present (mTLS).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsClient {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -103,6 +130,7 @@ pub struct RawUpstream {
     pub max_response_bytes: usize,
     #[serde(default)]
     pub compartment_search: CompartmentSearch,
+    pub tls: Option<RawTlsClient>,
 }
 
 /// How the upstream is asked for a search inside a compartment
@@ -284,6 +312,7 @@ pub struct RawOpenFga {
     /// chunk across pages.
     #[serde(default = "default_fga_chunk")]
     pub search_chunk_size: usize,
+    pub tls: Option<RawTlsClient>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -314,6 +343,9 @@ pub enum MultiPatientPolicy {
     AllOf,
 }
 
+fn default_cors_max_age() -> u64 {
+    600
+}
 fn default_fga_timeout_ms() -> u64 {
     2_000
 }
@@ -443,6 +475,25 @@ pub struct TenantConfig {
     pub token: TokenConfig,
     pub smart: RawSmartOwned,
     pub authorization: AuthorizationConfig,
+    pub cors: Option<CorsConfig>,
+}
+
+/// A tenant's CORS policy (`cors`), validated: origins in their serialized form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsConfig {
+    pub origins: CorsOrigins,
+    pub allow_credentials: bool,
+    pub max_age_seconds: u64,
+    /// Lowercase header names.
+    pub exposed_headers: Vec<http::HeaderName>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// `["*"]`: any origin, answered with `*` (never together with credentials).
+    Any,
+    /// Exact origins, `scheme://host[:port]` as browsers send them.
+    List(Vec<String>),
 }
 
 #[derive(Debug, Clone)]
@@ -455,6 +506,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub max_response_bytes: usize,
     pub compartment_search: CompartmentSearch,
+    /// The CA and client certificate of the upstream connection (`upstream.tls`).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -583,6 +636,8 @@ pub struct FgaConnection {
     /// finished list, when the server reaches it; a stream that took this long is
     /// therefore not proof of completeness (the client answers it as incomplete).
     pub list_objects_deadline: Duration,
+    /// The CA and client certificate of the OpenFGA connection.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// How the proxy authenticates to OpenFGA.
@@ -624,7 +679,95 @@ pub fn load(path: &Path) -> Result<Vec<TenantConfig>, ConfigError> {
     validate(raw)
 }
 
+/// A tenant's configuration as written (the file with environment overrides applied),
+/// in a canonical form (members sorted): a reload tells an unchanged tenant by it, so
+/// only what was edited is rebuilt. It may hold inline secrets, so it formats as
+/// `<tenant source>` and is only ever compared.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantSource(String);
+
+impl std::fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<tenant source>")
+    }
+}
+
+impl TenantSource {
+    fn of(value: &serde_json::Value) -> Self {
+        let mut out = String::new();
+        canonical(value, &mut out);
+        TenantSource(out)
+    }
+}
+
+/// `v` as JSON with every object's members sorted by key.
+fn canonical(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().collect();
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// As [`load`], with each tenant's [`TenantSource`] (`None` only if the tenant cannot
+/// be found again in the file's tree, which is then treated as a change).
+pub fn load_with_sources(
+    path: &Path,
+) -> Result<Vec<(TenantConfig, Option<TenantSource>)>, ConfigError> {
+    let built = read_built(path)?;
+    let display = path.display().to_string();
+    let tree = built
+        .clone()
+        .try_deserialize::<serde_json::Value>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))?;
+    let raw = built
+        .try_deserialize::<RawFile>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))?;
+    let tenants = validate(raw)?;
+    Ok(tenants
+        .into_iter()
+        .map(|t| {
+            let source = tree
+                .get("tenants")
+                .and_then(|all| all.get(&t.id))
+                .map(TenantSource::of);
+            (t, source)
+        })
+        .collect())
+}
+
 fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
+    let display = path.display().to_string();
+    read_built(path)?
+        .try_deserialize::<RawFile>()
+        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))
+}
+
+/// The file merged with the environment overrides, not yet deserialized.
+fn read_built(path: &Path) -> Result<config::Config, ConfigError> {
     let display = path.display().to_string();
     if !path.is_file() {
         return Err(ConfigError::Load {
@@ -632,7 +775,7 @@ fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
             message: "no such file".into(),
         });
     }
-    let built = config::Config::builder()
+    config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Json))
         .add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -642,12 +785,9 @@ fn read_raw(path: &Path) -> Result<RawFile, ConfigError> {
         )
         .build()
         .map_err(|e| ConfigError::Load {
-            path: display.clone(),
+            path: display,
             message: e.to_string(),
-        })?;
-    built
-        .try_deserialize::<RawFile>()
-        .map_err(|e| ConfigError::File(format!("`{display}`: {e}")))
+        })
 }
 
 /// Validates raw tenants into domain types. Errors name the tenant and key.
@@ -737,6 +877,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
             "must be at least 1024".into(),
         ));
     }
+    let tls = client_tls(up.tls, &upstream_base, &UPSTREAM_TLS).map_err(|(k, m)| bad(k, m))?;
     let upstream = UpstreamConfig {
         base: upstream_base,
         base_uri,
@@ -745,6 +886,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         timeout: Duration::from_millis(up.timeout_ms),
         max_response_bytes: up.max_response_bytes,
         compartment_search: up.compartment_search,
+        tls,
     };
 
     let tk = t.token;
@@ -927,6 +1069,12 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         },
     };
 
+    let cors = t
+        .cors
+        .map(cors_config)
+        .transpose()
+        .map_err(|(k, m)| bad(k, m))?;
+
     Ok(TenantConfig {
         id,
         public_base,
@@ -934,7 +1082,145 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         token,
         smart,
         authorization,
+        cors,
     })
+}
+
+/// `cors`: exact origins (or `["*"]` alone, never with credentials), header names.
+fn cors_config(c: RawCors) -> Result<CorsConfig, Bad> {
+    const KEY: &str = "cors.allowed_origins";
+    let origins = if c.allowed_origins.iter().any(|o| o == "*") {
+        if c.allowed_origins.len() != 1 {
+            return Err((KEY, "`*` must be the only entry".into()));
+        }
+        if c.allow_credentials {
+            return Err((
+                KEY,
+                "`*` cannot be used with `allow_credentials`: list the origins".into(),
+            ));
+        }
+        CorsOrigins::Any
+    } else {
+        if c.allowed_origins.is_empty() {
+            return Err((KEY, "at least one origin is required".into()));
+        }
+        let mut list = Vec::with_capacity(c.allowed_origins.len());
+        for o in &c.allowed_origins {
+            list.push(cors_origin(o).map_err(|m| (KEY, m))?);
+        }
+        CorsOrigins::List(list)
+    };
+    if c.max_age_seconds > 86_400 {
+        return Err((
+            "cors.max_age_seconds",
+            format!("`{}` is more than 86400", c.max_age_seconds),
+        ));
+    }
+    let mut exposed_headers = Vec::with_capacity(c.exposed_headers.len());
+    for h in &c.exposed_headers {
+        let name = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            (
+                "cors.exposed_headers",
+                format!("`{h}` is not a header name"),
+            )
+        })?;
+        exposed_headers.push(name);
+    }
+    Ok(CorsConfig {
+        origins,
+        allow_credentials: c.allow_credentials,
+        max_age_seconds: c.max_age_seconds,
+        exposed_headers,
+    })
+}
+
+/// An origin exactly as a browser serializes it in `Origin`: `scheme://host[:port]`,
+/// lowercase, without the scheme's default port, path, query or credentials. `null`
+/// (sandboxed documents, `file:` pages) is never an allowed origin.
+fn cors_origin(s: &str) -> Result<String, String> {
+    let u = Url::parse(s).map_err(|e| format!("`{s}` is not an origin: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("`{s}` is not an http(s) origin"));
+    }
+    let origin = u.origin().ascii_serialization();
+    if origin != s {
+        return Err(format!(
+            "`{s}` is not an origin as browsers send it (scheme://host[:port], no path or trailing slash, lowercase, no default port); did you mean `{origin}`?"
+        ));
+    }
+    Ok(origin)
+}
+
+/// The keys of one `tls` block, for error messages.
+struct TlsKeys {
+    tls: &'static str,
+    ca_file: &'static str,
+    client_cert_file: &'static str,
+    client_key_file: &'static str,
+    url: &'static str,
+}
+
+const UPSTREAM_TLS: TlsKeys = TlsKeys {
+    tls: "upstream.tls",
+    ca_file: "upstream.tls.ca_file",
+    client_cert_file: "upstream.tls.client_cert_file",
+    client_key_file: "upstream.tls.client_key_file",
+    url: "upstream.base_url",
+};
+
+const OPENFGA_TLS: TlsKeys = TlsKeys {
+    tls: "authorization.openfga.tls",
+    ca_file: "authorization.openfga.tls.ca_file",
+    client_cert_file: "authorization.openfga.tls.client_cert_file",
+    client_key_file: "authorization.openfga.tls.client_key_file",
+    url: "authorization.openfga.api_url",
+};
+
+/// `upstream.tls` / `authorization.openfga.tls`: the files loaded, for an `https` URL.
+fn client_tls(
+    raw: Option<RawTlsClient>,
+    url: &str,
+    keys: &TlsKeys,
+) -> Result<Option<crate::tls::ClientTls>, Bad> {
+    use crate::tls::{ClientTls, TlsFile};
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if !url.starts_with("https://") {
+        return Err((keys.url, format!("`{}` needs an `https` URL", keys.tls)));
+    }
+    let identity = match (&raw.client_cert_file, &raw.client_key_file) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                keys.client_key_file,
+                "`client_cert_file` needs a key file".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                keys.client_cert_file,
+                "`client_key_file` needs a certificate file".into(),
+            ));
+        }
+    };
+    if raw.ca_file.is_none() && identity.is_none() {
+        return Err((
+            keys.tls,
+            "give `ca_file`, a client certificate and key, or both".into(),
+        ));
+    }
+    ClientTls::load(raw.ca_file.as_deref(), identity)
+        .map(Some)
+        .map_err(|(file, m)| {
+            let key = match file {
+                TlsFile::Ca => keys.ca_file,
+                TlsFile::ClientCert => keys.client_cert_file,
+                TlsFile::ClientKey => keys.client_key_file,
+            };
+            (key, m)
+        })
 }
 
 type Bad = (&'static str, String);
@@ -1065,6 +1351,7 @@ fn openfga_config(o: RawOpenFga) -> Result<OpenFgaConfig, Bad> {
             format!("`{}` is not within 1..=5000", o.search_chunk_size),
         ));
     }
+    let tls = client_tls(o.tls, api_url.as_str(), &OPENFGA_TLS)?;
     Ok(OpenFgaConfig {
         connection: FgaConnection {
             api_url,
@@ -1078,6 +1365,7 @@ fn openfga_config(o: RawOpenFga) -> Result<OpenFgaConfig, Bad> {
                 cool_down,
             },
             list_objects_deadline,
+            tls,
         },
         multi_patient_policy: o.multi_patient_policy,
         max_listed_patients: o.max_listed_patients,

@@ -91,7 +91,14 @@ impl<U: FhirServer> Capabilities<U> {
             .fetch(tenant, &out, &http::HeaderMap::new())
             .await?;
         if !fetched.status.is_success() {
-            return Err(UpstreamError::Status(fetched.status).into());
+            // A 4xx for `/metadata` is the upstream's fault, not the client's: never
+            // handed on as the client's own status.
+            return Err(if fetched.status.is_client_error() {
+                UpstreamError::BadResponse("capability statement")
+            } else {
+                UpstreamError::Status(fetched.status)
+            }
+            .into());
         }
         let body = rewrite_base(
             &fetched.body,

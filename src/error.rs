@@ -13,10 +13,12 @@
 use http::StatusCode;
 
 use crate::authz::{AuthorizeError, AuthzError};
+use crate::cors::CorsError;
 use crate::cursor::CursorError;
 use crate::discovery::DiscoveryError;
 use crate::fhir::RequestError;
 use crate::forward::ForwardError;
+use crate::limits::{ChargeClientError, LimitError};
 use crate::pipeline::Internal;
 use crate::rewrite::RewriteError;
 use crate::scope::{CheckScopeError, ScopeError};
@@ -40,6 +42,12 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Cursor(#[from] CursorError),
+    /// Refused by a limit (load shedding, rate limit) before the work is done.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// A CORS preflight the tenant does not allow.
+    #[error(transparent)]
+    Cors(#[from] CorsError),
     /// The audit record of an answer could not be queued and the audit sink fails
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
@@ -70,6 +78,15 @@ impl From<ValidateTokenError> for ProxyError {
         match e {
             ValidateTokenError::Token(e) => ProxyError::Token(e),
             ValidateTokenError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<ChargeClientError> for ProxyError {
+    fn from(e: ChargeClientError) -> Self {
+        match e {
+            ChargeClientError::Limit(e) => ProxyError::Limit(e),
+            ChargeClientError::Internal(e) => e.into(),
         }
     }
 }
@@ -129,6 +146,8 @@ impl ProxyError {
             ProxyError::Authz(e) => e.status(),
             ProxyError::Upstream(e) => e.status(),
             ProxyError::Cursor(e) => e.status(),
+            ProxyError::Limit(e) => e.status(),
+            ProxyError::Cors(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,6 +155,9 @@ impl ProxyError {
 
     /// FHIR `IssueType` code for the OperationOutcome.
     pub fn issue_code(&self) -> &'static str {
+        if let ProxyError::Limit(_) = self {
+            return "throttled";
+        }
         match self.status() {
             StatusCode::UNAUTHORIZED => "login",
             StatusCode::FORBIDDEN => "forbidden",
@@ -159,6 +181,8 @@ impl ProxyError {
             ProxyError::Authz(e) => e.reason(),
             ProxyError::Upstream(e) => e.reason(),
             ProxyError::Cursor(e) => e.reason(),
+            ProxyError::Limit(e) => e.reason(),
+            ProxyError::Cors(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
             ProxyError::Internal(_) => "internal",
         }
@@ -198,6 +222,14 @@ impl ProxyError {
             _ => None,
         }
         .map(|s| s.trim_end().to_owned())
+    }
+
+    /// The `Retry-After` value in seconds, for refusals that say when to come back.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ProxyError::Limit(e) => Some(e.retry_after_secs()),
+            _ => None,
+        }
     }
 
     /// Client-facing text: fixed and safe. Internal details go to logs only.

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use smart_fhir_proxy::audit;
 use smart_fhir_proxy::cursor::{self, CursorKey};
 use smart_fhir_proxy::fhir::CompartmentIndex;
+use smart_fhir_proxy::limits::{self, RateLimiter, RateSettings};
 use smart_fhir_proxy::registry::TenantRegistry;
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
@@ -28,6 +29,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the serve variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
@@ -146,6 +149,80 @@ struct ServeArgs {
         default_value = "smart-fhir-proxy"
     )]
     otlp_service_name: String,
+    /// PEM certificate chain of the HTTPS listener (with `--tls-key`: `--listen` then
+    /// speaks HTTPS only). Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "SFP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SFP_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Request limits (README, *Limits*).
+#[derive(clap::Args, Clone)]
+struct LimitArgs {
+    /// Largest request head in bytes (HTTP/1 request line and headers, HTTP/2 header
+    /// list); larger heads are refused with 431.
+    #[arg(long, env = "SFP_MAX_HEADER_BYTES",
+          default_value_t = server::DEFAULT_MAX_HEADER_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(server::MIN_HEADER_BYTES as u64..=16 * 1024 * 1024))]
+    max_header_bytes: u64,
+    /// Most header lines in a request; more are refused with 431.
+    #[arg(long, env = "SFP_MAX_HEADERS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_headers: u64,
+    /// Requests handled at once; beyond, a request is answered 503 with `Retry-After: 1`
+    /// at once, not queued.
+    #[arg(long, env = "SFP_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_concurrent_requests: u64,
+    /// Per-client rate limit: `N` or `N/s`, `N/min`, `N/h` (off when unset). The client
+    /// is the token's client id when the token verifies, else its address. Over it: 429.
+    #[arg(long, env = "SFP_RATE_LIMIT_PER_CLIENT", value_name = "RATE",
+          value_parser = limits::parse_rate)]
+    rate_limit_per_client: Option<f64>,
+    /// The bucket's size: requests a client may send in a burst before the rate holds
+    /// it back (default: one second's worth of the rate, at least 1).
+    #[arg(long, env = "SFP_RATE_BURST", requires = "rate_limit_per_client",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: Option<u32>,
+    /// Proxies (load balancers) in front of this one whose `X-Forwarded-For` entries
+    /// are believed; 0: the peer's address is the client's.
+    #[arg(long, env = "SFP_TRUST_FORWARDED_FOR", value_name = "HOPS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=16))]
+    trust_forwarded_for: u64,
+    /// On SIGTERM or SIGINT: seconds requests in flight may take to finish before the
+    /// remaining connections are closed.
+    #[arg(long, env = "SFP_SHUTDOWN_GRACE_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    shutdown_grace_seconds: u64,
+}
+
+impl LimitArgs {
+    fn server_limits(&self, max_body_bytes: usize) -> Limits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Limits {
+            max_body_bytes,
+            max_header_bytes: size(self.max_header_bytes),
+            max_headers: size(self.max_headers),
+            max_concurrent_requests: size(self.max_concurrent_requests),
+            trust_forwarded_for: size(self.trust_forwarded_for),
+            ..Limits::default()
+        }
+    }
+
+    fn rate_limiter(&self) -> Option<Arc<RateLimiter>> {
+        let per_second = self.rate_limit_per_client?;
+        let burst = self
+            .rate_burst
+            .unwrap_or_else(|| RateSettings::default_burst(per_second));
+        Some(Arc::new(RateLimiter::new(RateSettings {
+            per_second,
+            burst,
+        })))
+    }
 }
 
 fn parse_otlp_endpoint(s: &str) -> Result<url::Url, String> {
@@ -189,6 +266,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     config::CompartmentSearch::ByParameter => "searched by linking parameter",
                 };
                 println!("    upstream     {} ({compartments})", t.upstream.base);
+                if let Some(tls) = &t.upstream.tls {
+                    println!("    upstream tls {}", tls.summary());
+                }
                 println!("    issuers      {}", t.token.issuers.join(", "));
                 println!("    audience     {}", t.token.audience);
                 println!("    jwks         {}", t.token.jwks_uri);
@@ -200,6 +280,18 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     .collect();
                 println!("    algorithms   {}", algs.join(", "));
                 println!("    authz        {:?}", t.authorization);
+                if let Some(cors) = &t.cors {
+                    let origins = match &cors.origins {
+                        config::CorsOrigins::Any => "*".to_owned(),
+                        config::CorsOrigins::List(l) => l.join(", "),
+                    };
+                    let credentials = if cors.allow_credentials {
+                        ", with credentials"
+                    } else {
+                        ""
+                    };
+                    println!("    cors         {origins}{credentials}");
+                }
                 let doc = discovery::smart_configuration(t);
                 println!(
                     "    capabilities {}",
@@ -339,6 +431,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match server::tls::ServerTls::load(cert, key) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                eprintln!("invalid configuration: --tls-cert/--tls-key: {e}");
+                tracing::error!(error = %e, "invalid tls certificate or key");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     let cursors = match cursor_key(&args) {
         Ok(k) => k,
         Err(e) => {
@@ -358,8 +461,13 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let rate_limit = args.limits.rate_limiter();
         let shared = match Shared::new() {
-            Ok(s) => Shared { cursors, ..s },
+            Ok(s) => Shared {
+                cursors,
+                rate_limit,
+                ..s
+            },
             Err(e) => {
                 tracing::error!(error = %e, "start-up failed");
                 return ExitCode::FAILURE;
@@ -388,12 +496,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_default();
         registry.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
-        tracing::info!(listen = %local, tenants = ?registry.ids(), "smart-fhir-proxy listening");
+        if let Some(tls) = &tls {
+            tls.watch(Duration::from_secs(args.reload_poll_seconds.max(1)));
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(listen = %local, scheme, tenants = ?registry.ids(), "smart-fhir-proxy listening");
         let app = stack::build(Arc::clone(&registry), shared);
-        let limits = Limits {
-            max_body_bytes: args.max_body_bytes,
-            ..Limits::default()
-        };
+        let limits = args.limits.server_limits(args.max_body_bytes);
+        let drain = Duration::from_secs(args.limits.shutdown_grace_seconds);
         let shutdown = async {
             shutdown_signal().await;
             // Orchestrators stop sending before the connections drain.
@@ -401,7 +511,10 @@ fn serve(args: ServeArgs) -> ExitCode {
                 admin.set_draining();
             }
         };
-        server::serve(listener, app, limits, shutdown, Duration::from_secs(10)).await;
+        match &tls {
+            Some(tls) => server::serve_tls(listener, tls, app, limits, shutdown, drain).await,
+            None => server::serve(listener, app, limits, shutdown, drain).await,
+        }
         // Records still queued are written before the process ends.
         audit::drain(Duration::from_secs(5));
         trace::otlp::flush(Duration::from_secs(5));

@@ -70,3 +70,8 @@ pub fn fhir_json(status: StatusCode, body: Bytes) -> ProxyResponse {
     );
     resp
 }
+
+/// The address of the client a request came from: the peer's, or with trusted
+/// proxies in front, the one they forwarded (written by the server, before any stage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);

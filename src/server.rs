@@ -2,7 +2,20 @@
 //! shutdown. Each request body is read here, bounded, before the stack sees it; an
 //! oversized body is refused with 413, one that does not arrive in time with 408 and a
 //! broken one (bad chunked encoding) with 400, without reaching any stage. A connection
-//! that has not sent a whole request head within the header timeout is closed.
+//! that has not sent a whole request head within the header timeout is closed; a head
+//! larger than [`Limits::max_header_bytes`] or with more than [`Limits::max_headers`]
+//! lines is refused by hyper with 431.
+//!
+//! Load shedding: at most [`Limits::max_concurrent_requests`] requests are handled at
+//! once; one more is answered at once with 503 `overloaded` and `Retry-After: 1`
+//! (audited like every refusal), never queued.
+//!
+//! Shutdown: once `shutdown` resolves the listener is closed (new connections are
+//! refused), idle connections are closed, and requests in flight may finish within the
+//! drain time; then the remaining connections are dropped.
+//!
+//! With a certificate ([`serve_tls`], module [`tls`]) the listener speaks HTTPS only;
+//! the TLS handshake counts against the same header timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,13 +31,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
+use crate::audit::AuditSlot;
 use crate::error::ProxyError;
-use crate::pipeline::ProxyResponse;
+use crate::limits::{LimitError, client_addr};
+use crate::pipeline::{ClientAddr, ProxyResponse};
 use crate::stack::{App, render_error};
 use crate::tenant::TenantError;
+
+pub mod tls;
+
+/// The smallest request-head limit hyper takes (its initial read buffer).
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// hyper's own default for the HTTP/1 read buffer: about 400 KB of request head.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 8192 + 4096 * 100;
 
 /// Server-wide limits.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +56,17 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// Most header lines in a request head (HTTP/1); 431 beyond.
     pub max_headers: usize,
+    /// Largest request head in bytes: HTTP/1's read buffer (the request line and
+    /// headers must fit), HTTP/2's header list; 431 beyond. At least
+    /// [`MIN_HEADER_BYTES`].
+    pub max_header_bytes: usize,
+    /// Requests handled at once; one more is answered 503 at once.
+    pub max_concurrent_requests: usize,
+    /// Proxies in front whose `X-Forwarded-For` entries are believed (0: none, the
+    /// peer's address is the client's).
+    pub trust_forwarded_for: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +76,9 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_headers: 100,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_concurrent_requests: 1024,
+            trust_forwarded_for: 0,
         }
     }
 }
@@ -55,13 +92,47 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    serve_on(listener, None, app, limits, shutdown, drain).await;
+}
+
+/// [`serve`] over TLS: every connection is HTTPS, with the certificate `tls` serves
+/// at the time of its handshake.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: &tls::ServerTls,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    serve_on(listener, Some(tls.acceptor()), app, limits, shutdown, drain).await;
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    app: App,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let max_header_bytes = limits.max_header_bytes.max(MIN_HEADER_BYTES);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_headers(limits.max_headers);
+        .max_headers(limits.max_headers)
+        .max_buf_size(max_header_bytes);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
+    let in_flight = Arc::new(Semaphore::new(
+        limits
+            .max_concurrent_requests
+            .clamp(1, Semaphore::MAX_PERMITS),
+    ));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -78,16 +149,42 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let in_flight = Arc::clone(&in_flight);
         let first_request = Arc::new(Notify::new());
         let started = Arc::clone(&first_request);
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             started.notify_one();
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req, limits, peer).await) }
+            let in_flight = Arc::clone(&in_flight);
+            async move { Ok::<_, Infallible>(handle(app, req, limits, peer, &in_flight).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        let head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
         tokio::spawn(async move {
+            let io = match acceptor {
+                None => tls::Conn::Plain(stream),
+                // A peer that stalls in the handshake is dropped like one that sends
+                // no request head.
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(head_deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => tls::Conn::Tls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                "no tls handshake within the header timeout: connection closed"
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            let conn = watcher.watch(conn.into_owned());
             let mut conn = std::pin::pin!(conn);
             // hyper's header timeout runs only once the protocol is known, i.e. after the
             // first bytes of an HTTP/1 request, and HTTP/2 has none: a connection that
@@ -98,7 +195,7 @@ pub async fn serve(
             let result = tokio::select! {
                 result = conn.as_mut() => result,
                 () = first_request.notified() => conn.await,
-                () = tokio::time::sleep(limits.header_read_timeout) => {
+                () = tokio::time::sleep_until(head_deadline) => {
                     tracing::debug!("no request head within the header timeout: connection closed");
                     return;
                 }
@@ -108,9 +205,14 @@ pub async fn serve(
             }
         });
     }
-    tracing::info!("shutting down: draining connections");
+    // New connections are refused from here on, not left waiting in the backlog.
+    drop(listener);
+    tracing::info!(
+        shutdown.grace_seconds = drain.as_secs_f64(),
+        "shutting down: no longer accepting; draining requests in flight"
+    );
     tokio::select! {
-        () = graceful.shutdown() => {},
+        () = graceful.shutdown() => tracing::info!("drained: every connection closed"),
         () = tokio::time::sleep(drain) => tracing::warn!("drain timeout; closing remaining connections"),
     }
 }
@@ -121,15 +223,17 @@ async fn handle(
     req: Request<Incoming>,
     limits: Limits,
     peer: SocketAddr,
+    in_flight: &Arc<Semaphore>,
 ) -> ProxyResponse {
-    crate::observe::traced(req, |req| handle_request(app, req, limits, peer)).await
+    crate::observe::traced(req, |req| handle_request(app, req, limits, peer, in_flight)).await
 }
 
 async fn handle_request(
     app: App,
     req: Request<Incoming>,
     limits: Limits,
-    _peer: SocketAddr,
+    peer: SocketAddr,
+    in_flight: &Arc<Semaphore>,
 ) -> ProxyResponse {
     let path = req.uri().path();
     if path == "/_health" {
@@ -137,7 +241,17 @@ async fn handle_request(
         *r.status_mut() = StatusCode::OK;
         return r;
     }
-    let (parts, body) = req.into_parts();
+    // Held until the answer is made (bodies are whole by then).
+    let Ok(_permit) = Arc::clone(in_flight).try_acquire_owned() else {
+        return render_error(
+            &ProxyError::Limit(LimitError::Overloaded),
+            Some(&AuditSlot::default()),
+            None,
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let client = client_addr(peer.ip(), &parts.headers, limits.trust_forwarded_for);
+    parts.extensions.insert(ClientAddr(client));
     // Only POST (`_search`, operations) carries a body the proxy uses; other methods'
     // bodies are never buffered (hyper discards them, closing the connection if needed).
     if parts.method != http::Method::POST {

@@ -1,10 +1,13 @@
 //! THE one place that orders the layers. Read top to bottom: request order.
 //!
 //! ```text
+//! ApplyCors         CORS preflights answered; the tenant's CORS headers on every answer
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
+//! LimitRate         rate limit by address for requests no verified token pays for
 //! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
 //! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
 //! ValidateToken     stage 1: VerifiedToken
+//! ChargeClient      rate limit by the token's client id
 //! CheckScope        stage 2: ScopeGrant
 //! Authorize         stage 3: Permit
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
@@ -33,6 +36,7 @@ use crate::discovery::{Capabilities, ServeDiscovery};
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
 use crate::forward::Forward;
+use crate::limits::{ChargeClient, LimitRateLayer, RateLimiter};
 use crate::metrics::{self, Outcome, TenantLabel};
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
 use crate::registry::{ResolveTenant, TenantRegistry};
@@ -41,6 +45,9 @@ use crate::scope::CheckScope;
 use crate::tenant::TenantCtx;
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
+
+mod apply_cors;
+pub use apply_cors::{ApplyCors, ApplyCorsLayer};
 
 /// How a stage shows in traces and metrics: the `tracing` span it runs in (named after
 /// the stage, carrying its span id; see [`stage_obs!`]) and, for the stages the latency
@@ -62,6 +69,15 @@ macro_rules! stage_obs {
             span: |id| tracing::debug_span!($name, span.id = %id),
             metric: $metric,
         }
+    };
+}
+
+impl StageObs {
+    /// For a step of the stack that is no pipeline stage (charging the rate limit):
+    /// no span, no timing.
+    pub const UNTRACED: StageObs = StageObs {
+        span: |_| tracing::Span::none(),
+        metric: None,
     };
 }
 
@@ -254,7 +270,8 @@ pub fn render_error(
 ) -> ProxyResponse {
     let outcome = outcome_of(audit, e.reason());
     let status = e.status();
-    if status.is_server_error() {
+    // A shed request is logged at debug only: under overload a line each would add to it.
+    if status.is_server_error() && !matches!(e, ProxyError::Limit(_)) {
         tracing::warn!(error = ?e, authz.reason = e.reason(), "request failed");
     } else {
         tracing::debug!(error = %e, authz.reason = e.reason(), "request refused");
@@ -276,6 +293,9 @@ pub fn render_error(
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-store"),
     );
+    if let Some(secs) = e.retry_after_secs() {
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     if let ProxyError::Request(r) = e
         && let Some(allow) = r.allow()
     {
@@ -301,7 +321,9 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
     use metrics::Stage as M;
     let svc = ServiceBuilder::new()
+        .layer(ApplyCorsLayer::new(Arc::clone(&registry)))
         .layer(RenderErrorsLayer)
+        .layer(LimitRateLayer::new(shared.rate_limit.clone()))
         .layer(StageLayer::new(
             ResolveTenant::new(registry),
             stage_obs!("tenant", None),
@@ -313,6 +335,10 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(
             ValidateToken::new(shared.tokens.clone()),
             stage_obs!("token", Some(M::Token)),
+        ))
+        .layer(StageLayer::new(
+            ChargeClient::new(shared.rate_limit.clone()),
+            StageObs::UNTRACED,
         ))
         .layer(StageLayer::new(
             CheckScope,
@@ -340,6 +366,8 @@ pub struct Shared {
     /// deployment of several instances must set one (`main` does, from the
     /// environment).
     pub cursors: crate::cursor::CursorKey,
+    /// Per-client rate limit (`limits`); `None` (the default): off.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Shared {
@@ -351,6 +379,7 @@ impl Shared {
             tokens: Arc::new(crate::token::TokenVerifier::new(http.clone())),
             upstream: Upstream::new(http)?,
             cursors: crate::cursor::CursorKey::generate(crate::cursor::DEFAULT_TTL_SECONDS)?,
+            rate_limit: None,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The upstream FHIR client: one pooled connection to each tenant's FHIR base, bounded
-//! in time and size, with the tenant's own upstream credentials.
+//! in time (the tenant's connect timeout and exchange timeout) and size, with the
+//! tenant's own upstream credentials.
 //!
 //! An I/O adapter below the stages that read the upstream (discovery, PractitionerRole
 //! resolution in authz, forwarding): it sends an [`OutboundRequest`] and returns the
@@ -93,11 +94,14 @@ const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 1] = [header::ACCEPT_LANGU
 const CONDITIONAL_REQUEST_HEADERS: [header::HeaderName; 2] =
     [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE];
 
-/// The process-wide upstream client: one connection pool, plus a cache of upstream
-/// access tokens for tenants using client credentials.
+/// The process-wide upstream client: a connection pool per way of connecting (see
+/// [`ConnectSettings`]), plus a cache of upstream access tokens for tenants using
+/// client credentials.
 #[derive(Clone)]
 pub struct Upstream {
-    client: HyperClient,
+    /// One pooled client per distinct [`ConnectSettings`] in use: tenants that connect
+    /// alike share a pool (hyper keys its pool by scheme and authority).
+    clients: Cache<ConnectSettings, HyperClient>,
     http: reqwest::Client,
     /// Upstream access tokens by (configuration generation, tenant): a reload with a new
     /// upstream or new credentials never reuses a token fetched for the old ones.
@@ -139,23 +143,20 @@ pub struct Fetched {
 
 impl Upstream {
     pub fn new(http: reqwest::Client) -> Result<Self, String> {
-        let mut http_connector = HttpConnector::new();
-        http_connector.enforce_http(false);
-        http_connector.set_nodelay(true);
-        http_connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| format!("cannot load TLS roots: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http_connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .build(tls);
+        // Built once here so that a machine without usable TLS roots fails at start-up,
+        // not on a request; each tenant's client is built on its first request.
+        build_client(
+            ConnectSettings {
+                connect_timeout: Duration::from_secs(2),
+                tls: None,
+            },
+            None,
+        )?;
         Ok(Upstream {
-            client,
+            clients: Cache::builder()
+                .max_capacity(MAX_CLIENTS)
+                .time_to_idle(CLIENT_IDLE)
+                .build(),
             http,
             tokens: Cache::builder()
                 .max_capacity(1_000)
@@ -243,8 +244,9 @@ impl Upstream {
         let request = builder
             .body(body)
             .map_err(|_| UpstreamError::BadResponse("outbound request"))?;
+        let client = self.client_for(up).await?;
         let exchange = async {
-            let resp = self.client.request(request).await.map_err(|e| {
+            let resp = client.request(request).await.map_err(|e| {
                 tracing::warn!(tenant.id = %cfg.id, error = %e, "upstream request failed");
                 if e.is_connect() {
                     UpstreamError::Unreachable
@@ -284,7 +286,19 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
-    /// A cached upstream access token from the tenant's client-credentials grant.
+    /// The pooled client that connects as `up` says.
+    async fn client_for(&self, up: &UpstreamConfig) -> Result<HyperClient, UpstreamError> {
+        let settings = ConnectSettings::of(up);
+        let tls = up.tls.as_ref().map(|t| t.config());
+        self.clients
+            .try_get_with(settings, async move { build_client(settings, tls) })
+            .await
+            .map_err(|e: Arc<String>| {
+                tracing::error!(error = %e, "cannot build the upstream client");
+                UpstreamError::Unreachable
+            })
+    }
+
     /// A cached upstream access token from the tenant's client-credentials grant.
     /// Concurrent misses cause one token request; failures are never cached.
     async fn upstream_token(&self, tenant: &Tenant) -> Result<Arc<HeaderValue>, UpstreamError> {
@@ -296,6 +310,69 @@ impl Upstream {
             .map(|t| t.value)
             .map_err(|e: Arc<UpstreamError>| (*e).clone())
     }
+}
+
+/// How connections to an upstream are made: what tells one tenant's client from
+/// another's. The connect timeout and the TLS settings are properties of the
+/// connector, so tenants that differ in either cannot share a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectSettings {
+    /// Bound on establishing one TCP connection (`upstream.connect_timeout_ms`); a
+    /// connection not made in time fails the request with 502 `upstream_unreachable`.
+    pub connect_timeout: Duration,
+    /// The load id of the tenant's own TLS settings (`upstream.tls`: a private CA, a
+    /// client certificate); `None`: the system's roots, no client certificate. A pool
+    /// is never shared between different settings, and one reloaded away idles out.
+    pub tls: Option<u64>,
+}
+
+impl ConnectSettings {
+    pub fn of(up: &UpstreamConfig) -> Self {
+        ConnectSettings {
+            connect_timeout: up.connect_timeout,
+            tls: up.tls.as_ref().map(|t| t.id()),
+        }
+    }
+}
+
+/// Most distinct [`ConnectSettings`] with a client at once (one is needed per distinct
+/// setting in the configuration, plus those of configurations just replaced).
+const MAX_CLIENTS: u64 = 1024;
+
+/// A client unused this long is dropped with its pool (a tenant that comes back gets
+/// a new one).
+const CLIENT_IDLE: Duration = Duration::from_secs(3600);
+
+/// A pooled client connecting as `settings` say; `tls` is the tenant's own TLS
+/// configuration (HTTPS only: configuration refuses `upstream.tls` with an `http`
+/// base), else the system's roots for `https` and plain `http`.
+fn build_client(
+    settings: ConnectSettings,
+    tls: Option<&rustls::ClientConfig>,
+) -> Result<HyperClient, String> {
+    let mut http_connector = HttpConnector::new();
+    http_connector.enforce_http(false);
+    http_connector.set_nodelay(true);
+    http_connector.set_connect_timeout(Some(settings.connect_timeout));
+    let connector = match tls {
+        Some(config) => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config.clone())
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector),
+        None => hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| format!("cannot load TLS roots: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http_connector),
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .build(connector))
 }
 
 #[derive(Clone)]
@@ -530,6 +607,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_response_bytes: 1 << 20,
             compartment_search: crate::config::CompartmentSearch::Native,
+            tls: None,
         }
     }
 

@@ -58,6 +58,11 @@ fn example_file_is_valid_and_explained() {
         "permission-v2",
         "(searched by linking parameter)",
         "(compartment search (native))",
+        "cors         http://127.0.0.1:3000, https://app.example.org, with credentials",
+        "cors         *",
+        "upstream tls trusts ",
+        "examples/tls/ca.pem, presents ",
+        "examples/tls/client.pem",
     ] {
         assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
     }

@@ -167,6 +167,7 @@ impl World {
             cache_ttl: Duration::from_secs(60),
             breaker: BreakerSettings::default(),
             list_objects_deadline: DEFAULT_LIST_OBJECTS_DEADLINE,
+            tls: None,
         }
     }
 

@@ -1,7 +1,8 @@
 """scripts/check-threat-model.py on small made-up repositories: test references that
-exist or not (Rust tests, ignored tests and plain functions, JSON cases, Python tests), gaps
-and the Known gaps section, PENDING with and without --allow-pending. No cargo; well
-under a second. Run: python3 -m unittest discover -s scripts/tests
+exist or not (Rust tests, ignored tests and plain functions, JSON cases, Python tests, fuzz
+targets), gaps and the Known gaps section, PENDING and PENDING-FUZZ with and without
+--allow-pending and --allow-pending-fuzz. No cargo; well under a second. Run:
+python3 -m unittest discover -s scripts/tests
 """
 
 import importlib.util
@@ -45,6 +46,15 @@ CASES = [
     {"description": "encoded slash: Patient%2Fp2 is refused", "client": "patient-p1"},
 ]
 
+FUZZ_TARGET = """\
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = data;
+});
+"""
+
 PYTHON = """\
 import unittest
 class T(unittest.TestCase):
@@ -79,17 +89,22 @@ class CheckThreatModel(unittest.TestCase):
         (self.root / "scripts" / "tests").mkdir(parents=True)
         (self.root / "scripts" / "tests" / "test_x.py").write_text(PYTHON)
 
-    def check(self, text, allow_pending=False):
-        problems, pending, _ = ctm.check(text, self.root, allow_pending)
+    def check(self, text, allow_pending=False, allow_pending_fuzz=False):
+        problems, pending, _ = ctm.check(text, self.root, allow_pending, allow_pending_fuzz)
         return problems, pending
 
-    def assert_ok(self, text, allow_pending=False):
-        problems, _ = self.check(text, allow_pending)
+    def assert_ok(self, text, allow_pending=False, allow_pending_fuzz=False):
+        problems, _ = self.check(text, allow_pending, allow_pending_fuzz)
         self.assertEqual(problems, [])
 
-    def assert_problem(self, text, needle, allow_pending=False):
-        problems, _ = self.check(text, allow_pending)
+    def assert_problem(self, text, needle, allow_pending=False, allow_pending_fuzz=False):
+        problems, _ = self.check(text, allow_pending, allow_pending_fuzz)
         self.assertTrue(any(needle in p for p in problems), f"`{needle}` not in {problems}")
+
+    def add_fuzz_target(self, name, text=FUZZ_TARGET):
+        targets = self.root / "fuzz" / "fuzz_targets"
+        targets.mkdir(parents=True, exist_ok=True)
+        (targets / f"{name}.rs").write_text(text)
 
     def test_existing_references_of_every_kind_pass(self):
         self.assert_ok(
@@ -150,6 +165,46 @@ class CheckThreatModel(unittest.TestCase):
             doc(("T4", "PENDING: later<br>`src/lib.rs::gone`")), "`gone` in `src/lib.rs`", allow_pending=True
         )
 
+    def test_fuzz_targets_are_valid_references_when_they_exist(self):
+        text = doc(("D4", "`src/lib.rs::plain_test`<br>`fuzz/fuzz_targets/scope.rs`"))
+        # Before the fuzz crate exists, and with another target only.
+        self.assert_problem(text, "no fuzz target `fuzz/fuzz_targets/scope.rs`")
+        self.add_fuzz_target("request")
+        self.assert_problem(text, "no fuzz target `fuzz/fuzz_targets/scope.rs`")
+        self.add_fuzz_target("scope")
+        self.assert_ok(text)
+        _, _, summary = ctm.check(text, self.root)
+        self.assertIn("2 test references", summary)
+        # A file there that defines no target does not count.
+        self.add_fuzz_target("helpers", "pub fn shared() {}\n// fuzz_target! is in the others\n")
+        self.assert_problem(
+            doc(("D4", "`fuzz/fuzz_targets/helpers.rs`")), "`fuzz/fuzz_targets/helpers.rs` defines no `fuzz_target!`"
+        )
+        # Only files directly under fuzz/fuzz_targets/ are fuzz references.
+        self.assert_problem(doc(("D4", "`fuzz/scope.rs`")), "is not one `path::test_name`")
+
+    def test_pending_fuzz_fails_unless_allowed_and_once_the_target_exists(self):
+        text = doc(("D4", "`src/lib.rs::plain_test`<br>PENDING-FUZZ: `fuzz/fuzz_targets/scope.rs`"))
+        self.assert_problem(text, "PENDING-FUZZ: `fuzz/fuzz_targets/scope.rs` (run with --allow-pending-fuzz")
+        problems, pending = self.check(text, allow_pending_fuzz=True)
+        self.assertEqual(problems, [])
+        self.assertEqual(len(pending), 1)
+        self.assert_ok(text, allow_pending=True)
+        # --allow-pending-fuzz excuses fuzz targets only.
+        self.assert_problem(
+            doc(("D4", "PENDING-FUZZ: `fuzz/fuzz_targets/scope.rs`"), ("T4", "PENDING: smuggling")),
+            "PENDING: smuggling (run with --allow-pending",
+            allow_pending_fuzz=True,
+        )
+        # It names exactly one target in backticks.
+        for bad in ("PENDING-FUZZ: scope parser", "PENDING-FUZZ: `src/lib.rs::plain_test`", "PENDING-FUZZ:"):
+            self.assert_problem(doc(("D4", bad)), "is not `PENDING-FUZZ: ` and one", allow_pending=True)
+        # Once the target has landed the item must become the reference.
+        self.add_fuzz_target("scope")
+        self.assert_problem(
+            text, "`fuzz/fuzz_targets/scope.rs` exists: reference it instead of PENDING-FUZZ", allow_pending=True
+        )
+
     def test_ids_are_stride_letters_and_unique(self):
         self.assert_problem(doc(("X1", "`src/lib.rs::plain_test`")), "`X1` is not a threat id")
         self.assert_problem(
@@ -177,6 +232,13 @@ class CheckThreatModel(unittest.TestCase):
         self.assertEqual(r.returncode, 1)
         self.assertIn("--allow-pending", r.stderr)
         self.assertEqual(run("--allow-pending", str(pending)).returncode, 0)
+        self.assertEqual(run("--allow-pending-fuzz", str(pending)).returncode, 1)
+        fuzz = self.root / "fuzz.md"
+        fuzz.write_text(doc(("D4", "PENDING-FUZZ: `fuzz/fuzz_targets/scope.rs`")))
+        self.assertEqual(run(str(fuzz)).returncode, 1)
+        r = run("--allow-pending-fuzz", str(fuzz))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("1 pending (1 fuzz targets)", r.stdout)
         self.assertEqual(run("--bogus").returncode, 64)
 
 

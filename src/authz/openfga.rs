@@ -403,7 +403,11 @@ struct CachedToken {
 }
 
 struct Inner {
+    /// For the token endpoint (client credentials).
     http: reqwest::Client,
+    /// For OpenFGA's API: `http`, or a client of its own with the connection's TLS
+    /// settings (`tls`: a private CA, a client certificate).
+    api: reqwest::Client,
     conn: FgaConnection,
     model: Arc<str>,
     cache: moka::future::Cache<CacheKey, bool>,
@@ -561,9 +565,17 @@ impl OpenFgaClient {
             .max_capacity(CACHE_CAPACITY)
             .time_to_live(conn.cache_ttl)
             .build();
+        let api = match &conn.tls {
+            None => http.clone(),
+            Some(tls) => crate::fetch::control_client()
+                .tls_backend_preconfigured(tls.config().clone())
+                .build()
+                .map_err(|e| format!("cannot build the openfga tls client: {e}"))?,
+        };
         Ok(OpenFgaClient {
             inner: Arc::new(Inner {
                 http,
+                api,
                 model: Arc::from(conn.authorization_model_id.as_str()),
                 breaker: Breaker::new(conn.breaker),
                 conn,
@@ -835,7 +847,7 @@ impl OpenFgaClient {
     ) -> Result<reqwest::Response, FgaError> {
         let mut request = self
             .inner
-            .http
+            .api
             .post(self.url(endpoint)?)
             .timeout(self.inner.conn.timeout)
             .json(body);

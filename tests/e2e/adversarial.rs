@@ -1496,3 +1496,42 @@ async fn hostile_jwks_answers_fail_tokens_cleanly() {
     assert_eq!(seen, 1, "only the one good token reached the upstream");
     target.assert_survived().await;
 }
+
+#[tokio::test]
+async fn an_upstream_without_a_capability_statement_gets_no_restricted_search() {
+    // The upstream answers searches, but `/metadata` with 404: restricted searches
+    // cannot be held to its declared parameters and are refused (502, never the
+    // upstream's 404 as if it were the client's); unrestricted ones still work.
+    let upstream = FaultServer::start(Fault::Routes(vec![
+        (
+            "/fhir/metadata".to_owned(),
+            Reply::new(404, "text/plain", "no such page"),
+        ),
+        (
+            "/fhir/Observation?".to_owned(),
+            Reply::fhir(searchset([observation("obs-p1", "p1")])),
+        ),
+    ]));
+    let target = Target::start(|port| tenants(vec![("t", tenant_on("t", port, &upstream.base()))]));
+    let base = target.base("t");
+    let p1 = target
+        .token("patient-p1", "patient/Observation.rs", "t")
+        .await;
+    let a = get(&format!("{base}/Observation?code=x"), Some(&p1)).await;
+    assert_outcome(&a, 502, "upstream_bad_response", "restricted search");
+    assert!(
+        !upstream
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("/fhir/Observation")),
+        "the search went upstream unchecked"
+    );
+    let a = get(&format!("{base}/metadata"), None).await;
+    assert_outcome(&a, 502, "upstream_bad_response", "discovery");
+    let system = target.token("backend", "system/*.rs", "t").await;
+    let a = get(&format!("{base}/Observation?code=x"), Some(&system)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    target.assert_survived().await;
+}

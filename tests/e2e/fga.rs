@@ -788,3 +788,111 @@ async fn a_server_with_a_pre_shared_key_is_called_with_it_and_a_wrong_key_fails_
     }
     assert!(!proxy.log().contains(KEY), "the key was logged");
 }
+
+#[tokio::test]
+async fn a_reload_keeps_the_state_of_unchanged_tenants_and_rebuilds_changed_ones() {
+    let faulty = start_fga(Options::default());
+    let store = test_store(&faulty);
+    let breaker = json!({
+        "timeout_ms": 300, "breaker_failure_threshold": 1, "breaker_cool_down_ms": 600000
+    });
+    let proxy = start(vec![
+        ("fga", settings(&store, breaker.clone())),
+        ("other", settings(&store, json!({}))),
+    ]);
+    let file = |list: Vec<(&str, Value)>| {
+        tenants(
+            list.into_iter()
+                .map(|(id, extra)| (id, fga_tenant(id, proxy.port, &store, extra)))
+                .collect(),
+        )
+    };
+    // One failure opens `fga`'s breaker; from then on it fails without calling OpenFGA,
+    // even once OpenFGA is healthy again.
+    faulty.set_mode(Mode::Error);
+    let (status, _) = get(&proxy, "fga", "practitioner-pr1", PR_SCOPES, "/Patient/p1").await;
+    assert_eq!(status, 503);
+    faulty.set_mode(Mode::Ok);
+    let (status, body) = get(&proxy, "fga", "practitioner-pr1", PR_SCOPES, "/Patient/p1").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(outcome_reason(&body), "fga_unavailable");
+    let (status, body) = get(
+        &proxy,
+        "other",
+        "practitioner-pr1",
+        PR_SCOPES,
+        "/Patient/p1",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // A reload that edits `other` and adds `probe` (which says when it has applied)
+    // leaves `fga` as it was: its breaker is still open.
+    crate::harness::write_json(
+        &proxy.tenants_path(),
+        &file(vec![
+            ("fga", breaker.clone()),
+            ("other", json!({ "cache_ttl_seconds": 0 })),
+            ("probe", json!({})),
+        ]),
+    );
+    until_tenant_exists(&proxy, "probe").await;
+    let (status, body) = get(&proxy, "fga", "practitioner-pr1", PR_SCOPES, "/Patient/p1").await;
+    assert_eq!(
+        status, 503,
+        "the breaker did not survive the reload: {body}"
+    );
+    assert_eq!(outcome_reason(&body), "fga_unavailable");
+    let (status, body) = get(
+        &proxy,
+        "other",
+        "practitioner-pr1",
+        PR_SCOPES,
+        "/Patient/p1",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        proxy.log().contains("\"tenants.kept\":1"),
+        "{}",
+        proxy.log()
+    );
+
+    // Editing `fga` itself rebuilds it: a fresh breaker, closed, and OpenFGA answers.
+    let mut edited = breaker.clone();
+    edited["breaker_cool_down_ms"] = json!(599_999);
+    crate::harness::write_json(
+        &proxy.tenants_path(),
+        &file(vec![
+            ("fga", edited),
+            ("other", json!({ "cache_ttl_seconds": 0 })),
+            ("probe2", json!({})),
+        ]),
+    );
+    until_tenant_exists(&proxy, "probe2").await;
+    let (status, body) = get(&proxy, "fga", "practitioner-pr1", PR_SCOPES, "/Patient/p1").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Waits (at most 20 s) until the proxy knows tenant `id`.
+async fn until_tenant_exists(proxy: &Proxy, id: &str) {
+    let url = format!("{}/.well-known/smart-configuration", proxy.base(id));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = support::http_client()
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant `{id}` never appeared; log:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -26,6 +26,17 @@ impl Proxy {
     }
 
     pub fn start_with_env(build: impl FnOnce(u16) -> Value, env: &[(&str, &str)]) -> Proxy {
+        Self::start_with_args::<&str>(build, &[], env)
+    }
+
+    /// As [`Proxy::start_with_env`], with extra command-line arguments. With
+    /// `--tls-cert` the proxy speaks HTTPS only, so it is ready once it logs that it
+    /// listens (the plain `/_health` probe cannot reach it).
+    pub fn start_with_args<S: AsRef<str>>(
+        build: impl FnOnce(u16) -> Value,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         use std::os::unix::process::CommandExt;
         let port = support::free_port();
         let dir = tempfile::tempdir().unwrap();
@@ -43,6 +54,7 @@ impl Proxy {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--reload-poll-seconds")
             .arg("1")
+            .args(args.iter().map(AsRef::as_ref))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -53,8 +65,23 @@ impl Proxy {
         }
         let child = cmd.spawn().unwrap();
         let proxy = Proxy { child, port, dir };
-        proxy.wait_ready();
+        if args.iter().any(|a| a.as_ref() == "--tls-cert") {
+            proxy.wait_listening();
+        } else {
+            proxy.wait_ready();
+        }
         proxy
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.log().contains("smart-fhir-proxy listening") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("proxy did not start listening; log:\n{}", self.log());
     }
 
     fn wait_ready(&self) {
@@ -115,6 +142,31 @@ impl Proxy {
         panic!("no proxy process under watchdog {watchdog}");
     }
 
+    /// Sends `signal` (`TERM`, `INT`, `HUP`, ...) to the proxy process itself.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits (at most `within`, a bound against hanging, not a measurement) for the
+    /// proxy to exit; its exit status (the watchdog passes it on), `None` if it is
+    /// still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The proxy's resident set in bytes (`VmRSS` in `/proc/PID/status`).
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
@@ -142,8 +194,10 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // Quietly: the group may be gone already (a test that stopped the proxy).
         let _ = Command::new("kill")
             .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
             .status();
         let _ = self.child.wait();
     }
@@ -321,6 +375,29 @@ pub enum Fault {
     /// Answers with the reply of the first route whose key occurs in the request line
     /// (`GET /fhir/Patient/p1 HTTP/1.1`), 404 without one; records the raw request.
     Routes(Vec<(String, Reply)>),
+    /// Holds each request (recorded as it arrives) until the gate opens, then answers
+    /// this reply; connections are served side by side.
+    Gated(Gate, Reply),
+}
+
+/// A gate for [`Fault::Gated`]: closed until [`Gate::open`].
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    pub fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+    }
+
+    fn wait(&self) {
+        let (open, changed) = &*self.0;
+        let mut is_open = open.lock().unwrap();
+        while !*is_open {
+            is_open = changed.wait(is_open).unwrap();
+        }
+    }
 }
 
 /// An HTTP answer a [`FaultServer`] sends: any status, headers and body, the body sent
@@ -486,6 +563,13 @@ impl FaultServer {
                                 );
                             }
                             Fault::Reply(reply) => reply.write_to(&mut s),
+                            Fault::Gated(gate, reply) => {
+                                let (gate, reply) = (gate.clone(), reply.clone());
+                                std::thread::spawn(move || {
+                                    gate.wait();
+                                    reply.write_to(&mut s);
+                                });
+                            }
                             Fault::Routes(routes) => {
                                 let line = request.lines().next().unwrap_or_default();
                                 match routes.iter().find(|(key, _)| line.contains(key.as_str())) {

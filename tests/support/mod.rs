@@ -13,7 +13,8 @@
 //! call panics and says so. This module knows nothing of the proxy crate.
 //!
 //! Shared issuer clients (secret [`TEST_SECRET`] for all; each may ask for any scope and
-//! any `resource=` under `http://127.0.0.1:` or `http://localhost:`, which becomes `aud`):
+//! any `resource=` under `http://127.0.0.1:`, `http://localhost:` or `https://127.0.0.1:`
+//! (HTTPS listener tests), which becomes `aud`):
 //!
 //! | client_id | `patient` | `fhirUser` | alg | note |
 //! | --- | --- | --- | --- | --- |
@@ -467,6 +468,7 @@ impl Default for IssuerConfig {
             resources: vec![
                 "http://127.0.0.1:*".to_owned(),
                 "http://localhost:*".to_owned(),
+                "https://127.0.0.1:*".to_owned(),
             ],
             keys: None,
             token_ttl: None,

@@ -395,6 +395,7 @@ fn connection(url: &str, credentials: FgaCredentials) -> FgaConnection {
         cache_ttl: Duration::from_secs(60),
         breaker: BreakerSettings::default(),
         list_objects_deadline: DEFAULT_LIST_OBJECTS_DEADLINE,
+        tls: None,
     }
 }
 
