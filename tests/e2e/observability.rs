@@ -1,7 +1,7 @@
 //! Operations: the admin listener (`/metrics` scraped by a real Prometheus and checked
-//! by `promtool`, `/healthz`, `/readyz`), W3C `traceparent` and `X-Request-Id` on the
-//! way to the real upstream FHIR server and the real OpenFGA server, and span export
-//! over OTLP/HTTP.
+//! by `promtool`, `/healthz`, `/readyz`, also while draining), W3C `traceparent` and
+//! `X-Request-Id` on the way to the real upstream FHIR server and the real OpenFGA
+//! server, and span export over OTLP/HTTP (and a collector that is down).
 //!
 //! What the upstream and OpenFGA receive is read by a capturing relay in front of the
 //! real servers (it records each request head and the server's answer head, and passes
@@ -1011,4 +1011,43 @@ async fn a_collector_that_is_down_costs_the_spans_and_nothing_else() {
         "{}",
         proxy.log()
     );
+}
+
+#[tokio::test]
+async fn readiness_says_draining_once_shutdown_begins() {
+    use crate::harness::{Fault, FaultServer, Gate, Reply};
+    let gate = Gate::default();
+    let upstream = FaultServer::start(Fault::Gated(
+        gate.clone(),
+        Reply::fhir(r#"{"resourceType":"Patient","id":"p1"}"#),
+    ));
+    let issuer = support::issuer();
+    let (mut proxy, admin) = start(
+        |port| tenants(vec![("t", tenant("t", port, &upstream.base(), issuer))]),
+        &[("SFP_SHUTDOWN_GRACE_SECONDS", "60")],
+    );
+    let token = support::token("backend", "system/*.rs", &proxy.base("t")).await;
+    let url = format!("{}/Patient/p1", proxy.base("t"));
+    let in_flight = tokio::spawn(async move { get(&url, Some(&token), &[]).await.status() });
+    eventually("the request at the upstream", async || {
+        (!upstream.requests.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    proxy.signal("TERM");
+    // While the request drains, the admin listener still answers, and says so.
+    let v = eventually("readiness to say draining", async || {
+        let (status, _, body) = admin_get(admin, "/readyz").await;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (status == 503 && v["status"] == "draining").then_some(v)
+    })
+    .await;
+    assert_eq!(v["status"], "draining");
+    let (status, _, _) = admin_get(admin, "/healthz").await;
+    assert_eq!(status, 200);
+    gate.open();
+    assert_eq!(in_flight.await.unwrap(), 200);
+    let exit = proxy
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the proxy did not exit; log:\n{}", proxy.log()));
+    assert!(exit.success(), "{exit:?}");
 }
