@@ -55,7 +55,7 @@ fn a_request_span_and_its_stage_spans_form_one_trace() {
         );
         root.in_scope(|| {
             // A span the layer does not record (no span.id) is passed over.
-            let other = tracing::info_span!("helper");
+            let other = tracing::info_span!("untracked");
             other.in_scope(|| {
                 let stage = tracing::info_span!(
                     "upstream",
