@@ -11,6 +11,14 @@
 //! full the operator's [`Overflow`] choice applies: count the record as dropped, or
 //! fail the request closed (503). Without a sink (library use, unit tests) the record
 //! goes to the `audit` tracing target directly.
+//!
+//! Optionally ([`fhir::FhirAuditSink`]) every record is also written as a FHIR R4
+//! `AuditEvent` ([`event`]) to an audit repository, in `batch` Bundles, by a writer of
+//! its own with its own bounded queue and overflow choice. A record is only handed on
+//! once both queues have taken it, so a refusal by one never leaves it in the other.
+
+pub mod event;
+pub mod fhir;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,11 +39,30 @@ pub struct AuditRecord {
     pub resource_id: Option<String>,
     pub patient: Option<String>,
     pub fhir_user: Option<String>,
+    /// The tenant's public base URL: the AuditEvent's references are absolute under it,
+    /// so they stay unambiguous in a repository shared by tenants (and searchable where
+    /// the repository does not hold the records).
+    pub public_base: Option<String>,
+    /// The token's issuer (the namespace of `client_id` and `subject`).
+    pub issuer: Option<String>,
+    /// The version of a vread.
+    pub version: Option<String>,
+    /// The compartment named in the path (`Patient/p1` of `Patient/p1/Observation`).
+    pub compartment: Option<String>,
+    /// The request as the client sent it, relative to the tenant base: `Observation?code=x`,
+    /// a `POST _search` body after a blank line; `access_token` parameters removed, cut at
+    /// [`MAX_QUERY_BYTES`]. Only the FHIR `AuditEvent` carries it, never a log line.
+    pub query: Option<String>,
+    /// The request id (`X-Request-Id`: the client's or a front proxy's when sane, else
+    /// the one the proxy made; `crate::trace`).
+    pub request_id: Option<String>,
     /// Extra facts a stage wants on record (e.g. dropped entries), as `key=value`.
     pub notes: Vec<String>,
-    /// The request id (`X-Request-Id`, the client's when sane, else the proxy's).
-    pub request_id: Option<String>,
 }
+
+/// The most of a request kept as its query (a `_search` body may be much larger; the
+/// queues hold many records).
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 
 /// Shared, per-request audit record under construction.
 #[derive(Clone, Debug)]
@@ -68,11 +95,21 @@ impl AuditSlot {
         self.with(|r| r.tenant = Some(tenant.to_owned()));
     }
 
+    /// The tenant's public base URL (`https://proxy.example/demo`).
+    pub fn set_public_base(&self, base: &str) {
+        self.with(|r| r.public_base = Some(base.trim_end_matches('/').to_owned()));
+    }
+
     pub fn set_request(&self, req: &FhirRequest) {
         self.with(|r| {
             r.interaction = Some(req.interaction.name());
             r.resource_type = req.resource_type.map(|t| t.as_str());
             r.resource_id = req.id.as_ref().map(|i| i.as_str().to_owned());
+            r.version = req.version.as_ref().map(|v| v.as_str().to_owned());
+            r.compartment = req
+                .compartment
+                .as_ref()
+                .map(|c| format!("{}/{}", c.owner.as_str(), c.id.as_str()));
             if let crate::fhir::Interaction::Operation(op, _) = &req.interaction {
                 r.operation = Some(op.as_str().to_owned());
             }
@@ -96,8 +133,30 @@ impl AuditSlot {
         });
     }
 
+    /// The token's issuer.
+    pub fn set_issuer(&self, issuer: &str) {
+        self.with(|r| r.issuer = Some(issuer.to_owned()));
+    }
+
+    /// The request as sent: `path` relative to the tenant base (`/Observation`), the raw
+    /// query string and a form body. Kept for the FHIR `AuditEvent` only (and only when
+    /// AuditEvents are written).
+    pub fn set_query(&self, path: &str, query: Option<&str>, body: Option<&[u8]>) {
+        if !fhir::enabled() {
+            return;
+        }
+        let text = request_text(path, query, body);
+        self.with(|r| r.query = Some(text));
+    }
+
+    /// The request id (`X-Request-Id`), if it is a plausible one: 1 to 200 visible
+    /// ASCII characters. Anything else is not recorded.
     pub fn set_request_id(&self, id: &str) {
-        self.with(|r| r.request_id = Some(id.to_owned()));
+        let plausible =
+            !id.is_empty() && id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic());
+        if plausible {
+            self.with(|r| r.request_id = Some(id.to_owned()));
+        }
     }
 
     /// The tenant and interaction recorded so far (the request metrics' labels).
@@ -109,17 +168,45 @@ impl AuditSlot {
         self.with(|r| r.notes.push(note));
     }
 
-    /// Emits the record. `decision` is `allow` or `deny`; `reason` a stable id.
-    /// `Err` only if the record could not be queued and the sink fails closed.
+    /// Emits the record of an answer that releases something: `decision` is `allow`,
+    /// or `error` (an upstream error passed through); `reason` a stable id. All or
+    /// nothing: `Err` if a sink that fails closed could not take the record, and then
+    /// no sink has it (the answer must not go out, so neither may its record).
     pub fn emit(&self, status: u16, decision: &'static str, reason: &str) -> Result<(), AuditFull> {
+        let finished = self.finish(status, decision, reason);
+        // A place in the FHIR queue first: when the line queue then refuses the record,
+        // the place is given back and neither has it.
+        let event = fhir::reserve()?;
+        match SINK.get() {
+            Some(sink) => sink.send(Arc::clone(&finished))?,
+            None => trace_record(&finished),
+        }
+        if let Some(place) = event {
+            place.send(finished);
+        }
+        Ok(())
+    }
+
+    /// Emits the record of a refusal (decision `deny`). The refusal goes out whatever
+    /// happens here, so each sink takes the record if it can.
+    pub fn emit_refusal(&self, status: u16, reason: &str) {
+        let finished = self.finish(status, "deny", reason);
+        if let Ok(Some(place)) = fhir::reserve() {
+            place.send(Arc::clone(&finished));
+        }
+        match SINK.get() {
+            Some(sink) => {
+                let _ = sink.send(finished);
+            }
+            None => trace_record(&finished),
+        }
+    }
+
+    fn finish(&self, status: u16, decision: &'static str, reason: &str) -> Arc<Finished> {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        let Some(sink) = SINK.get() else {
-            self.with(|r| trace_record(r, latency_ms, status, decision, reason));
-            return Ok(());
-        };
         let mut record = AuditRecord::default();
         self.with(|r| std::mem::swap(r, &mut record));
-        sink.send(Finished {
+        Arc::new(Finished {
             record,
             at: SystemTime::now(),
             latency_ms,
@@ -130,7 +217,56 @@ impl AuditSlot {
     }
 }
 
-fn trace_record(r: &AuditRecord, latency_ms: f64, status: u16, decision: &str, reason: &str) {
+/// The request text of [`AuditRecord::query`].
+fn request_text(path: &str, query: Option<&str>, body: Option<&[u8]>) -> String {
+    let mut text = String::from(path.strip_prefix('/').unwrap_or(path));
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        text.push('?');
+        push_without_tokens(&mut text, q);
+    }
+    if let Some(b) = body.filter(|b| !b.is_empty()) {
+        text.push_str("\n\n");
+        push_without_tokens(&mut text, &String::from_utf8_lossy(b));
+    }
+    if text.len() > MAX_QUERY_BYTES {
+        let mut end = MAX_QUERY_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// Appends the `&`-separated pairs of `form` as they were sent, except those named
+/// `access_token` (however encoded): a token sent as a parameter (RFC 6750 2.3) is
+/// never recorded.
+fn push_without_tokens(out: &mut String, form: &str) {
+    let mut first = true;
+    for pair in form.split('&') {
+        let name = pair.split('=').next().unwrap_or_default();
+        let decoded: String = form_urlencoded::parse(name.as_bytes())
+            .map(|(k, _)| k.into_owned())
+            .collect();
+        if decoded.trim().eq_ignore_ascii_case("access_token") {
+            continue;
+        }
+        if !first {
+            out.push('&');
+        }
+        out.push_str(pair);
+        first = false;
+    }
+}
+
+fn trace_record(f: &Finished) {
+    let (r, latency_ms, status, decision, reason) = (
+        &f.record,
+        f.latency_ms,
+        f.status,
+        f.decision,
+        f.reason.as_str(),
+    );
     tracing::info!(
         target: "audit",
         latency_ms,
@@ -186,7 +322,7 @@ struct Finished {
 
 /// The process's audit queue and its writer thread.
 pub struct AuditSink {
-    tx: SyncSender<Finished>,
+    tx: SyncSender<Arc<Finished>>,
     overflow: Overflow,
     dropped: Arc<AtomicU64>,
     /// Queued and not yet written.
@@ -231,7 +367,7 @@ impl AuditSink {
         })
     }
 
-    fn send(&self, f: Finished) -> Result<(), AuditFull> {
+    fn send(&self, f: Arc<Finished>) -> Result<(), AuditFull> {
         self.pending.fetch_add(1, Ordering::AcqRel);
         let sent = self.tx.try_send(f);
         if sent.is_err() {
@@ -256,20 +392,25 @@ impl AuditSink {
     }
 }
 
-/// Waits (at most `timeout`) until every queued record is written; for a graceful
-/// shutdown. Without a sink, returns at once.
+/// Waits (at most `timeout`) until every queued record is written, as lines and (when
+/// configured) as FHIR AuditEvents; for a graceful shutdown. Without a sink, returns at
+/// once.
 pub fn drain(timeout: std::time::Duration) {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
     let until = Instant::now() + timeout;
-    while sink.pending.load(Ordering::Acquire) > 0 && Instant::now() < until {
+    // The FHIR writer stops waiting for fuller batches at once.
+    fhir::start_draining();
+    let lines = || {
+        SINK.get()
+            .is_some_and(|s| s.pending.load(Ordering::Acquire) > 0)
+    };
+    while (lines() || fhir::pending() > 0) && Instant::now() < until {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    fhir::report_unsent();
 }
 
 fn write_loop(
-    rx: &Receiver<Finished>,
+    rx: &Receiver<Arc<Finished>>,
     format: LineFormat,
     dropped: &AtomicU64,
     pending: &AtomicU64,
@@ -562,6 +703,43 @@ mod tests {
     }
 
     #[test]
+    fn recorded_requests_never_hold_a_token_parameter() {
+        assert_eq!(request_text("/Patient/p1", None, None), "Patient/p1");
+        assert_eq!(request_text("/Observation", Some(""), None), "Observation");
+        // Pairs are kept as sent, in order; every spelling of `access_token` goes.
+        assert_eq!(
+            request_text(
+                "/Observation",
+                Some(
+                    "code=a%7Cb&access_token=T1&access%5Ftoken=T2&ACCESS_TOKEN&x=1&access_token=T3"
+                ),
+                Some(b"access_token=T4&_count=2"),
+            ),
+            "Observation?code=a%7Cb&x=1\n\n_count=2"
+        );
+        assert_eq!(
+            request_text("/Observation", Some("access_token=T"), None),
+            "Observation?"
+        );
+        // Cut at the limit, on a character boundary.
+        let long = format!("name={}", "\u{e9}".repeat(MAX_QUERY_BYTES));
+        let text = request_text("/Patient", Some(&long), None);
+        assert!(text.len() <= MAX_QUERY_BYTES && text.len() > MAX_QUERY_BYTES - 2);
+        assert!(text.starts_with("Patient?name="));
+    }
+
+    #[test]
+    fn request_ids_are_recorded_only_when_plausible() {
+        let slot = AuditSlot::default();
+        slot.set_request_id("bad id with spaces");
+        slot.set_request_id(&"x".repeat(201));
+        slot.set_request_id("");
+        slot.with(|r| assert_eq!(r.request_id, None));
+        slot.set_request_id("4a8dca3c-2205-4dc6");
+        slot.with(|r| assert_eq!(r.request_id.as_deref(), Some("4a8dca3c-2205-4dc6")));
+    }
+
+    #[test]
     fn timestamps_are_utc_rfc3339() {
         assert_eq!(
             rfc3339(SystemTime::UNIX_EPOCH),
@@ -585,7 +763,7 @@ mod tests {
         )
         .unwrap();
         for i in 0..10 {
-            sink.send(finished(&format!("r{i}"))).unwrap();
+            sink.send(Arc::new(finished(&format!("r{i}")))).unwrap();
         }
         let l = wait_for(&out, 10);
         let reasons: Vec<String> = l
@@ -619,9 +797,9 @@ mod tests {
             .unwrap();
             // The writer takes one record and waits at the gate; two more fill the
             // queue; the rest overflow.
-            let mut results = vec![sink.send(finished("r0")).is_ok()];
+            let mut results = vec![sink.send(Arc::new(finished("r0"))).is_ok()];
             opened.recv().unwrap();
-            results.extend((1..8).map(|i| sink.send(finished(&format!("r{i}"))).is_ok()));
+            results.extend((1..8).map(|i| sink.send(Arc::new(finished(&format!("r{i}")))).is_ok()));
             match overflow {
                 Overflow::FailClosed => {
                     assert!(results[..3].iter().all(|ok| *ok), "{results:?}");

@@ -158,6 +158,8 @@ struct ServeArgs {
     tls_key: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    audit_fhir: AuditFhirArgs,
 }
 
 /// Request limits (README, *Limits*).
@@ -231,6 +233,89 @@ fn parse_otlp_endpoint(s: &str) -> Result<url::Url, String> {
         return Err(format!("`{s}` is not an http(s) url without a query"));
     }
     Ok(url)
+}
+
+/// Audit records as FHIR AuditEvents, written to an audit repository.
+#[derive(clap::Args, Clone)]
+struct AuditFhirArgs {
+    /// FHIR R4 base URL of the audit repository; every audit record is also written there
+    /// as an AuditEvent (batch Bundles POSTed to the base). Unset: no AuditEvents.
+    #[arg(long, env = "SFP_AUDIT_FHIR_ENDPOINT", value_name = "URL")]
+    audit_fhir_endpoint: Option<String>,
+    /// Environment variable holding a bearer token for the audit repository.
+    #[arg(long, env = "SFP_AUDIT_FHIR_TOKEN_ENV", value_name = "VAR")]
+    audit_fhir_token_env: Option<String>,
+    /// Environment variable holding `user:password` (basic auth) for the audit repository.
+    #[arg(
+        long,
+        env = "SFP_AUDIT_FHIR_BASIC_AUTH_ENV",
+        value_name = "VAR",
+        conflicts_with = "audit_fhir_token_env"
+    )]
+    audit_fhir_basic_auth_env: Option<String>,
+    /// Most AuditEvents per Bundle.
+    #[arg(long, env = "SFP_AUDIT_FHIR_BATCH", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    audit_fhir_batch: u64,
+    /// AuditEvents waiting for the writer, at most.
+    #[arg(long, env = "SFP_AUDIT_FHIR_QUEUE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    audit_fhir_queue: u64,
+    /// When the AuditEvent queue is full: `fail-closed` answers 503, `drop` answers and
+    /// counts the lost event.
+    #[arg(long, env = "SFP_AUDIT_FHIR_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
+    audit_fhir_overflow: AuditOverflow,
+    /// How long a batch may wait to fill before it is sent, in milliseconds.
+    #[arg(long, env = "SFP_AUDIT_FHIR_FLUSH_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    audit_fhir_flush_ms: u64,
+    /// Bound on one POST to the audit repository, in milliseconds.
+    #[arg(long, env = "SFP_AUDIT_FHIR_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    audit_fhir_timeout_ms: u64,
+    /// Retries of a batch after a connection error, a timeout, 408, 429 or 5xx.
+    #[arg(long, env = "SFP_AUDIT_FHIR_RETRIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(0..=20))]
+    audit_fhir_retries: u32,
+    /// Name of this proxy instance in the AuditEvents (source observer, server agent).
+    #[arg(
+        long,
+        env = "SFP_AUDIT_FHIR_SOURCE",
+        default_value = "smart-fhir-proxy"
+    )]
+    audit_fhir_source: String,
+}
+
+/// The AuditEvent writer's configuration, when an endpoint is set.
+fn audit_fhir_config(args: &AuditFhirArgs) -> Result<Option<audit::fhir::FhirAuditConfig>, String> {
+    let Some(endpoint) = &args.audit_fhir_endpoint else {
+        return Ok(None);
+    };
+    let endpoint = url::Url::parse(endpoint)
+        .map_err(|e| format!("`--audit-fhir-endpoint`: `{endpoint}` is not a url: {e}"))?;
+    audit::fhir::check_endpoint(&endpoint).map_err(|e| format!("`--audit-fhir-endpoint`: {e}"))?;
+    let auth = audit::fhir::FhirAuth::from_env(
+        args.audit_fhir_token_env.as_deref(),
+        args.audit_fhir_basic_auth_env.as_deref(),
+    )
+    .map_err(|e| format!("audit repository credential: {e}"))?;
+    if args.audit_fhir_source.trim().is_empty() {
+        return Err("`--audit-fhir-source` must not be empty".to_owned());
+    }
+    Ok(Some(audit::fhir::FhirAuditConfig {
+        endpoint,
+        auth,
+        batch: usize::try_from(args.audit_fhir_batch).unwrap_or(1000),
+        queue: usize::try_from(args.audit_fhir_queue).unwrap_or(usize::MAX),
+        overflow: match args.audit_fhir_overflow {
+            AuditOverflow::FailClosed => audit::Overflow::FailClosed,
+            AuditOverflow::Drop => audit::Overflow::Drop,
+        },
+        flush: Duration::from_millis(args.audit_fhir_flush_ms),
+        timeout: Duration::from_millis(args.audit_fhir_timeout_ms),
+        retries: args.audit_fhir_retries,
+        observer: args.audit_fhir_source.clone(),
+    }))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -414,6 +499,22 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = audit::AuditSink::install(queue, overflow, format) {
         tracing::error!(error = %e, "cannot start the audit writer");
         return ExitCode::FAILURE;
+    }
+    match audit_fhir_config(&args.audit_fhir) {
+        Ok(None) => {}
+        Ok(Some(config)) => {
+            let endpoint = config.endpoint.to_string();
+            if let Err(e) = audit::fhir::FhirAuditSink::install(config) {
+                tracing::error!(error = %e, "cannot start the audit event writer");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(audit.fhir.endpoint = %endpoint, "audit events are written to a FHIR endpoint");
+        }
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            tracing::error!(error = %e, "invalid configuration");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     }
     // The same instance config validation uses: built once per process.
     let compartments = match CompartmentIndex::official_shared() {

@@ -272,6 +272,7 @@ impl Stage for ResolveTenant {
             self.registry.get(tenant_id).ok_or(TenantError::Unknown)?;
         if let Some(audit) = req.extensions().get::<AuditSlot>() {
             audit.set_tenant(tenant.id());
+            audit.set_public_base(&tenant.config.public_base);
         }
         let form_body = if req.method() == http::Method::POST && rest.ends_with("/_search") {
             let ct = req
@@ -290,6 +291,9 @@ impl Stage for ResolveTenant {
         } else {
             None
         };
+        if let Some(audit) = req.extensions().get::<AuditSlot>() {
+            audit.set_query(rest, req.uri().query(), form_body);
+        }
         let parsed: FhirRequest = parse_request(req.method(), rest, req.uri().query(), form_body)?;
         if let Some(audit) = req.extensions().get::<AuditSlot>() {
             audit.set_request(&parsed);

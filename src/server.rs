@@ -1,10 +1,12 @@
 //! The accept loop: hyper 1 over tokio, HTTP/1.1 and HTTP/2, request limits, graceful
 //! shutdown. Each request body is read here, bounded, before the stack sees it; an
 //! oversized body is refused with 413, one that does not arrive in time with 408 and a
-//! broken one (bad chunked encoding) with 400, without reaching any stage. A connection
-//! that has not sent a whole request head within the header timeout is closed; a head
-//! larger than [`Limits::max_header_bytes`] or with more than [`Limits::max_headers`]
-//! lines is refused by hyper with 431.
+//! broken one (bad chunked encoding) with 400, without reaching any stage: the request
+//! goes to the stack without its body, marked [`BodyRefused`], and the stack's
+//! outermost layer answers it with the error and audits it. A connection that has not
+//! sent a whole request head within the header timeout is closed; a head larger than
+//! [`Limits::max_header_bytes`] or with more than [`Limits::max_headers`] lines is
+//! refused by hyper with 431.
 //!
 //! Load shedding: at most [`Limits::max_concurrent_requests`] requests are handled at
 //! once; one more is answered at once with 503 `overloaded` and `Retry-After: 1`
@@ -40,7 +42,7 @@ use crate::error::ProxyError;
 use crate::limits::{LimitError, client_addr};
 use crate::pipeline::{ClientAddr, ProxyResponse};
 use crate::stack::{App, render_error};
-use crate::tenant::TenantError;
+use crate::tenant::{BodyRefused, TenantError};
 
 pub mod tls;
 
@@ -268,14 +270,21 @@ async fn handle_request(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n > limits.max_body_bytes as u64);
-    if too_large {
-        return render_error(&ProxyError::Tenant(TenantError::BodyTooLarge), None, None);
-    }
-    let bytes = match read_body(body, &limits).await {
-        Ok(bytes) => bytes,
-        Err(e) => return render_error(&ProxyError::Tenant(e), None, None),
+    let read = if too_large {
+        drop(body);
+        Err(TenantError::BodyTooLarge)
+    } else {
+        read_body(body, &limits).await
     };
-    let req = Request::from_parts(parts, bytes);
+    let req = match read {
+        Ok(bytes) => Request::from_parts(parts, bytes),
+        // Answered (and audited) by the stack's outermost layer, without the body.
+        Err(e) => {
+            let mut req = Request::from_parts(parts, Bytes::new());
+            req.extensions_mut().insert(BodyRefused(e));
+            req
+        }
+    };
     match app.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},

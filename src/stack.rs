@@ -42,7 +42,7 @@ use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage
 use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
-use crate::tenant::TenantCtx;
+use crate::tenant::{BodyRefused, TenantCtx, split_tenant};
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
 
@@ -170,20 +170,45 @@ where
 }
 
 /// Outermost layer: the one place a `ProxyError` becomes an OperationOutcome, and the
-/// one place the audit record is emitted.
+/// one place the audit record is emitted. A request the server refused before the stack
+/// ([`BodyRefused`]) is answered here with its error, never passed on.
 #[derive(Clone)]
-pub struct RenderErrorsLayer;
+pub struct RenderErrorsLayer {
+    registry: Arc<TenantRegistry>,
+}
+
+impl RenderErrorsLayer {
+    /// `registry` names the tenants a refused request's record may be filed under.
+    pub fn new(registry: Arc<TenantRegistry>) -> Self {
+        RenderErrorsLayer { registry }
+    }
+}
 
 impl<S> Layer<S> for RenderErrorsLayer {
     type Service = RenderErrors<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RenderErrors { inner }
+        RenderErrors {
+            inner,
+            registry: Arc::clone(&self.registry),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RenderErrors<S> {
     inner: S,
+    registry: Arc<TenantRegistry>,
+}
+
+/// The audit decision of an answer the stack released: `error` for an upstream error
+/// handed to the client as it was (an OperationOutcome with a 4xx/5xx status: nothing
+/// was released, but the proxy did not refuse either), else `allow`.
+fn released_decision(status: http::StatusCode) -> &'static str {
+    if status.is_client_error() || status.is_server_error() {
+        "error"
+    } else {
+        "allow"
+    }
 }
 
 impl<S> Service<Request<Bytes>> for RenderErrors<S>
@@ -204,8 +229,29 @@ where
 
     fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let audit = AuditSlot::default();
-        if let Some(scope) = crate::trace::current() {
-            audit.set_request_id(scope.request_id());
+        // The request id as the outermost wrapper settled it (the client's when sane,
+        // else a new one); the header itself only where the stack runs without it.
+        match crate::trace::current() {
+            Some(scope) => audit.set_request_id(scope.request_id()),
+            None => {
+                if let Some(id) = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    audit.set_request_id(id);
+                }
+            }
+        }
+        if let Some(BodyRefused(e)) = req.extensions_mut().remove::<BodyRefused>() {
+            let known = split_tenant(req.uri().path())
+                .and_then(|(id, _)| self.registry.get(id).map(|r| r.tenant));
+            if let Some(tenant) = known {
+                audit.set_tenant(tenant.id());
+                audit.set_public_base(&tenant.config.public_base);
+            }
+            let resp = render_error(&ProxyError::Tenant(e), Some(&audit), None);
+            return Box::pin(async move { Ok(resp) });
         }
         req.extensions_mut().insert(audit.clone());
         let inner = self.inner.clone();
@@ -219,7 +265,8 @@ where
                         .unwrap_or("allowed");
                     // Read before the record is handed off.
                     let outcome = outcome_of(Some(&audit), reason);
-                    match audit.emit(resp.status().as_u16(), "allow", reason) {
+                    let status = resp.status();
+                    match audit.emit(status.as_u16(), released_decision(status), reason) {
                         Ok(()) => {
                             resp.extensions_mut().insert(outcome);
                             Ok(resp)
@@ -278,7 +325,7 @@ pub fn render_error(
     }
     if let Some(a) = audit {
         // A refusal goes out whether or not its record could be queued.
-        let _ = a.emit(status.as_u16(), "deny", e.reason());
+        a.emit_refusal(status.as_u16(), e.reason());
     }
     let body =
         OperationOutcome::error(e.issue_code(), e.client_reason(), e.client_message()).to_json();
@@ -322,7 +369,7 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     use metrics::Stage as M;
     let svc = ServiceBuilder::new()
         .layer(ApplyCorsLayer::new(Arc::clone(&registry)))
-        .layer(RenderErrorsLayer)
+        .layer(RenderErrorsLayer::new(Arc::clone(&registry)))
         .layer(LimitRateLayer::new(shared.rate_limit.clone()))
         .layer(StageLayer::new(
             ResolveTenant::new(registry),
@@ -383,3 +430,6 @@ impl Shared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

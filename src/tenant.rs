@@ -73,6 +73,13 @@ impl TenantError {
     }
 }
 
+/// A request the server refused before the stack (its body too large, too slow or
+/// malformed): it reaches the stack without its body, carrying the error, so that the
+/// refusal is rendered and audited in the one place that does so. The outermost layer
+/// answers it with the error and never lets it reach a stage.
+#[derive(Debug, Clone)]
+pub struct BodyRefused(pub TenantError);
+
 /// Splits `/{tenant}/{rest}` into the tenant id and the raw rest (`""` or `/...`).
 pub fn split_tenant(path: &str) -> Option<(&str, &str)> {
     let path = path.strip_prefix('/')?;

@@ -210,6 +210,69 @@ fn serve_refuses_invalid_config_with_exit_64() {
 }
 
 #[test]
+fn audit_repository_settings_are_checked_at_start_up_and_secrets_never_printed() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
+        (&["--audit-fhir-endpoint", "not a url"], &[], "is not a url"),
+        (
+            &[
+                "--audit-fhir-endpoint",
+                "https://auditor:pw-in-url@audit.example/fhir",
+            ],
+            &[],
+            "credentials in the URL",
+        ),
+        (
+            &["--audit-fhir-endpoint", "https://audit.example/fhir?x=1"],
+            &[],
+            "query or fragment",
+        ),
+        (
+            &[
+                "--audit-fhir-endpoint",
+                "https://audit.example/fhir",
+                "--audit-fhir-token-env",
+                "SFP_TEST_AUDIT_TOKEN_UNSET",
+            ],
+            &[],
+            "`SFP_TEST_AUDIT_TOKEN_UNSET` is not set",
+        ),
+        (
+            &[
+                "--audit-fhir-endpoint",
+                "https://audit.example/fhir",
+                "--audit-fhir-basic-auth-env",
+                "SFP_TEST_AUDIT_BASIC",
+            ],
+            &[("SFP_TEST_AUDIT_BASIC", "no-colon-secret-value")],
+            "expected `user:password`",
+        ),
+    ];
+    for (args, env, message) in cases {
+        let mut cmd = bin();
+        with_example_env(&mut cmd);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd
+            .arg("--tenants")
+            .arg(example())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(args)
+            .output()
+            .unwrap();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {t}");
+        assert!(t.contains(message), "{args:?}: {t}");
+        assert!(
+            !t.contains("pw-in-url") && !t.contains("no-colon-secret-value"),
+            "{t}"
+        );
+    }
+}
+
+#[test]
 fn missing_file_is_a_config_error() {
     let out = check(Path::new("/nonexistent/tenants.json"), &[]);
     assert_eq!(out.status.code(), Some(64));

@@ -80,12 +80,23 @@ async fn each_body_failure_has_its_own_error() {
     assert_eq!(TenantError::BodyMalformed.status(), StatusCode::BAD_REQUEST);
 }
 
-/// `serve` on a loopback port in front of an app that answers `{}` to everything.
+/// `serve` on a loopback port in front of an app that answers `{}` to everything but a
+/// request the server refused, which it answers with the error as the stack's
+/// outermost layer does.
 async fn start() -> (u16, tokio::sync::oneshot::Sender<()>) {
-    let app: App =
-        tower::util::BoxCloneSyncService::new(tower::service_fn(|_req: Request<Bytes>| async {
-            Ok::<_, Infallible>(fhir_json(StatusCode::OK, Bytes::from_static(b"{}")))
-        }));
+    let app: App = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        |req: Request<Bytes>| async move {
+            let resp = match req.extensions().get::<BodyRefused>() {
+                Some(BodyRefused(e)) => crate::stack::render_error(
+                    &crate::error::ProxyError::Tenant(e.clone()),
+                    None,
+                    None,
+                ),
+                None => fhir_json(StatusCode::OK, Bytes::from_static(b"{}")),
+            };
+            Ok::<_, Infallible>(resp)
+        },
+    ));
     let (port, stop, _) = start_with(app, limits(), Duration::from_millis(100)).await;
     (port, stop)
 }

@@ -475,6 +475,7 @@ impl Stage for ValidateToken {
                     .as_ref()
                     .map(|u| format!("{}/{}", u.resource_type, u.id)),
             );
+            audit.set_issuer(&verified.issuer);
         }
         // Defence in depth: nothing after this stage can forward the client's token.
         req.headers_mut().remove(http::header::AUTHORIZATION);

@@ -999,6 +999,15 @@ async fn slow_request_bodies_time_out_and_others_are_served() {
         took >= BODY_TIMEOUT - Duration::from_secs(1),
         "answered after {took:?}"
     );
+    // Refused before the stack, and audited all the same, under its tenant.
+    let audit = target.proxy.audit_records();
+    assert!(
+        audit.iter().any(|r| r["tenant.id"] == "t"
+            && r["authz.decision"] == "deny"
+            && r["authz.reason"] == "body_timeout"
+            && r["http.status"] == 408),
+        "{audit:?}"
+    );
     let (took, answers) = get_answer;
     assert_eq!(answers.len(), 1, "slow GET body: no answer after {took:?}");
     assert_eq!(answers[0].status, 200, "{:?}", answers[0]);

@@ -12,6 +12,7 @@ mod harness;
 mod openfga;
 
 mod adversarial;
+mod audit_fhir;
 mod cases;
 mod constraints;
 mod cors;
