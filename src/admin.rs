@@ -112,6 +112,10 @@ impl Admin {
                 samples: breakers,
             },
         ];
+        extra.extend(audit_families(
+            crate::audit::dropped_total(),
+            crate::audit::fhir::counters(),
+        ));
         if let Some(c) = crate::trace::otlp::counts() {
             let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             extra.push(ScrapeFamily {
@@ -262,6 +266,43 @@ impl Admin {
     }
 }
 
+/// The audit sinks' counts: records the JSON lines dropped, and (with an AuditEvent
+/// repository) AuditEvents sent, failed, dropped and pending.
+fn audit_families(
+    lines_dropped: Option<u64>,
+    events: Option<crate::audit::fhir::Counters>,
+) -> Vec<ScrapeFamily> {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    if let Some(dropped) = lines_dropped {
+        out.push(ScrapeFamily {
+            name: "sfp_audit_records_dropped_total",
+            kind: "counter",
+            help: "Audit records the JSON-lines sink dropped because its queue was full (overflow drop).",
+            samples: vec![(vec![], n(dropped))],
+        });
+    }
+    if let Some(c) = events {
+        out.push(ScrapeFamily {
+            name: "sfp_audit_events_total",
+            kind: "counter",
+            help: "AuditEvents by result (sent: accepted by the repository; failed: refused or out of retries; dropped: the queue was full, overflow drop).",
+            samples: vec![
+                (vec![("result", "sent".to_owned())], n(c.sent)),
+                (vec![("result", "failed".to_owned())], n(c.failed)),
+                (vec![("result", "dropped".to_owned())], n(c.dropped)),
+            ],
+        });
+        out.push(ScrapeFamily {
+            name: "sfp_audit_events_pending",
+            kind: "gauge",
+            help: "AuditEvents queued or being sent.",
+            samples: vec![(vec![], n(c.pending))],
+        });
+    }
+    out
+}
+
 /// Serves the admin endpoints on `listener` (until the process ends).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
@@ -335,4 +376,33 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_counts_are_exposed_when_their_sinks_run() {
+        assert!(audit_families(None, None).is_empty());
+        let events = crate::audit::fhir::Counters {
+            sent: 7,
+            failed: 1,
+            dropped: 2,
+            pending: 3,
+        };
+        let text = metrics::Metrics::new().render(&audit_families(Some(4), Some(events)));
+        for line in [
+            "# TYPE sfp_audit_records_dropped_total counter",
+            "sfp_audit_records_dropped_total 4",
+            "# TYPE sfp_audit_events_total counter",
+            r#"sfp_audit_events_total{result="sent"} 7"#,
+            r#"sfp_audit_events_total{result="failed"} 1"#,
+            r#"sfp_audit_events_total{result="dropped"} 2"#,
+            "# TYPE sfp_audit_events_pending gauge",
+            "sfp_audit_events_pending 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
 }

@@ -392,6 +392,12 @@ impl AuditSink {
     }
 }
 
+/// The records the JSON-lines sink dropped so far (overflow `drop`), when one is
+/// installed (for the metrics).
+pub fn dropped_total() -> Option<u64> {
+    SINK.get().map(|s| s.dropped.load(Ordering::Relaxed))
+}
+
 /// Waits (at most `timeout`) until every queued record is written, as lines and (when
 /// configured) as FHIR AuditEvents; for a graceful shutdown. Without a sink, returns at
 /// once.

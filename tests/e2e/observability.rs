@@ -285,6 +285,13 @@ async fn a_real_prometheus_scrapes_the_request_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Nothing lost by the audit sink.
+    assert!(
+        text.lines()
+            .any(|l| l == "sfp_audit_records_dropped_total 0"),
+        "{text}"
+    );
+
     // A real scrape, read back through Prometheus's query API.
     let prometheus = Prometheus::start(&format!("127.0.0.1:{admin}"));
     let series = eventually("the request series in prometheus", async || {
