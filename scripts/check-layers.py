@@ -27,6 +27,10 @@ LAYERS = {
     "fhir": 0,
     "fetch": 0,
     "pipeline": 0,
+    # the process-wide metrics registry and the request trace context (W3C Trace
+    # Context, request ids, the span exporter): every stage records into them
+    "metrics": 0,
+    "trace": 0,
     # TLS material: PEM files, client TLS configurations (private CA, client certs)
     "tls": 0,
     # 1: configuration types (validated into domain types); the SMART scope grammar
@@ -56,7 +60,11 @@ LAYERS = {
     "seed": 11,
     # the fixtures of the fuzz targets (feature `fuzzing`): the stages run in order
     "fuzzing": 11,
+    # the outermost wrapper of a request: trace scope, request span, request metrics
+    "observe": 11,
     "server": 12,
+    # the admin listener: /metrics, /healthz, /readyz
+    "admin": 12,
     "lib": 13,
     "main": 13,
 }

@@ -16,6 +16,8 @@
 #     /usr/bin/chromium is missing and this runs as root
 #   - cargo-fuzz at .stack/cargo-fuzz/bin, for scripts/fuzz.sh: `cargo install --locked`
 #     of the pinned version from crates.io
+#   - Prometheus and promtool (Debian's `prometheus` package) for the metrics tests,
+#     from apt when missing and this runs as root
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
 # Maven 3.8+, cargo, curl. Nothing else from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
@@ -147,6 +149,21 @@ else
     cargo-fuzz --version "=$cargo_fuzz_version" >&2 \
     || die "cargo install cargo-fuzz@$cargo_fuzz_version failed"
   "$CARGO_FUZZ" --version >/dev/null 2>&1 || die "$CARGO_FUZZ does not run"
+fi
+
+# --- Prometheus ------------------------------------------------------------------------
+# The metrics tests scrape the admin listener with a real Prometheus and run `promtool
+# check metrics` (tests/e2e/observability.rs): Debian's package. The tests start servers
+# of their own on free ports; the package's service is not used.
+if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+  log "prometheus present ($(command -v prometheus))"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing prometheus from apt"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || die "apt-get install prometheus failed"
+  command -v promtool >/dev/null || die "prometheus was installed but promtool is missing"
+else
+  die "Debian's prometheus package is required for the metrics tests (apt-get install prometheus)"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

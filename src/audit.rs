@@ -53,7 +53,8 @@ pub struct AuditRecord {
     /// a `POST _search` body after a blank line; `access_token` parameters removed, cut at
     /// [`MAX_QUERY_BYTES`]. Only the FHIR `AuditEvent` carries it, never a log line.
     pub query: Option<String>,
-    /// The request id the client or a front proxy sent (`X-Request-Id`).
+    /// The request id (`X-Request-Id`: the client's or a front proxy's when sane, else
+    /// the one the proxy made; `crate::trace`).
     pub request_id: Option<String>,
     /// Extra facts a stage wants on record (e.g. dropped entries), as `key=value`.
     pub notes: Vec<String>,
@@ -80,14 +81,14 @@ impl Default for AuditSlot {
 }
 
 impl AuditSlot {
-    fn with(&self, f: impl FnOnce(&mut AuditRecord)) {
+    fn with<R>(&self, f: impl FnOnce(&mut AuditRecord) -> R) -> R {
         // A poisoned lock only means another thread panicked mid-update; the record is
         // still worth emitting.
         let mut guard = match self.record.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        f(&mut guard);
+        f(&mut guard)
     }
 
     pub fn set_tenant(&self, tenant: &str) {
@@ -156,6 +157,11 @@ impl AuditSlot {
         if plausible {
             self.with(|r| r.request_id = Some(id.to_owned()));
         }
+    }
+
+    /// The tenant and interaction recorded so far (the request metrics' labels).
+    pub fn labels<R>(&self, f: impl FnOnce(Option<&str>, Option<&'static str>) -> R) -> R {
+        self.with(|r| f(r.tenant.as_deref(), r.interaction))
     }
 
     pub fn note(&self, note: String) {
@@ -277,6 +283,7 @@ fn trace_record(f: &Finished) {
         authz.reason = reason,
         http.status = status,
         notes = %r.notes.join(" "),
+        request.id = r.request_id.as_deref().unwrap_or("-"),
         "decision"
     );
 }
@@ -385,6 +392,12 @@ impl AuditSink {
     }
 }
 
+/// The records the JSON-lines sink dropped so far (overflow `drop`), when one is
+/// installed (for the metrics).
+pub fn dropped_total() -> Option<u64> {
+    SINK.get().map(|s| s.dropped.load(Ordering::Relaxed))
+}
+
 /// Waits (at most `timeout`) until every queued record is written, as lines and (when
 /// configured) as FHIR AuditEvents; for a graceful shutdown. Without a sink, returns at
 /// once.
@@ -458,7 +471,7 @@ const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(5);
 fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
     let r = &f.record;
     let notes = r.notes.join(" ");
-    let fields: [(&str, &str); 13] = [
+    let fields: [(&str, &str); 14] = [
         ("tenant.id", r.tenant.as_deref().unwrap_or("-")),
         ("client.id", r.client_id.as_deref().unwrap_or("-")),
         ("subject", r.subject.as_deref().unwrap_or("-")),
@@ -472,6 +485,7 @@ fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
         ("authz.reason", &f.reason),
         ("http.status", ""),
         ("notes", &notes),
+        ("request.id", r.request_id.as_deref().unwrap_or("-")),
     ];
     let timestamp = rfc3339(f.at);
     match format {

@@ -20,6 +20,7 @@ use http_body_util::Full;
 use crate::authz::{AuthzError, Checker, Permit, ReleaseCtx};
 use crate::config::UpstreamConfig;
 use crate::fhir::{FhirRequest, OutboundRequest};
+use crate::metrics::Stage;
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Internal, ProxyResponse, ext, fhir_json};
 use crate::scope::ScopeGrant;
 use crate::tenant::{Tenant, tenant_of};
@@ -101,13 +102,14 @@ async fn forward<U: FhirServer>(
     req: &Request<Bytes>,
 ) -> Result<ProxyResponse, ForwardError> {
     let tenant = &tenant_of(req)?.0;
-    let checker = ext::<Arc<Checker>>(req, "missing Checker")?;
     let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
-    let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
-    let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
-    let permit = ext::<Permit>(req, "missing Permit")?;
     let out = ext::<OutboundRequest>(req, "missing OutboundRequest")?;
     let cfg = &tenant.config;
+    // What the answer check reads: all there before anything goes upstream.
+    ext::<Arc<Checker>>(req, "missing Checker")?;
+    ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
+    ext::<ScopeGrant>(req, "missing ScopeGrant")?;
+    ext::<Permit>(req, "missing Permit")?;
 
     if out.narrowing.as_ref().is_some_and(|n| n.values.is_empty()) {
         // Narrowed to no patient at all: nothing to ask the upstream.
@@ -115,8 +117,65 @@ async fn forward<U: FhirServer>(
     }
     let resumed = req.extensions().get::<crate::cursor::Resumed>();
     let first_page = resumed.map(|r| &r.narrowed).unwrap_or(out);
-    let (fetched, out) = fetch_chunks(upstream, tenant, out, first_page, req.headers()).await?;
+    let metrics = crate::metrics::global();
+    let tenant_label = metrics.tenant(tenant.id());
+    let started = std::time::Instant::now();
+    let fetched = crate::trace::in_child_span(
+        |id| tracing::debug_span!("upstream", span.id = %id, otel.kind = "client"),
+        fetch_chunks(upstream, tenant, out, first_page, req.headers()),
+    )
+    .await;
+    metrics.stage(tenant_label, Stage::Upstream, started.elapsed());
+    let (fetched, out) = fetched?;
     let out = &out;
+    let started = std::time::Instant::now();
+    let checked = crate::trace::in_child_span(
+        |id| tracing::debug_span!("check", span.id = %id),
+        check(cursors, req, &fetched, out),
+    )
+    .await;
+    metrics.stage(tenant_label, Stage::Check, started.elapsed());
+    let checked = checked?;
+    metrics.entries_dropped(tenant_label, checked.dropped as u64);
+    let mut resp = Response::new(Full::new(checked.body));
+    *resp.status_mut() = fetched.status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for name in FORWARDED_RESPONSE_HEADERS {
+        if let Some(v) = fetched.headers.get(&name) {
+            let v = if name == header::LOCATION || name == header::CONTENT_LOCATION {
+                rewrite_header(v, &cfg.upstream, &cfg.public_base)
+            } else {
+                Some(v.clone())
+            };
+            if let Some(v) = v {
+                headers.insert(name, v);
+            }
+        }
+    }
+    resp.extensions_mut().insert(Decision(checked.reason));
+    if fhir.method == Method::HEAD {
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
+    Ok(resp)
+}
+
+/// The answer check: OpenFGA decisions for the answer's patients, then every record
+/// against the permit, upstream URLs rewritten (the `check` span).
+async fn check(
+    cursors: &crate::cursor::CursorKey,
+    req: &Request<Bytes>,
+    fetched: &Fetched,
+    out: &OutboundRequest,
+) -> Result<filter::Checked, ForwardError> {
+    let tenant = &tenant_of(req)?.0;
+    let checker = ext::<Arc<Checker>>(req, "missing Checker")?;
+    let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+    let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
+    let grant = ext::<ScopeGrant>(req, "missing ScopeGrant")?;
+    let permit = ext::<Permit>(req, "missing Permit")?;
+    let cfg = &tenant.config;
     // The answer as the upstream sent it: the check reads it once and rewrites upstream
     // URLs as it copies out what the client may see.
     let body = &fetched.body;
@@ -168,28 +227,7 @@ async fn forward<U: FhirServer>(
     ) {
         audit.note(format!("entries.dropped={}", checked.dropped));
     }
-    let mut resp = Response::new(Full::new(checked.body));
-    *resp.status_mut() = fetched.status;
-    let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    for name in FORWARDED_RESPONSE_HEADERS {
-        if let Some(v) = fetched.headers.get(&name) {
-            let v = if name == header::LOCATION || name == header::CONTENT_LOCATION {
-                rewrite_header(v, &cfg.upstream, &cfg.public_base)
-            } else {
-                Some(v.clone())
-            };
-            if let Some(v) = v {
-                headers.insert(name, v);
-            }
-        }
-    }
-    resp.extensions_mut().insert(Decision(checked.reason));
-    if fhir.method == Method::HEAD {
-        *resp.body_mut() = Full::new(Bytes::new());
-    }
-    Ok(resp)
+    Ok(checked)
 }
 
 /// Most chunks of a patient-list narrowed search tried for one client request when

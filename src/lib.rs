@@ -6,6 +6,7 @@
 //! at the bottom, the stages above it in request order, the composition on top
 //! (`docs/architecture.md`, checked by `scripts/check-layers.py`).
 
+pub mod admin;
 pub mod audit;
 pub mod authz;
 pub mod config;
@@ -20,6 +21,8 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod metrics;
+pub mod observe;
 pub mod pipeline;
 pub mod registry;
 pub mod rewrite;
@@ -31,4 +34,5 @@ pub mod stack;
 pub mod tenant;
 pub mod tls;
 pub mod token;
+pub mod trace;
 pub mod upstream;

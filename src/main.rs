@@ -15,7 +15,7 @@ use smart_fhir_proxy::registry::TenantRegistry;
 use smart_fhir_proxy::seed::{self, SeedConfig, StoreChoice};
 use smart_fhir_proxy::server::{self, Limits};
 use smart_fhir_proxy::stack::{self, Shared};
-use smart_fhir_proxy::{config, discovery};
+use smart_fhir_proxy::{admin, config, discovery, trace};
 
 /// Exit code for invalid configuration (EX_CONFIG-like, sysexits' EX_USAGE = 64).
 const EXIT_CONFIG: u8 = 64;
@@ -135,6 +135,20 @@ struct ServeArgs {
     /// unrecorded), `drop` answers and counts the lost record.
     #[arg(long, env = "SFP_AUDIT_OVERFLOW", value_enum, default_value_t = AuditOverflow::FailClosed)]
     audit_overflow: AuditOverflow,
+    /// Address of the admin listener (/metrics, /healthz, /readyz). Off when unset.
+    #[arg(long, env = "SFP_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// OTLP/HTTP endpoint to export spans to (JSON, to {URL}/v1/traces), e.g.
+    /// http://collector:4318. Off when unset.
+    #[arg(long, env = "SFP_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    otlp_endpoint: Option<url::Url>,
+    /// The `service.name` of exported spans.
+    #[arg(
+        long,
+        env = "SFP_OTLP_SERVICE_NAME",
+        default_value = "smart-fhir-proxy"
+    )]
+    otlp_service_name: String,
     /// PEM certificate chain of the HTTPS listener (with `--tls-key`: `--listen` then
     /// speaks HTTPS only). Re-read when it changes and on SIGHUP.
     #[arg(long, env = "SFP_TLS_CERT", value_name = "FILE", requires = "tls_key")]
@@ -211,6 +225,14 @@ impl LimitArgs {
             burst,
         })))
     }
+}
+
+fn parse_otlp_endpoint(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a url: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+        return Err(format!("`{s}` is not an http(s) url without a query"));
+    }
+    Ok(url)
 }
 
 /// Audit records as FHIR AuditEvents, written to an audit repository.
@@ -418,20 +440,53 @@ fn seed_openfga(args: SeedArgs) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to standard error, filtered by `RUST_LOG`; with `otlp`, the proxy's spans are
+/// also exported (whatever `RUST_LOG` lets through to the logs).
+fn init_logging(format: LogFormat, otlp: Option<trace::otlp::OtlpLayer>) {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        // A request's lines carry its spans once (`spans`: the request span with the
+        // trace and request id, and with `RUST_LOG=debug` the stage's span).
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let otlp = otlp.map(|l| l.with_filter(trace::otlp::OtlpLayer::filter()));
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otlp)
+        .init();
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    init_logging(args.log_format);
+    let otlp = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let config = trace::otlp::OtlpConfig {
+                endpoint: endpoint.clone(),
+                service_name: args.otlp_service_name.clone(),
+            };
+            match trace::otlp::OtlpLayer::start(config) {
+                Ok(layer) => Some(layer),
+                Err(e) => {
+                    eprintln!("cannot start the span exporter: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+    init_logging(args.log_format, otlp);
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::info!(otlp.endpoint = %endpoint, "exporting spans over OTLP/HTTP");
+    }
     let overflow = match args.audit_overflow {
         AuditOverflow::FailClosed => audit::Overflow::FailClosed,
         AuditOverflow::Drop => audit::Overflow::Drop,
@@ -519,6 +574,17 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // The admin listener first: once the proxy answers, so does it.
+        let admin = match &args.admin_listen {
+            Some(addr) => match start_admin(*addr, &registry, &shared).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    tracing::error!(admin.listen = %addr, error = %e, "cannot start the admin listener");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         let listener = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -539,16 +605,38 @@ fn serve(args: ServeArgs) -> ExitCode {
         let app = stack::build(Arc::clone(&registry), shared);
         let limits = args.limits.server_limits(args.max_body_bytes);
         let drain = Duration::from_secs(args.limits.shutdown_grace_seconds);
-        match &tls {
-            Some(tls) => {
-                server::serve_tls(listener, tls, app, limits, shutdown_signal(), drain).await
+        let shutdown = async {
+            shutdown_signal().await;
+            // Orchestrators stop sending before the connections drain.
+            if let Some(admin) = &admin {
+                admin.set_draining();
             }
-            None => server::serve(listener, app, limits, shutdown_signal(), drain).await,
+        };
+        match &tls {
+            Some(tls) => server::serve_tls(listener, tls, app, limits, shutdown, drain).await,
+            None => server::serve(listener, app, limits, shutdown, drain).await,
         }
         // Records still queued are written before the process ends.
         audit::drain(Duration::from_secs(5));
+        trace::otlp::flush(Duration::from_secs(5));
         ExitCode::SUCCESS
     })
+}
+
+/// Binds the admin listener and serves it in the background (until the process ends).
+async fn start_admin(
+    addr: SocketAddr,
+    registry: &Arc<TenantRegistry>,
+    shared: &Shared,
+) -> Result<Arc<admin::Admin>, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin = admin::Admin::new(Arc::clone(registry), shared.upstream.clone())?;
+    tokio::spawn(admin::serve(listener, Arc::clone(&admin)));
+    tracing::info!(admin.listen = %local, "admin listener (/metrics, /healthz, /readyz)");
+    Ok(admin)
 }
 
 /// The paging-cursor key from the environment variable `--cursor-key-env` names, or a

@@ -139,9 +139,11 @@ impl TenantRegistry {
             });
         };
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
-        let tenants = config::load_with_sources(path)?;
         let old = self.current.load_full();
-        let (map, mut summary) = build(tenants, &old, &self.compartments, &self.http)?;
+        let result = config::load_with_sources(path)
+            .and_then(|tenants| build(tenants, &old, &self.compartments, &self.http));
+        crate::metrics::global().config_reload(result.is_ok());
+        let (map, mut summary) = result?;
         summary.removed = old.keys().filter(|id| !map.contains_key(*id)).count();
         self.current.store(Arc::new(map));
         Ok(summary)
@@ -221,6 +223,8 @@ fn build(
     let mut map = Snapshot::with_capacity(tenants.len());
     for (config, source) in tenants {
         let id = config.id.clone();
+        // The id becomes a metrics label value (only configured ids ever do).
+        crate::metrics::global().register_tenant(&id);
         if let Some(slot) = old.get(&id)
             && source.is_some()
             && slot.source == source

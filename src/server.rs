@@ -219,7 +219,18 @@ async fn serve_on(
     }
 }
 
+/// Every request, in its trace scope and request span, counted (`crate::observe`).
 async fn handle(
+    app: App,
+    req: Request<Incoming>,
+    limits: Limits,
+    peer: SocketAddr,
+    in_flight: &Arc<Semaphore>,
+) -> ProxyResponse {
+    crate::observe::traced(req, |req| handle_request(app, req, limits, peer, in_flight)).await
+}
+
+async fn handle_request(
     app: App,
     req: Request<Incoming>,
     limits: Limits,

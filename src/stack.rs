@@ -16,11 +16,14 @@
 //! Every stage but the last is a [`Stage`] (`crate::pipeline`): an async function over
 //! the request that either continues (having written its extension) or answers, and
 //! fails with its own stage's error. [`StageLayer`] is the single thin tower adapter
-//! for all of them; it turns a stage's error into a [`ProxyError`].
+//! for all of them; it turns a stage's error into a [`ProxyError`], and runs the stage
+//! in a `tracing` span named after it, in a trace scope of its own (`crate::trace`),
+//! timing it for `sfp_stage_duration_seconds` ([`StageObs`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
@@ -34,23 +37,62 @@ use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
 use crate::forward::Forward;
 use crate::limits::{ChargeClient, LimitRateLayer, RateLimiter};
+use crate::metrics::{self, Outcome, TenantLabel};
 use crate::pipeline::{BoxFuture, Decision, FHIR_JSON, Flow, ProxyResponse, Stage};
 use crate::registry::{ResolveTenant, TenantRegistry};
 use crate::rewrite::RewriteSearch;
 use crate::scope::CheckScope;
-use crate::tenant::{BodyRefused, split_tenant};
+use crate::tenant::{BodyRefused, TenantCtx, split_tenant};
 use crate::token::ValidateToken;
 use crate::upstream::Upstream;
 
 mod apply_cors;
 pub use apply_cors::{ApplyCors, ApplyCorsLayer};
 
+/// How a stage shows in traces and metrics: the `tracing` span it runs in (named after
+/// the stage, carrying its span id; see [`stage_obs!`]) and, for the stages the latency
+/// histogram covers, its label there. Stage spans are at `DEBUG`: exported over OTLP
+/// whenever it is configured, in the logs only when `RUST_LOG` asks for them, and
+/// nearly free otherwise (the `request` span, at `INFO`, gives every log line of a
+/// request its trace and request id).
+#[derive(Clone, Copy)]
+pub struct StageObs {
+    pub span: fn(crate::trace::SpanId) -> tracing::Span,
+    pub metric: Option<metrics::Stage>,
+}
+
+/// A [`StageObs`] whose span is named `$name` (a span name must be a literal, so each
+/// stage gets its own call site).
+macro_rules! stage_obs {
+    ($name:literal, $metric:expr) => {
+        StageObs {
+            span: |id| tracing::debug_span!($name, span.id = %id),
+            metric: $metric,
+        }
+    };
+}
+
+impl StageObs {
+    /// For a step of the stack that is no pipeline stage (charging the rate limit):
+    /// no span, no timing.
+    pub const UNTRACED: StageObs = StageObs {
+        span: |_| tracing::Span::none(),
+        metric: None,
+    };
+}
+
 /// The tower adapter around a [`Stage`].
-pub struct StageLayer<St>(Arc<St>);
+pub struct StageLayer<St> {
+    stage: Arc<St>,
+    obs: StageObs,
+}
 
 impl<St> StageLayer<St> {
-    pub fn new(stage: St) -> Self {
-        StageLayer(Arc::new(stage))
+    pub fn new(stage: St, obs: StageObs) -> Self {
+        StageLayer {
+            stage: Arc::new(stage),
+            obs,
+        }
     }
 }
 
@@ -58,7 +100,8 @@ impl<St, S> Layer<S> for StageLayer<St> {
     type Service = StageService<St, S>;
     fn layer(&self, inner: S) -> Self::Service {
         StageService {
-            stage: Arc::clone(&self.0),
+            stage: Arc::clone(&self.stage),
+            obs: self.obs,
             inner,
         }
     }
@@ -66,6 +109,7 @@ impl<St, S> Layer<S> for StageLayer<St> {
 
 pub struct StageService<St, S> {
     stage: Arc<St>,
+    obs: StageObs,
     inner: S,
 }
 
@@ -73,9 +117,17 @@ impl<St, S: Clone> Clone for StageService<St, S> {
     fn clone(&self) -> Self {
         StageService {
             stage: Arc::clone(&self.stage),
+            obs: self.obs,
             inner: self.inner.clone(),
         }
     }
+}
+
+/// The metrics label of the request's tenant, once stage 0 resolved it.
+fn tenant_label(req: &Request<Bytes>) -> TenantLabel {
+    req.extensions()
+        .get::<TenantCtx>()
+        .map_or(TenantLabel::NONE, |t| metrics::global().tenant(t.0.id()))
 }
 
 impl<St, S> Service<Request<Bytes>> for StageService<St, S>
@@ -101,8 +153,15 @@ where
         // The readied service goes into the future; a fresh clone stays for next time.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let obs = self.obs;
         Box::pin(async move {
-            match stage.run(&mut req).await.map_err(Into::into)? {
+            let started = Instant::now();
+            // The stage alone: later stages run in spans of their own, beside it.
+            let flow = crate::trace::in_child_span(obs.span, stage.run(&mut req)).await;
+            if let Some(stage) = obs.metric {
+                metrics::global().stage(tenant_label(&req), stage, started.elapsed());
+            }
+            match flow.map_err(Into::into)? {
                 Flow::Continue => inner.call(req).await,
                 Flow::Respond(resp) => Ok(resp),
             }
@@ -170,12 +229,19 @@ where
 
     fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let audit = AuditSlot::default();
-        if let Some(id) = req
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-        {
-            audit.set_request_id(id);
+        // The request id as the outermost wrapper settled it (the client's when sane,
+        // else a new one); the header itself only where the stack runs without it.
+        match crate::trace::current() {
+            Some(scope) => audit.set_request_id(scope.request_id()),
+            None => {
+                if let Some(id) = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    audit.set_request_id(id);
+                }
+            }
         }
         if let Some(BodyRefused(e)) = req.extensions_mut().remove::<BodyRefused>() {
             let known = split_tenant(req.uri().path())
@@ -191,17 +257,30 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             match inner.oneshot(req).await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let reason = resp
                         .extensions()
                         .get::<Decision>()
                         .map(|d| d.0)
                         .unwrap_or("allowed");
+                    // Read before the record is handed off.
+                    let outcome = outcome_of(Some(&audit), reason);
                     let status = resp.status();
                     match audit.emit(status.as_u16(), released_decision(status), reason) {
-                        Ok(()) => Ok(resp),
+                        Ok(()) => {
+                            resp.extensions_mut().insert(outcome);
+                            Ok(resp)
+                        }
                         // Not recorded, so not released.
-                        Err(e) => Ok(render_error(&e.into(), None, None)),
+                        Err(e) => {
+                            let e = ProxyError::from(e);
+                            let mut resp = render_error(&e, None, None);
+                            resp.extensions_mut().insert(Outcome {
+                                reason: e.reason(),
+                                ..outcome
+                            });
+                            Ok(resp)
+                        }
                     }
                 }
                 Err(e) => Ok(render_error(&e, Some(&audit), None)),
@@ -210,13 +289,33 @@ where
     }
 }
 
+/// What the request is counted as: its tenant and interaction as the audit record has
+/// them so far, and the reason id.
+fn outcome_of(audit: Option<&AuditSlot>, reason: &'static str) -> Outcome {
+    let (tenant, interaction) = audit.map_or((TenantLabel::NONE, "-"), |a| {
+        a.labels(|tenant, interaction| {
+            (
+                tenant.map_or(TenantLabel::NONE, |t| metrics::global().tenant(t)),
+                interaction.unwrap_or("-"),
+            )
+        })
+    });
+    Outcome {
+        tenant,
+        interaction,
+        reason,
+    }
+}
+
 /// Renders an error as an OperationOutcome response. Used by [`RenderErrors`] and by
-/// the server for failures before the stack (e.g. an oversized body).
+/// the server for failures before the stack (e.g. an oversized body). The response
+/// carries its [`Outcome`] for the request metrics.
 pub fn render_error(
     e: &ProxyError,
     audit: Option<&AuditSlot>,
     realm: Option<&str>,
 ) -> ProxyResponse {
+    let outcome = outcome_of(audit, e.reason());
     let status = e.status();
     // A shed request is logged at debug only: under overload a line each would add to it.
     if status.is_server_error() && !matches!(e, ProxyError::Limit(_)) {
@@ -255,6 +354,7 @@ pub fn render_error(
     {
         h.insert(http::header::WWW_AUTHENTICATE, v);
     }
+    resp.extensions_mut().insert(outcome);
     resp
 }
 
@@ -266,24 +366,40 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
     // One CapabilityStatement cache: discovery serves it, the rewrite stage holds
     // restricted searches to the parameters it declares.
     let capabilities = Arc::new(Capabilities::new(shared.upstream.clone()));
+    use metrics::Stage as M;
     let svc = ServiceBuilder::new()
         .layer(ApplyCorsLayer::new(Arc::clone(&registry)))
         .layer(RenderErrorsLayer::new(Arc::clone(&registry)))
         .layer(LimitRateLayer::new(shared.rate_limit.clone()))
-        .layer(StageLayer::new(ResolveTenant::new(registry)))
-        .layer(StageLayer::new(ServeDiscovery::new(Arc::clone(
-            &capabilities,
-        ))))
-        .layer(StageLayer::new(ValidateToken::new(shared.tokens.clone())))
-        .layer(StageLayer::new(ChargeClient::new(
-            shared.rate_limit.clone(),
-        )))
-        .layer(StageLayer::new(CheckScope))
-        .layer(StageLayer::new(Authorize::new(shared.upstream.clone())))
-        .layer(StageLayer::new(RewriteSearch::new(
-            shared.cursors.clone(),
-            capabilities,
-        )))
+        .layer(StageLayer::new(
+            ResolveTenant::new(registry),
+            stage_obs!("tenant", None),
+        ))
+        .layer(StageLayer::new(
+            ServeDiscovery::new(Arc::clone(&capabilities)),
+            stage_obs!("discovery", None),
+        ))
+        .layer(StageLayer::new(
+            ValidateToken::new(shared.tokens.clone()),
+            stage_obs!("token", Some(M::Token)),
+        ))
+        .layer(StageLayer::new(
+            ChargeClient::new(shared.rate_limit.clone()),
+            StageObs::UNTRACED,
+        ))
+        .layer(StageLayer::new(
+            CheckScope,
+            stage_obs!("scope", Some(M::Scope)),
+        ))
+        .layer(StageLayer::new(
+            Authorize::new(shared.upstream.clone()),
+            stage_obs!("authz", Some(M::Authz)),
+        ))
+        .layer(StageLayer::new(
+            RewriteSearch::new(shared.cursors.clone(), capabilities),
+            stage_obs!("rewrite", Some(M::Rewrite)),
+        ))
+        // Stage 5 has two spans of its own: `upstream` and `check`.
         .service(Forward::new(shared.upstream, shared.cursors).map_err(ProxyError::from));
     tower::util::BoxCloneSyncService::new(svc)
 }

@@ -6,7 +6,8 @@
 //! resolution in authz, forwarding): it sends an [`OutboundRequest`] and returns the
 //! whole answer; what the client may see of it is decided by the forwarding stage.
 //! Requests are built from scratch (method, rebuilt path, allow-listed headers), so the
-//! client's credentials and hop-by-hop headers never reach the upstream.
+//! client's credentials and hop-by-hop headers never reach the upstream. Each carries
+//! the request's trace context and request id (`crate::trace`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,6 +203,13 @@ impl Upstream {
         for name in FORWARDED_REQUEST_HEADERS {
             for v in client_headers.get_all(&name) {
                 builder = builder.header(&name, v);
+            }
+        }
+        // The request's trace (the calling stage's span as the parent) and request id;
+        // never the client's own headers for them, which the proxy has checked.
+        if let Some(scope) = crate::trace::current() {
+            for (name, value) in scope.outbound_headers(true) {
+                builder = builder.header(name, value);
             }
         }
         if out.conditional {

@@ -67,6 +67,8 @@ pub struct OpenFgaChecker {
     lists: moka::future::Cache<(Arc<str>, Principal), Arc<PatientList>>,
     /// The pinned model id, shared by every list key.
     model: Arc<str>,
+    /// The tenant the list cache's metrics are counted for.
+    tenant: crate::metrics::TenantLabel,
 }
 
 /// Every patient one principal may view, complete.
@@ -145,14 +147,18 @@ impl std::fmt::Debug for OpenFgaChecker {
 }
 
 impl OpenFgaChecker {
-    pub fn new(http: reqwest::Client, cfg: &OpenFgaConfig) -> Result<Self, String> {
-        let client = OpenFgaClient::new(http, cfg.connection.clone())?;
-        Ok(Self::with_api(Arc::new(client), cfg))
+    /// The checker of tenant `tenant` (its metrics are counted for it).
+    pub fn new(http: reqwest::Client, cfg: &OpenFgaConfig, tenant: &str) -> Result<Self, String> {
+        let client = OpenFgaClient::for_tenant(http, cfg.connection.clone(), tenant)?;
+        let mut checker = Self::with_api(Arc::new(client), cfg);
+        checker.tenant = crate::metrics::global().register_tenant(tenant);
+        Ok(checker)
     }
 
     /// The checker for `cfg` over `client`.
     pub fn with_api(client: Arc<dyn FgaApi>, cfg: &OpenFgaConfig) -> Self {
         OpenFgaChecker {
+            tenant: crate::metrics::TenantLabel::NONE,
             client,
             policy: cfg.multi_patient_policy,
             max_listed: cfg.max_listed_patients,
@@ -188,9 +194,11 @@ impl OpenFgaChecker {
         let mut per_principal = Vec::new();
         for principal in permit.fga_principals() {
             let key = (Arc::clone(&self.model), Arc::clone(principal));
+            let mut missed = false;
             let list = self
                 .lists
                 .try_get_with(key, async {
+                    missed = true;
                     let objects = self
                         .client
                         .list_objects_complete(
@@ -211,8 +219,15 @@ impl OpenFgaChecker {
                     Ok::<_, FgaError>(Arc::new(PatientList::new(ids)))
                 })
                 .await
-                .map_err(|e: Arc<FgaError>| fga_error((*e).clone()))?;
-            per_principal.push((Arc::clone(principal), list));
+                .map_err(|e: Arc<FgaError>| fga_error((*e).clone()));
+            let hit = u64::from(!missed);
+            crate::metrics::global().fga_cache(
+                self.tenant,
+                crate::metrics::FgaCache::List,
+                hit,
+                1 - hit,
+            );
+            per_principal.push((Arc::clone(principal), list?));
         }
         Ok(FgaListed { per_principal })
     }

@@ -67,7 +67,7 @@ impl Checker {
             AuthorizationConfig::Compartment { .. } => Checker::Compartment(base),
             AuthorizationConfig::OpenFga { openfga, .. } => Checker::OpenFga {
                 base,
-                fga: fga::OpenFgaChecker::new(http.clone(), openfga)?,
+                fga: fga::OpenFgaChecker::new(http.clone(), openfga, &cfg.id)?,
             },
         })
     }

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::config::{BreakerSettings, FgaConnection, FgaCredentials, Secret};
+use crate::metrics::{self, FgaCache, FgaEndpoint, TenantLabel};
 
 /// OpenFGA's default `maxChecksPerBatchCheck`.
 pub const MAX_CHECKS_PER_BATCH: usize = 50;
@@ -412,6 +413,8 @@ struct Inner {
     cache: moka::future::Cache<CacheKey, bool>,
     breaker: Breaker,
     token: tokio::sync::Mutex<Option<CachedToken>>,
+    /// The tenant the client's metrics are counted for.
+    tenant: TenantLabel,
 }
 
 /// An OpenFGA client for one connection. Cheap to clone (shared cache and breaker).
@@ -442,6 +445,10 @@ pub trait FgaApi: Send + Sync + 'static {
         object_type: &'a str,
         max: usize,
     ) -> FgaFuture<'a, Vec<String>>;
+    /// Whether a circuit breaker refuses calls now (`None`: this server has none).
+    fn breaker_open(&self) -> Option<bool> {
+        None
+    }
 }
 
 impl FgaApi for OpenFgaClient {
@@ -480,6 +487,10 @@ impl FgaApi for OpenFgaClient {
             max,
         ))
     }
+
+    fn breaker_open(&self) -> Option<bool> {
+        Some(OpenFgaClient::breaker_open(self))
+    }
 }
 
 #[derive(Clone)]
@@ -510,11 +521,37 @@ impl Endpoint {
             Endpoint::StreamedListObjects => "streamed-list-objects",
         }
     }
+
+    fn metric(self) -> FgaEndpoint {
+        match self {
+            Endpoint::Check => FgaEndpoint::Check,
+            Endpoint::BatchCheck => FgaEndpoint::BatchCheck,
+            Endpoint::StreamedListObjects => FgaEndpoint::StreamedListObjects,
+        }
+    }
 }
 
 impl OpenFgaClient {
     /// `http` is the proxy's shared control-plane client; timeouts are set per call.
+    /// Metrics are counted without a tenant (see [`OpenFgaClient::for_tenant`]).
     pub fn new(http: reqwest::Client, conn: FgaConnection) -> Result<Self, String> {
+        Self::build(http, conn, TenantLabel::NONE)
+    }
+
+    /// The client of tenant `tenant`, whose metrics are counted for it.
+    pub fn for_tenant(
+        http: reqwest::Client,
+        conn: FgaConnection,
+        tenant: &str,
+    ) -> Result<Self, String> {
+        Self::build(http, conn, metrics::global().register_tenant(tenant))
+    }
+
+    fn build(
+        http: reqwest::Client,
+        conn: FgaConnection,
+        tenant: TenantLabel,
+    ) -> Result<Self, String> {
         if conn.api_url.cannot_be_a_base() {
             return Err(format!(
                 "openfga api url `{}` is not a base url",
@@ -544,6 +581,7 @@ impl OpenFgaClient {
                 conn,
                 cache,
                 token: tokio::sync::Mutex::new(None),
+                tenant,
             }),
         })
     }
@@ -574,7 +612,10 @@ impl OpenFgaClient {
         object: &str,
     ) -> Result<bool, FgaError> {
         let key = self.key(principal, relation, object);
-        if let Some(allowed) = self.inner.cache.get(&key).await {
+        let cached = self.inner.cache.get(&key).await;
+        let hit = u64::from(cached.is_some());
+        metrics::global().fga_cache(self.inner.tenant, FgaCache::Check, hit, 1 - hit);
+        if let Some(allowed) = cached {
             return Ok(allowed);
         }
         let body = CheckRequest {
@@ -586,7 +627,7 @@ impl OpenFgaClient {
             authorization_model_id: &self.inner.conn.authorization_model_id,
         };
         let response: CheckResponse = self
-            .guarded(async {
+            .guarded(Endpoint::Check, async {
                 let res = self.send(Endpoint::Check, &body).await?;
                 crate::fetch::read_json(res).await.map_err(read_error)
             })
@@ -623,6 +664,12 @@ impl OpenFgaClient {
                 None => misses.push(object.clone()),
             }
         }
+        metrics::global().fga_cache(
+            self.inner.tenant,
+            FgaCache::Check,
+            answers.len() as u64,
+            misses.len() as u64,
+        );
         if misses.is_empty() {
             return Ok(answers);
         }
@@ -634,13 +681,14 @@ impl OpenFgaClient {
             let principal = principal.to_owned();
             let relation = relation.to_owned();
             let limit = Arc::clone(&limit);
-            tasks.spawn(async move {
+            // Bound to the request's trace scope: the calls carry its `traceparent`.
+            tasks.spawn(crate::trace::bind_current(async move {
                 let _permit = limit
                     .acquire_owned()
                     .await
                     .map_err(|_| FgaError::unavailable("batch check cancelled"))?;
                 client.batch_call(&principal, &relation, &chunk).await
-            });
+            }));
         }
         // INVARIANT: on the first error the JoinSet is dropped, which aborts the other
         // calls; no partial answer leaves this function. The whole batch, however many
@@ -693,7 +741,7 @@ impl OpenFgaClient {
             authorization_model_id: &self.inner.conn.authorization_model_id,
         };
         let response: BatchCheckResponse = self
-            .guarded(async {
+            .guarded(Endpoint::BatchCheck, async {
                 let res = self.send(Endpoint::BatchCheck, &body).await?;
                 crate::fetch::read_json(res).await.map_err(read_error)
             })
@@ -720,7 +768,7 @@ impl OpenFgaClient {
         };
         let started = Instant::now();
         let timeout = self.inner.conn.timeout;
-        self.guarded(async {
+        self.guarded(Endpoint::StreamedListObjects, async {
             let read = async {
                 let mut res = self.send(Endpoint::StreamedListObjects, &body).await?;
                 let mut parser = NdjsonObjects::default();
@@ -762,17 +810,23 @@ impl OpenFgaClient {
         .await
     }
 
-    /// Runs one call under the circuit breaker and reports its outcome.
+    /// Runs one call under the circuit breaker and reports its outcome (to the breaker
+    /// and the metrics).
     async fn guarded<T>(
         &self,
+        endpoint: Endpoint,
         call: impl Future<Output = Result<T, FgaError>>,
     ) -> Result<T, FgaError> {
         if !self.inner.breaker.try_acquire(Instant::now()) {
+            metrics::global().fga_error(self.inner.tenant, endpoint.metric(), "breaker_open");
             return Err(FgaError::unavailable("circuit breaker open"));
         }
         let result = call.await;
         let failed = result.as_ref().is_err_and(FgaError::is_server_failure);
         self.inner.breaker.record(!failed, Instant::now());
+        if let Err(e) = &result {
+            metrics::global().fga_error(self.inner.tenant, endpoint.metric(), e.reason());
+        }
         result
     }
 
@@ -803,6 +857,13 @@ impl OpenFgaClient {
             value.set_sensitive(true);
             request = request.header(http::header::AUTHORIZATION, value);
         }
+        // The request's trace: the calling stage's span as the parent.
+        if let Some(scope) = crate::trace::current() {
+            for (name, value) in scope.outbound_headers(false) {
+                request = request.header(name, value);
+            }
+        }
+        metrics::global().fga_request(self.inner.tenant, endpoint.metric());
         let res = request.send().await.map_err(|e| transport_error(&e))?;
         let status = res.status();
         if status.is_success() {

@@ -226,11 +226,15 @@ impl JwksKeySource {
         policy: JwksPolicy,
     ) -> Result<Arc<KeySet>, TokenError> {
         let key = set_key(tenant, uri);
+        let metrics = crate::metrics::global();
+        let label = metrics.tenant(tenant);
         if let Some(set) = self.cache.get(&key).await
             && set.fresh_for(policy.ttl)
         {
+            metrics.jwks_cache(label, true);
             return Ok(set);
         }
+        metrics.jwks_cache(label, false);
         // A miss, or a set older than the tenant's current lifetime (a reload shortened
         // it). The compute is serialized per key: concurrent callers wait for one fetch
         // and then find the fresh set.
@@ -244,7 +248,7 @@ impl JwksKeySource {
                 {
                     return Ok(Op::Nop);
                 }
-                fetch(&*http, uri, policy)
+                fetch(&*http, tenant, uri, policy)
                     .await
                     .map(|set| Op::Put(Arc::new(set)))
             })
@@ -298,7 +302,7 @@ impl JwksKeySource {
             }
             last.insert(key.clone(), now);
         }
-        let fresh = match fetch(&*self.http, uri, policy).await {
+        let fresh = match fetch(&*self.http, tenant, uri, policy).await {
             Ok(fresh) => fresh,
             // The token's key stays unknown; the working set stays cached.
             Err(_) => return Ok(None),
@@ -316,7 +320,20 @@ fn set_key(tenant: &str, uri: &url::Url) -> SetKey {
     (tenant.to_owned(), uri.as_str().to_owned())
 }
 
+/// Fetches and parses `tenant`'s JWK Set, counting the fetch.
 async fn fetch(
+    http: &dyn JwksFetch,
+    tenant: &str,
+    uri: &url::Url,
+    policy: JwksPolicy,
+) -> Result<KeySet, TokenError> {
+    let metrics = crate::metrics::global();
+    let result = fetch_set(http, uri, policy).await;
+    metrics.jwks_fetch(metrics.tenant(tenant), result.is_ok());
+    result
+}
+
+async fn fetch_set(
     http: &dyn JwksFetch,
     uri: &url::Url,
     policy: JwksPolicy,

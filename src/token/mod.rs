@@ -221,6 +221,8 @@ impl TokenVerifier {
             }
             _ => None,
         };
+        let metrics = crate::metrics::global();
+        metrics.token_cache(metrics.tenant(tenant_id), hit.is_some());
         let verified = match hit {
             Some(token) => token,
             None => {

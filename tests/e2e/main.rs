@@ -20,6 +20,7 @@ mod discovery;
 mod fga;
 mod forwarding;
 mod limits;
+mod observability;
 mod paging;
 mod records;
 mod scopes;
