@@ -91,6 +91,27 @@ impl AuditSlot {
         f(&mut guard)
     }
 
+    /// A record of its own for a part of this request (an entry of a batch or
+    /// transaction): the tenant, principal, issuer and request id so far, nothing of
+    /// what was asked.
+    pub fn fork(&self) -> AuditSlot {
+        let record = self.with(|r| AuditRecord {
+            tenant: r.tenant.clone(),
+            client_id: r.client_id.clone(),
+            subject: r.subject.clone(),
+            patient: r.patient.clone(),
+            fhir_user: r.fhir_user.clone(),
+            public_base: r.public_base.clone(),
+            issuer: r.issuer.clone(),
+            request_id: r.request_id.clone(),
+            ..AuditRecord::default()
+        });
+        AuditSlot {
+            record: Arc::new(Mutex::new(record)),
+            started: Instant::now(),
+        }
+    }
+
     pub fn set_tenant(&self, tenant: &str) {
         self.with(|r| r.tenant = Some(tenant.to_owned()));
     }

@@ -17,6 +17,7 @@ use crate::cors::CorsError;
 use crate::cursor::CursorError;
 use crate::discovery::DiscoveryError;
 use crate::fhir::RequestError;
+use crate::fhir::bundle::{BundleError, EntryError};
 use crate::forward::ForwardError;
 use crate::limits::{ChargeClientError, LimitError};
 use crate::pipeline::Internal;
@@ -52,6 +53,20 @@ pub enum ProxyError {
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditFull),
+    /// A batch or transaction Bundle that cannot be processed as a whole.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// One entry of a batch or transaction that is malformed or unsupported.
+    #[error(transparent)]
+    BundleEntry(#[from] EntryError),
+    /// A transaction refused because of one entry (1-based `index`, as
+    /// `Bundle.entry[index - 1]`): nothing was sent upstream. Classified as that
+    /// entry's error.
+    #[error("transaction entry {index}: {error}")]
+    TransactionEntry {
+        index: usize,
+        error: Box<ProxyError>,
+    },
     /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
@@ -149,14 +164,23 @@ impl ProxyError {
             ProxyError::Limit(e) => e.status(),
             ProxyError::Cors(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Bundle(BundleError::TooManyEntries { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Bundle(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BundleEntry(e) => e.status(),
+            ProxyError::TransactionEntry { error, .. } => error.status(),
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// FHIR `IssueType` code for the OperationOutcome.
     pub fn issue_code(&self) -> &'static str {
-        if let ProxyError::Limit(_) = self {
-            return "throttled";
+        match self {
+            ProxyError::Limit(_) => return "throttled",
+            ProxyError::TransactionEntry { error, .. } => return error.issue_code(),
+            ProxyError::BundleEntry(
+                EntryError::ReadInTransaction | EntryError::Nested | EntryError::Method { .. },
+            ) => return "not-supported",
+            _ => {}
         }
         match self.status() {
             StatusCode::UNAUTHORIZED => "login",
@@ -184,6 +208,9 @@ impl ProxyError {
             ProxyError::Limit(e) => e.reason(),
             ProxyError::Cors(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
+            ProxyError::Bundle(e) => e.reason(),
+            ProxyError::BundleEntry(e) => e.reason(),
+            ProxyError::TransactionEntry { error, .. } => error.reason(),
             ProxyError::Internal(_) => "internal",
         }
     }
@@ -198,12 +225,16 @@ impl ProxyError {
             {
                 crate::upstream::UpstreamError::NotFound.reason()
             }
+            ProxyError::TransactionEntry { error, .. } => error.client_reason(),
             other => other.reason(),
         }
     }
 
     /// The `WWW-Authenticate` challenge (RFC 6750 section 3), if any.
     pub fn www_authenticate(&self, realm: Option<&str>) -> Option<String> {
+        if let ProxyError::TransactionEntry { error, .. } = self {
+            return error.www_authenticate(realm);
+        }
         let realm = realm
             .map(|r| format!("realm=\"{r}\", "))
             .unwrap_or_default();
@@ -228,6 +259,7 @@ impl ProxyError {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ProxyError::Limit(e) => Some(e.retry_after_secs()),
+            ProxyError::TransactionEntry { error, .. } => error.retry_after_secs(),
             _ => None,
         }
     }
@@ -237,6 +269,9 @@ impl ProxyError {
         match self {
             ProxyError::Internal(_) => "internal error".into(),
             ProxyError::Upstream(e) => e.to_string(),
+            ProxyError::TransactionEntry { index, error } => {
+                format!("transaction entry {index}: {}", error.client_message())
+            }
             other => other.to_string(),
         }
     }

@@ -111,6 +111,13 @@ async fn forward<U: FhirServer>(
     ext::<ScopeGrant>(req, "missing ScopeGrant")?;
     ext::<Permit>(req, "missing Permit")?;
 
+    if req
+        .extensions()
+        .get::<crate::pipeline::PrepareOnly>()
+        .is_some()
+    {
+        return prepared(req, out);
+    }
     if out.narrowing.as_ref().is_some_and(|n| n.values.is_empty()) {
         // Narrowed to no patient at all: nothing to ask the upstream.
         return Ok(empty_searchset());
@@ -158,6 +165,37 @@ async fn forward<U: FhirServer>(
     if fhir.method == Method::HEAD {
         *resp.body_mut() = Full::new(Bytes::new());
     }
+    Ok(resp)
+}
+
+/// What a transaction entry would send upstream, once every stage before this one
+/// allowed it (see `pipeline::PrepareOnly`): the answer to a prepared sub-request
+/// carries it as an extension, with an empty body.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub out: OutboundRequest,
+    /// Whether the entry's permit reaches every record of its type (transactions
+    /// refuse conditional references for everyone else: the upstream's resolution of
+    /// them would tell whether a record outside the permit exists).
+    pub unrestricted: bool,
+}
+
+fn prepared(req: &Request<Bytes>, out: &OutboundRequest) -> Result<ProxyResponse, ForwardError> {
+    let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+    let permit = ext::<Permit>(req, "missing Permit")?;
+    if out.narrowing.is_some() {
+        // A patient list goes in a search body; a transaction entry has only its URL.
+        return Err(AuthzError::NotNarrowable {
+            interaction: fhir.interaction.name(),
+        }
+        .into());
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    resp.extensions_mut().insert(Prepared {
+        out: out.clone(),
+        unrestricted: permit.is_unrestricted(),
+    });
+    resp.extensions_mut().insert(Decision("prepared"));
     Ok(resp)
 }
 

@@ -109,6 +109,10 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SFP_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Most entries of a batch or transaction Bundle (more: 413).
+    #[arg(long, env = "SFP_MAX_BUNDLE_ENTRIES", default_value_t = smart_fhir_proxy::stack::bundle::DEFAULT_MAX_ENTRIES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_bundle_entries: u64,
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "SFP_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -567,6 +571,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             Ok(s) => Shared {
                 cursors,
                 rate_limit,
+                max_bundle_entries: usize::try_from(args.max_bundle_entries)
+                    .unwrap_or(usize::MAX),
                 ..s
             },
             Err(e) => {

@@ -56,6 +56,12 @@ pub fn ext<'a, T: Send + Sync + 'static>(
     req.extensions().get::<T>().ok_or(Internal(what))
 }
 
+/// Written on a transaction entry's sub-request (by the stack's bundle layer): every
+/// stage runs and decides as for a request of its own, but nothing is sent upstream;
+/// the forwarding stage answers with what it would have sent (`forward::Prepared`).
+#[derive(Clone, Copy, Debug)]
+pub struct PrepareOnly;
+
 /// Reason id attached to successful responses for the audit record.
 #[derive(Clone, Copy, Debug)]
 pub struct Decision(pub &'static str);

@@ -8,6 +8,7 @@
 //! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
 //! ValidateToken     stage 1: VerifiedToken
 //! ChargeClient      rate limit by the token's client id
+//! ServeBundle       batch/transaction: each entry through the stages below (bundle)
 //! CheckScope        stage 2: ScopeGrant
 //! Authorize         stage 3: Permit
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
@@ -48,6 +49,8 @@ use crate::upstream::Upstream;
 
 mod apply_cors;
 pub use apply_cors::{ApplyCors, ApplyCorsLayer};
+pub mod bundle;
+pub use bundle::{ServeBundle, ServeBundleLayer};
 
 /// How a stage shows in traces and metrics: the `tracing` span it runs in (named after
 /// the stage, carrying its span id; see [`stage_obs!`]) and, for the stages the latency
@@ -387,6 +390,10 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
             ChargeClient::new(shared.rate_limit.clone()),
             StageObs::UNTRACED,
         ))
+        .layer(ServeBundleLayer::new(
+            shared.upstream.clone(),
+            shared.max_bundle_entries,
+        ))
         .layer(StageLayer::new(
             CheckScope,
             stage_obs!("scope", Some(M::Scope)),
@@ -415,6 +422,8 @@ pub struct Shared {
     pub cursors: crate::cursor::CursorKey,
     /// Per-client rate limit (`limits`); `None` (the default): off.
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// The most entries a batch or transaction Bundle may have.
+    pub max_bundle_entries: usize,
 }
 
 impl Shared {
@@ -427,6 +436,7 @@ impl Shared {
             upstream: Upstream::new(http)?,
             cursors: crate::cursor::CursorKey::generate(crate::cursor::DEFAULT_TTL_SECONDS)?,
             rate_limit: None,
+            max_bundle_entries: bundle::DEFAULT_MAX_ENTRIES,
         })
     }
 }

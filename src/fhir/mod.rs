@@ -3,6 +3,7 @@
 //! official R4 definitions, and OperationOutcome rendering.
 
 pub mod answer;
+pub mod bundle;
 pub mod capability;
 pub mod compartment;
 pub mod constraint;

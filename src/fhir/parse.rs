@@ -710,7 +710,7 @@ fn hex_value(b: u8) -> Option<u8> {
 
 /// User input for an error message: at most [`MAX_ECHO_CHARS`] characters, anything
 /// outside printable ASCII escaped, `...` when cut.
-fn echo(input: &str) -> String {
+pub(crate) fn echo(input: &str) -> String {
     let mut out = String::with_capacity(input.len().min(MAX_ECHO_CHARS + 3));
     for (n, c) in input.chars().enumerate() {
         if n == MAX_ECHO_CHARS {

@@ -13,6 +13,7 @@ mod openfga;
 
 mod adversarial;
 mod audit_fhir;
+mod bundles;
 mod cases;
 mod constraints;
 mod cors;
