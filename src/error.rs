@@ -52,6 +52,9 @@ pub enum ProxyError {
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditFull),
+    /// `Patient/$match` refused (`forward::patient_match`).
+    #[error(transparent)]
+    Match(#[from] crate::forward::patient_match::MatchError),
     /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
@@ -116,6 +119,7 @@ impl From<ForwardError> for ProxyError {
         match e {
             ForwardError::Upstream(e) => ProxyError::Upstream(e),
             ForwardError::Authz(e) => ProxyError::Authz(e),
+            ForwardError::Match(e) => ProxyError::Match(e),
             ForwardError::Internal(e) => e.into(),
         }
     }
@@ -149,6 +153,7 @@ impl ProxyError {
             ProxyError::Limit(e) => e.status(),
             ProxyError::Cors(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Match(e) => e.status(),
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -184,6 +189,7 @@ impl ProxyError {
             ProxyError::Limit(e) => e.reason(),
             ProxyError::Cors(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
+            ProxyError::Match(e) => e.reason(),
             ProxyError::Internal(_) => "internal",
         }
     }
