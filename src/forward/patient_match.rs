@@ -309,6 +309,7 @@ fn candidate_request(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
