@@ -509,3 +509,53 @@ async fn an_openfga_principal_gets_only_the_candidates_it_may_view() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert!(a.entry_ids().is_empty(), "{}", a.text);
 }
+
+#[tokio::test]
+async fn the_demo_tours_match_finds_p1_in_the_demo_data() {
+    // What `scripts/demo-up.sh` shows, on the shared upstream's demo data (read only).
+    let issuer = support::issuer();
+    let base = support::fhir_server().base_url().to_owned();
+    let proxy = Proxy::start(|port| {
+        let mut t = tenant("demo", port, &base, issuer);
+        t["match"] = json!({"mode": "score", "input_level": "IDI-Patient-L0"});
+        tenants(vec![("demo", t)])
+    });
+    let input = |mrn: &str, family: &str, given: &str, birth: &str| {
+        params(
+            json!({"resourceType": "Patient",
+                "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}, "system": "urn:oid:1.2.3.4.5.1", "value": mrn}],
+                "name": [{"family": family, "given": [given]}], "gender": "female", "birthDate": birth}),
+            &[json!({"name": "count", "valueInteger": 5})],
+        )
+    };
+    let t = token(&proxy, "backend", "system/Patient.rs", "demo").await;
+    let a = post_match(
+        &proxy,
+        "demo",
+        &t,
+        &input("MRN-P1", "Patient-One", "Amy", "1970-01-01"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(ids_grades(&a), [pair("p1", "certain")], "{}", a.text);
+    let p = token(&proxy, "patient-p1", "patient/Patient.rs", "demo").await;
+    let a = post_match(
+        &proxy,
+        "demo",
+        &p,
+        &input("MRN-P2", "Patient-Two", "Ben", "1980-02-02"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(a.entry_ids().is_empty(), "{}", a.text);
+    assert!(a.json().get("total").is_none(), "{}", a.text);
+    let name_only = params(
+        json!({"resourceType": "Patient", "name": [{"family": "Patient-One", "given": ["Amy"]}]}),
+        &[],
+    );
+    let a = post_match(&proxy, "demo", &t, &name_only).await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (400, "match_input_too_weak".to_owned())
+    );
+}
