@@ -29,6 +29,7 @@ use crate::authz::{Checker, Permit};
 use crate::config::MatchMode;
 use crate::discovery::{Capabilities, DiscoveryError};
 use crate::fhir::{FhirRequest, Interaction, OperationLevel, OutboundRequest, ResourceType};
+use crate::metrics::Stage;
 use crate::pipeline::{Decision, FHIR_JSON, ProxyResponse, ext, fhir_json};
 use crate::scope::ScopeGrant;
 use crate::tenant::{Tenant, tenant_of};
@@ -144,31 +145,28 @@ pub async fn answer<U: FhirServer>(
     if let Some(a) = audit {
         a.note(format!("match.mode={}", mode_name(mode)));
     }
-    let (fetched, limits) = match mode {
-        MatchMode::Score => {
-            let (fetched, candidates) = scored(upstream, tenant, req, &input).await?;
-            if let Some(a) = audit {
-                a.note(format!("match.candidates={candidates}"));
-            }
-            (fetched, true)
-        }
-        _ if permit.is_unrestricted() => (upstream.fetch(tenant, out, req.headers()).await?, false),
-        _ => {
-            // Restricted: the upstream is asked for up to `max_candidates` matches, never
-            // the client's `count` or `onlyCertainMatches`: those are applied to what
-            // the check releases, so a hidden match cannot take a visible one's place.
-            let body = forwarded_body(&input, cfg.max_candidates)?;
-            let restricted = OutboundRequest {
-                body: Some(body),
-                ..out.clone()
-            };
-            (
-                upstream.fetch(tenant, &restricted, req.headers()).await?,
-                true,
-            )
-        }
-    };
-    let checked = check(cursors, req, &fetched, out).await?;
+    let metrics = crate::metrics::global();
+    let tenant_label = metrics.tenant(tenant.id());
+    let started = std::time::Instant::now();
+    let fetched = crate::trace::in_child_span(
+        |id| tracing::debug_span!("upstream", span.id = %id, otel.kind = "client"),
+        fetch(upstream, tenant, req, &input, mode, permit, out),
+    )
+    .await;
+    metrics.stage(tenant_label, Stage::Upstream, started.elapsed());
+    let (fetched, candidates, limits) = fetched?;
+    if let (Some(a), Some(n)) = (audit, candidates) {
+        a.note(format!("match.candidates={n}"));
+    }
+    let started = std::time::Instant::now();
+    let checked = crate::trace::in_child_span(
+        |id| tracing::debug_span!("check", span.id = %id),
+        check(cursors, req, &fetched, out),
+    )
+    .await;
+    metrics.stage(tenant_label, Stage::Check, started.elapsed());
+    let checked = checked?;
+    metrics.entries_dropped(tenant_label, checked.dropped as u64);
     let body = if limits && fetched.status.is_success() {
         let v: Value = serde_json::from_slice(&checked.body)
             .map_err(|_| UpstreamError::BadResponse("json"))?;
@@ -188,6 +186,46 @@ pub async fn answer<U: FhirServer>(
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     resp.extensions_mut().insert(Decision(checked.reason));
     Ok(resp)
+}
+
+/// The answer to check: scored candidates (with how many were scored) or the
+/// upstream's own `$match`; `true` when `count` and `onlyCertainMatches` are the
+/// proxy's to apply.
+async fn fetch<U: FhirServer>(
+    upstream: &U,
+    tenant: &Tenant,
+    req: &Request<Bytes>,
+    input: &input::MatchInput,
+    mode: MatchMode,
+    permit: &Permit,
+    out: &OutboundRequest,
+) -> Result<(Fetched, Option<usize>, bool), ForwardError> {
+    let cfg = &tenant.config.patient_match;
+    Ok(match mode {
+        MatchMode::Score => {
+            let (fetched, candidates) = scored(upstream, tenant, req, input).await?;
+            (fetched, Some(candidates), true)
+        }
+        _ if permit.is_unrestricted() => (
+            upstream.fetch(tenant, out, req.headers()).await?,
+            None,
+            false,
+        ),
+        _ => {
+            // Restricted: the upstream is asked for up to `max_candidates` matches, never
+            // the client's `count` or `onlyCertainMatches`: those are applied to what
+            // the check releases, so a hidden match cannot take a visible one's place.
+            let restricted = OutboundRequest {
+                body: Some(forwarded_body(input, cfg.max_candidates)?),
+                ..out.clone()
+            };
+            (
+                upstream.fetch(tenant, &restricted, req.headers()).await?,
+                None,
+                true,
+            )
+        }
+    })
 }
 
 fn mode_name(mode: MatchMode) -> &'static str {

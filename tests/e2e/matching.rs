@@ -393,10 +393,16 @@ async fn a_practitioner_sees_only_the_candidates_in_its_compartment() {
         a.text
     );
     assert!(a.json().get("total").is_none());
+    // The audit record says how it was answered: the narrowed searches found pr1's
+    // three patients (p3 scored as no match), never p2.
     let audit = p.audit_records();
     assert!(
-        audit.iter().any(|r| r["fhir.operation"] == "match"
-            || r["notes"].to_string().contains("match.mode=score")),
+        audit.iter().any(|r| {
+            let notes = r["notes"].to_string();
+            r["client.id"] == "practitioner-pr1"
+                && notes.contains("match.mode=score")
+                && notes.contains("match.candidates=3")
+        }),
         "{audit:?}"
     );
 }
