@@ -271,7 +271,13 @@ async fn scored<U: FhirServer>(
         if candidates.len() >= cfg.max_candidates {
             break;
         }
-        let mut out = candidate_request(tenant, permit, grant, checker, params)?;
+        let mut out = candidate_request(
+            permit,
+            grant,
+            checker,
+            tenant.config.upstream.compartment_search,
+            params,
+        )?;
         out.params
             .push(("_count".to_owned(), cfg.search_count.to_string()));
         let fetched = upstream.fetch(tenant, &out, req.headers()).await?;
@@ -308,10 +314,10 @@ async fn scored<U: FhirServer>(
 /// function), as it is for unrestricted ones and OpenFGA principals (whose candidates
 /// the answer check decides, with BatchCheck).
 fn candidate_request(
-    tenant: &Tenant,
     permit: &Permit,
     grant: &ScopeGrant,
     checker: &Checker,
+    how: crate::config::CompartmentSearch,
     params: Vec<(String, String)>,
 ) -> Result<OutboundRequest, ForwardError> {
     if permit.is_unrestricted() || permit.has_fga() {
@@ -340,7 +346,7 @@ fn candidate_request(
         checker.index(),
         &Bytes::new(),
         None,
-        tenant.config.upstream.compartment_search,
+        how,
     )?;
     out.conditional = false;
     Ok(out)
@@ -349,7 +355,86 @@ fn candidate_request(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::{Arc, LazyLock};
+
     use super::*;
+    use crate::authz::authorize;
+    use crate::config::CompartmentSearch;
+    use crate::fhir::{CompartmentIndex, ResourceId, parse_request};
+    use crate::scope::{TokenContext, check_scopes};
+    use crate::smart::parse_scopes;
+    use crate::token::{FhirUser, VerifiedToken};
+
+    static INDEX: LazyLock<Arc<CompartmentIndex>> =
+        LazyLock::new(|| Arc::new(CompartmentIndex::official().unwrap()));
+
+    fn token(scopes: &str, patient: Option<&str>, fhir_user: Option<&str>) -> VerifiedToken {
+        VerifiedToken {
+            issuer: "https://issuer.example".to_owned(),
+            subject: None,
+            client_id: None,
+            scopes: parse_scopes(scopes),
+            patient: patient.map(|p| ResourceId::parse(p).unwrap()),
+            fhir_user: fhir_user.map(|u| FhirUser::parse(u).unwrap()),
+            expires_at: u64::MAX,
+        }
+    }
+
+    /// The candidate search `family=Doe` as `t` sends it upstream, or the reason why not.
+    fn candidate(t: &VerifiedToken) -> Result<OutboundRequest, &'static str> {
+        let req = parse_request(&Method::POST, "/Patient/$match", None, None).unwrap();
+        let grant = check_scopes(
+            &t.scopes,
+            &req,
+            TokenContext {
+                has_patient: t.patient.is_some(),
+            },
+        )
+        .unwrap();
+        let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
+        let permit = authorize(&checker, &req, t, &grant).unwrap();
+        let params = vec![("family".to_owned(), "Doe".to_owned())];
+        candidate_request(
+            &permit,
+            &grant,
+            &checker,
+            CompartmentSearch::ByParameter,
+            params,
+        )
+        .map_err(|e| match e {
+            ForwardError::Authz(a) => a.reason(),
+            _ => "other",
+        })
+    }
+
+    fn query(out: &OutboundRequest) -> Vec<String> {
+        out.params.iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+
+    #[test]
+    fn candidate_searches_are_narrowed_like_the_tokens_own_patient_searches() {
+        let system = candidate(&token("system/Patient.rs", None, None)).unwrap();
+        assert_eq!(
+            (system.path.as_str(), query(&system)),
+            ("/Patient", vec!["family=Doe".to_owned()])
+        );
+        let patient = candidate(&token("patient/Patient.rs", Some("p1"), None)).unwrap();
+        assert_eq!(query(&patient), ["family=Doe", "_id=p1"]);
+        assert!(!patient.conditional);
+        let practitioner =
+            candidate(&token("user/Patient.rs", None, Some("Practitioner/pr1"))).unwrap();
+        assert_eq!(
+            query(&practitioner),
+            ["family=Doe", "general-practitioner=Practitioner/pr1"]
+        );
+        // Two compartments cannot be one search: refused, as the token's searches are.
+        let both = token(
+            "patient/Patient.rs user/Patient.rs",
+            Some("p1"),
+            Some("Practitioner/pr1"),
+        );
+        assert_eq!(candidate(&both).unwrap_err(), "search_not_narrowable");
+    }
 
     #[test]
     fn auto_forwards_only_to_an_upstream_that_declares_match() {
