@@ -145,8 +145,9 @@ fga_store=$(fga_field store_id)
 fga_model=$(fga_field authorization_model_id)
 echo "OPENFGA_API_URL=$fga_url" >>"$demo/env"
 echo "OPENFGA_STORE_ID=$fga_store" >>"$demo/env"
-tenant_json() { # ID AUDIENCE DENIED_STATUS [AUTHORIZATION_JSON]
+tenant_json() { # ID AUDIENCE DENIED_STATUS [AUTHORIZATION_JSON] [MATCH_JSON]
   local authz=${4:-"{ \"mode\": \"compartment\", \"denied_read_status\": $3 }"}
+  local match=${5:-'{ "mode": "auto" }'}
   cat <<JSON
     "$1": {
       "public_base_url": "$2",
@@ -163,13 +164,15 @@ tenant_json() { # ID AUDIENCE DENIED_STATUS [AUTHORIZATION_JSON]
         "introspection_endpoint": "$issuer_url/token/introspection",
         "revocation_endpoint": "$issuer_url/token/revocation"
       },
-      "authorization": $authz
+      "authorization": $authz,
+      "match": $match
     }
 JSON
 }
 {
   echo '{ "tenants": {'
-  tenant_json demo "$tenant1_aud" 404
+  # Patient/$match: `demo` scores candidates itself, the others use HAPI's MDM (`auto`).
+  tenant_json demo "$tenant1_aud" 404 "" '{ "mode": "score", "input_level": "IDI-Patient-L0" }'
   echo ','
   tenant_json demo2 "$tenant2_aud" 403
   echo ','
@@ -217,6 +220,32 @@ show "6. OpenFGA tenant: a ward-1 clinician searches Patients and gets ward-1's 
   -H "Authorization: Bearer $clinician_token" "$tenant3_aud/Patient?_count=200"; say
 show "   ... and cannot read a ward-2 patient" \
   -H "Authorization: Bearer $clinician_token" "$tenant3_aud/Patient/$ward2_patient"; say
+# --- Patient $match, scored by the proxy (tenant `demo`, match.mode = score) ---
+match_params() { # MRN FAMILY GIVEN BIRTHDATE: Parameters for Patient/$match (IDI-Patient-L0: 10)
+  cat <<JSON
+{"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient",
+  "identifier": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                  "system": "urn:oid:1.2.3.4.5.1", "value": "$1"}],
+  "name": [{"family": "$2", "given": ["$3"]}], "gender": "female", "birthDate": "$4"}},
+  {"name": "count", "valueInteger": 5}]}
+JSON
+}
+grades() { "$VENV/bin/python" -c 'import json, sys
+v = json.load(open(sys.argv[1]))
+for e in v.get("entry", []):
+    g = [x["valueCode"] for x in e["search"].get("extension", []) if x["url"].endswith("/match-grade")]
+    print("  Patient/%s  score %s  %s" % (e["resource"]["id"], e["search"]["score"], g[0] if g else "?"))' "$demo/last.json"; }
+match_token=$(token demo-backend:demo-backend-secret "system/Patient.rs" "$tenant1_aud")
+show "7. Patient \$match scored by the proxy: a backend service matches Amy Patient-One (MRN, name, birth date)" \
+  -X POST -H "Authorization: Bearer $match_token" -H 'Content-Type: application/fhir+json' \
+  --data "$(match_params MRN-P1 Patient-One Amy 1970-01-01)" "$tenant1_aud/Patient/\$match"; say; grades
+show "   ... the patient app (p1) matching p2's demographics gets nothing, not even a count" \
+  -X POST -H "Authorization: Bearer $patient_token" -H 'Content-Type: application/fhir+json' \
+  --data "$(match_params MRN-P2 Patient-Two Ben 1980-02-02)" "$tenant1_aud/Patient/\$match"; say
+show "   ... and a name alone is too weak an input (HL7 IDI weighting)" \
+  -X POST -H "Authorization: Bearer $match_token" -H 'Content-Type: application/fhir+json' \
+  --data '{"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient", "name": [{"family": "Patient-One", "given": ["Amy"]}]}}]}' \
+  "$tenant1_aud/Patient/\$match"; say
 echo
 
 trap - ERR

@@ -89,7 +89,114 @@ pub struct RawTenant {
     pub authorization: RawAuthorization,
     /// Cross-origin access for browser SMART apps; absent: no CORS headers at all.
     pub cors: Option<RawCors>,
+    /// `Patient/$match`: forwarded or scored by the proxy; absent: the defaults.
+    #[serde(default, rename = "match")]
+    pub patient_match: RawMatch,
 }
+
+// ---- Patient $match (`match`) ----
+/// `match`: how `Patient/$match` is answered.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub mode: MatchMode,
+    #[serde(default)]
+    pub input_level: MatchInputLevel,
+    pub max_candidates: Option<usize>,
+    pub search_count: Option<usize>,
+}
+
+/// Who answers `Patient/$match` (`match.mode`).
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchMode {
+    /// `forward` when the upstream's CapabilityStatement declares Patient `$match`,
+    /// else `score`.
+    #[default]
+    Auto,
+    /// The upstream's own `$match` (e.g. HAPI MDM); 501 when it declares none.
+    Forward,
+    /// The proxy scores candidates it searches for on the upstream.
+    Score,
+}
+
+/// The least input weight `score` mode accepts (`match.input_level`): the HL7 IDI
+/// (Interoperable Digital Identity and Patient Matching) IG's profiles.
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MatchInputLevel {
+    /// `IDI-Patient`: some identifying element present, no weighting.
+    #[serde(rename = "IDI-Patient")]
+    Base,
+    /// `IDI-Patient-L0`: weighted input of at least 10.
+    #[default]
+    #[serde(rename = "IDI-Patient-L0")]
+    L0,
+    /// `IDI-Patient-L1`: weighted input of at least 20.
+    #[serde(rename = "IDI-Patient-L1")]
+    L1,
+}
+
+impl MatchInputLevel {
+    /// The profile's name in the IG.
+    pub fn name(self) -> &'static str {
+        match self {
+            MatchInputLevel::Base => "IDI-Patient",
+            MatchInputLevel::L0 => "IDI-Patient-L0",
+            MatchInputLevel::L1 => "IDI-Patient-L1",
+        }
+    }
+
+    /// The least weight the profile requires (`IDI-Patient`: none, but one element).
+    pub fn min_weight(self) -> u32 {
+        match self {
+            MatchInputLevel::Base => 0,
+            MatchInputLevel::L0 => 10,
+            MatchInputLevel::L1 => 20,
+        }
+    }
+}
+
+/// `match`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchConfig {
+    pub mode: MatchMode,
+    pub input_level: MatchInputLevel,
+    /// Most distinct candidates scored per request.
+    pub max_candidates: usize,
+    /// `_count` of each candidate search (one page, never followed).
+    pub search_count: usize,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        MatchConfig {
+            mode: MatchMode::Auto,
+            input_level: MatchInputLevel::L0,
+            max_candidates: 50,
+            search_count: 20,
+        }
+    }
+}
+
+fn match_config(m: RawMatch) -> Result<MatchConfig, Bad> {
+    let d = MatchConfig::default();
+    let max_candidates = m.max_candidates.unwrap_or(d.max_candidates);
+    if !(1..=500).contains(&max_candidates) {
+        return Err(("match.max_candidates", "must be 1 to 500".into()));
+    }
+    let search_count = m.search_count.unwrap_or(d.search_count);
+    if !(1..=100).contains(&search_count) {
+        return Err(("match.search_count", "must be 1 to 100".into()));
+    }
+    Ok(MatchConfig {
+        mode: m.mode,
+        input_level: m.input_level,
+        max_candidates,
+        search_count,
+    })
+}
+// ---- end Patient $match ----
 
 /// `cors`: which browser origins may call the tenant.
 #[derive(Deserialize, Debug)]
@@ -476,6 +583,8 @@ pub struct TenantConfig {
     pub smart: RawSmartOwned,
     pub authorization: AuthorizationConfig,
     pub cors: Option<CorsConfig>,
+    /// `Patient/$match` (`match`).
+    pub patient_match: MatchConfig,
 }
 
 /// A tenant's CORS policy (`cors`), validated: origins in their serialized form.
@@ -1074,6 +1183,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         .map(cors_config)
         .transpose()
         .map_err(|(k, m)| bad(k, m))?;
+    let patient_match = match_config(t.patient_match).map_err(|(k, m)| bad(k, m))?;
 
     Ok(TenantConfig {
         id,
@@ -1083,6 +1193,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         smart,
         authorization,
         cors,
+        patient_match,
     })
 }
 

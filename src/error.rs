@@ -67,6 +67,9 @@ pub enum ProxyError {
         index: usize,
         error: Box<ProxyError>,
     },
+    /// `Patient/$match` refused (`forward::patient_match`).
+    #[error(transparent)]
+    Match(#[from] crate::forward::patient_match::MatchError),
     /// A broken invariant inside the proxy (e.g. a stage's extension is missing).
     /// Never a silent pass: the request fails with 500.
     #[error("internal error")]
@@ -131,6 +134,7 @@ impl From<ForwardError> for ProxyError {
         match e {
             ForwardError::Upstream(e) => ProxyError::Upstream(e),
             ForwardError::Authz(e) => ProxyError::Authz(e),
+            ForwardError::Match(e) => ProxyError::Match(e),
             ForwardError::Internal(e) => e.into(),
         }
     }
@@ -168,6 +172,7 @@ impl ProxyError {
             ProxyError::Bundle(_) => StatusCode::BAD_REQUEST,
             ProxyError::BundleEntry(e) => e.status(),
             ProxyError::TransactionEntry { error, .. } => error.status(),
+            ProxyError::Match(e) => e.status(),
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -211,6 +216,7 @@ impl ProxyError {
             ProxyError::Bundle(e) => e.reason(),
             ProxyError::BundleEntry(e) => e.reason(),
             ProxyError::TransactionEntry { error, .. } => error.reason(),
+            ProxyError::Match(e) => e.reason(),
             ProxyError::Internal(_) => "internal",
         }
     }

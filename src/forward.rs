@@ -10,6 +10,7 @@
 //! tenant's public base; the whole exchange is bounded in time and size.
 
 pub mod filter;
+pub mod patient_match;
 
 use std::sync::Arc;
 
@@ -35,6 +36,9 @@ pub enum ForwardError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Authz(#[from] AuthzError),
+    /// `Patient/$match` refused (its input, or a mode the upstream cannot serve).
+    #[error(transparent)]
+    Match(#[from] patient_match::MatchError),
     #[error(transparent)]
     Internal(#[from] Internal),
 }
@@ -69,11 +73,21 @@ fn rewrite_header(
 pub struct Forward<U = Upstream> {
     upstream: U,
     cursors: crate::cursor::CursorKey,
+    /// The upstream's CapabilityStatement (whether it declares `Patient/$match`).
+    capabilities: Arc<crate::discovery::Capabilities<U>>,
 }
 
 impl<U: FhirServer> Forward<U> {
-    pub fn new(upstream: U, cursors: crate::cursor::CursorKey) -> Self {
-        Forward { upstream, cursors }
+    pub fn new(
+        upstream: U,
+        cursors: crate::cursor::CursorKey,
+        capabilities: Arc<crate::discovery::Capabilities<U>>,
+    ) -> Self {
+        Forward {
+            upstream,
+            cursors,
+            capabilities,
+        }
     }
 }
 
@@ -92,7 +106,16 @@ impl<U: FhirServer> tower::Service<Request<Bytes>> for Forward<U> {
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let upstream = self.upstream.clone();
         let cursors = self.cursors.clone();
-        Box::pin(async move { forward(&upstream, &cursors, &req).await })
+        let capabilities = Arc::clone(&self.capabilities);
+        Box::pin(async move {
+            // `Patient/$match` is answered by its own step (forwarded or scored).
+            if ext::<FhirRequest>(&req, "missing FhirRequest")
+                .is_ok_and(patient_match::is_patient_match)
+            {
+                return patient_match::answer(&upstream, &capabilities, &cursors, &req).await;
+            }
+            forward(&upstream, &cursors, &req).await
+        })
     }
 }
 

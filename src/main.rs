@@ -381,6 +381,14 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     };
                     println!("    cors         {origins}{credentials}");
                 }
+                let m = &t.patient_match;
+                println!(
+                    "    match        {:?}, input {}, at most {} candidates ({} per search)",
+                    m.mode,
+                    m.input_level.name(),
+                    m.max_candidates,
+                    m.search_count
+                );
                 let doc = discovery::smart_configuration(t);
                 println!(
                     "    capabilities {}",

@@ -403,11 +403,13 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
             stage_obs!("authz", Some(M::Authz)),
         ))
         .layer(StageLayer::new(
-            RewriteSearch::new(shared.cursors.clone(), capabilities),
+            RewriteSearch::new(shared.cursors.clone(), Arc::clone(&capabilities)),
             stage_obs!("rewrite", Some(M::Rewrite)),
         ))
         // Stage 5 has two spans of its own: `upstream` and `check`.
-        .service(Forward::new(shared.upstream, shared.cursors).map_err(ProxyError::from));
+        .service(
+            Forward::new(shared.upstream, shared.cursors, capabilities).map_err(ProxyError::from),
+        );
     tower::util::BoxCloneSyncService::new(svc)
 }
 

@@ -63,6 +63,9 @@ fn example_file_is_valid_and_explained() {
         "upstream tls trusts ",
         "examples/tls/ca.pem, presents ",
         "examples/tls/client.pem",
+        "match        Auto, input IDI-Patient-L0, at most 50 candidates (20 per search)",
+        "match        Score, input IDI-Patient-L1",
+        "match        Forward, input IDI-Patient,",
     ] {
         assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
     }
@@ -134,6 +137,26 @@ fn invalid_files_exit_64_with_a_precise_message() {
         (
             |v| v["tenants"]["demo"]["upstream"]["compartment_search"] = "sometimes".into(),
             &["sometimes", "upstream.compartment_search"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["match"]["mode"] = "guess".into(),
+            &["guess", "match.mode"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["match"]["input_level"] = "L0".into(),
+            &["L0", "match.input_level"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["match"]["max_candidates"] = 0.into(),
+            &["demo", "match.max_candidates", "1 to 500"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["match"]["search_count"] = 1000.into(),
+            &["demo", "match.search_count", "1 to 100"],
+        ),
+        (
+            |v| v["tenants"]["demo"]["match"]["weights"] = serde_json::json!({}),
+            &["weights"],
         ),
         (
             |v| v["tenants"]["demo"]["authorization"]["denied_read_status"] = 418.into(),

@@ -644,13 +644,10 @@ pub fn authorize_as(
                 });
             }
         }
-        // `$match` searches all patients for candidates; a compartment-bound token would
-        // learn from the answer (or its `total`) whether someone else is a patient here.
-        Interaction::Operation(op, _) if op.as_str() == "match" && !permit.is_unrestricted() => {
-            return Err(AuthzError::NotNarrowable {
-                interaction: "$match",
-            });
-        }
+        // `Patient/$match` is allowed to every token its scopes permit: stage 5
+        // (`forward::patient_match`) narrows the candidate searches of compartment-bound
+        // tokens to their compartment, and releases only the candidates the permit
+        // reaches (the answer check), with `count` and `total` computed after it.
         Interaction::Operation(op, _) if op.as_str() == "everything" => {
             if let (Some(rt), Some(id)) = (req.resource_type, &req.id) {
                 let target = CompartmentRef {

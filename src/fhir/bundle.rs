@@ -78,7 +78,7 @@ pub enum EntryError {
         "a PATCH entry's resource must be a Binary of type `application/json-patch+json` or a FHIRPath Patch Parameters"
     )]
     Patch,
-    #[error("reads cannot be part of a transaction; send them in a batch")]
+    #[error("reads and operations cannot be part of a transaction; send them in a batch")]
     ReadInTransaction,
     #[error("reference `{reference}` names no entry of the transaction")]
     UnresolvedReference { reference: String },
@@ -283,10 +283,16 @@ fn parse_entry(
             });
         }
     };
-    if kind == BundleKind::Transaction && (method == Method::GET || method == Method::HEAD) {
+    let relative = relative_url(&url, public_base).ok_or(EntryError::Url)?;
+    let operation = relative
+        .split('?')
+        .next()
+        .is_some_and(|p| p.split('/').any(|s| s.starts_with('$')));
+    if kind == BundleKind::Transaction
+        && (method == Method::GET || method == Method::HEAD || operation)
+    {
         return Err(EntryError::ReadInTransaction);
     }
-    let relative = relative_url(&url, public_base).ok_or(EntryError::Url)?;
     let (path, query) = match relative.split_once('?') {
         Some((p, q)) => (p.to_owned(), (!q.is_empty()).then(|| q.to_owned())),
         None => (relative.to_owned(), None),

@@ -38,6 +38,9 @@ pub struct SearchSupport {
     by_type: HashMap<String, HashSet<String>>,
     /// Parameters listed for every type (`rest.searchParam`).
     common: HashSet<String>,
+    /// Resource type -> the operations listed for it (`rest.resource[].operation[].name`,
+    /// without `$`).
+    operations: HashMap<String, HashSet<String>>,
 }
 
 impl SearchSupport {
@@ -61,6 +64,13 @@ impl SearchSupport {
                     .entry(t.to_owned())
                     .or_default()
                     .extend(param_names(resource));
+                let ops = resource.get("operation").and_then(Value::as_array);
+                out.operations.entry(t.to_owned()).or_default().extend(
+                    ops.into_iter()
+                        .flatten()
+                        .filter_map(|o| o.get("name").and_then(Value::as_str))
+                        .map(|n| n.trim_start_matches('$').to_owned()),
+                );
             }
         }
         out
@@ -73,6 +83,14 @@ impl SearchSupport {
                 .by_type
                 .get(rt.as_str())
                 .is_some_and(|params| params.contains(name))
+    }
+
+    /// Whether the upstream lists operation `name` (without `$`) for `rt`
+    /// (`rest.resource[].operation`; `Patient/$match` is decided on it).
+    pub fn declares_operation(&self, rt: ResourceType, name: &str) -> bool {
+        self.operations
+            .get(rt.as_str())
+            .is_some_and(|ops| ops.contains(name))
     }
 
     /// The first client parameter of a search of `rt` that is neither a result
@@ -138,6 +156,27 @@ mod tests {
             .iter()
             .map(|n| ((*n).to_owned(), "x".to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn operations_are_declared_per_type() {
+        let cs = json!({"resourceType": "CapabilityStatement", "rest": [
+            {"mode": "client", "resource": [{"type": "Observation", "operation": [{"name": "match"}]}]},
+            {"mode": "server", "resource": [
+                {"type": "Patient", "operation": [{"name": "match", "definition": "x"}, {"name": "$everything"}]},
+                {"type": "Observation", "operation": [{"definition": "no name"}]}
+            ]}
+        ]});
+        let s = SearchSupport::from_capability_statement(&cs);
+        let obs = ResourceType::parse("Observation").unwrap();
+        assert!(s.declares_operation(ResourceType::PATIENT, "match"));
+        assert!(s.declares_operation(ResourceType::PATIENT, "everything"));
+        assert!(
+            !s.declares_operation(obs, "match"),
+            "client mode declares nothing"
+        );
+        let none = SearchSupport::from_capability_statement(&statement());
+        assert!(!none.declares_operation(ResourceType::PATIENT, "match"));
     }
 
     #[test]

@@ -908,15 +908,20 @@ fn elements_are_widened_with_the_linking_elements_for_restricted_tokens() {
 }
 
 #[test]
-fn match_is_refused_for_compartment_bound_tokens() {
+fn match_is_permitted_for_compartment_bound_tokens_within_their_compartment() {
+    // Stage 5 narrows the candidate searches and checks the candidates
+    // (`forward::patient_match`); the permit carries the token's compartment.
     let t = patient_token("patient/Patient.rs");
     let req = parse(Method::POST, "/Patient/$match", None);
     let grant = grant_for(&t, &req);
     let checker = Checker::for_test(Arc::clone(&INDEX), StatusCode::NOT_FOUND);
-    assert!(matches!(
-        authorize(&checker, &req, &t, &grant),
-        Err(AuthzError::NotNarrowable { .. })
-    ));
+    let permit = authorize(&checker, &req, &t, &grant).unwrap();
+    assert!(!permit.is_unrestricted());
+    let compartments: Vec<String> = permit
+        .compartments()
+        .map(|c| format!("{}/{}", c.owner, c.id))
+        .collect();
+    assert_eq!(compartments, ["Patient/p1"]);
 }
 
 #[test]

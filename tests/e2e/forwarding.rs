@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::harness::{
-    self, Fault, FaultServer, Proxy, get, shared, tenant, tenants, token, write_json,
+    self, Fault, FaultServer, Proxy, Reply, get, shared, tenant, tenants, token, write_json,
 };
 use crate::support;
 
@@ -404,7 +404,7 @@ async fn match_goes_to_the_upstreams_mdm_and_its_candidates_are_scored() {
     let a = post_match(&url, &t, nobody).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert!(a.entry_ids().is_empty(), "{}", a.text);
-    // The upstream's own refusal (no resource) passes through as its OperationOutcome.
+    // No resource: refused by the proxy before the upstream (`match_resource_invalid`).
     let a = harness::answer(
         support::http_client()
             .post(&url)
@@ -414,12 +414,23 @@ async fn match_goes_to_the_upstreams_mdm_and_its_candidates_are_scored() {
     )
     .await;
     assert_eq!(a.status, 400, "{}", a.text);
-    assert_eq!(a.json()["resourceType"], "OperationOutcome", "{}", a.text);
-    // A compartment-bound token is refused before the upstream, whatever it sends.
+    assert_eq!(a.reason(), "match_resource_invalid", "{}", a.text);
+    // A compartment-bound token gets the candidates it may read: its own patient.
     let p = token("patient-p1", "patient/Patient.rs", "demo").await;
-    let a = post_match(&url, &p, copy_of_p1).await;
-    assert_eq!(a.status, 403, "{}", a.text);
-    assert_eq!(a.reason(), "search_not_narrowable");
+    let a = post_match(&url, &p, copy_of_p1.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        match_grades(&a),
+        [("Patient/p1".to_owned(), "certain".to_owned())],
+        "{}",
+        a.text
+    );
+    // Another patient's token: nothing, and no count of what was hidden.
+    let p2 = token("patient-p2", "patient/Patient.rs", "demo").await;
+    let a = post_match(&url, &p2, copy_of_p1).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(a.entry_ids().is_empty(), "{}", a.text);
+    assert!(a.json().get("total").is_none(), "{}", a.text);
 }
 
 #[tokio::test]
@@ -435,14 +446,28 @@ async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
             {"resource": {"resourceType": "Observation", "id": "o9", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p2"}}, "search": {"mode": "match"}}
         ]
     });
-    let upstream = FaultServer::start(Fault::Respond(answer.to_string()));
+    // Its CapabilityStatement declares `Patient/$match`, so `auto` forwards.
+    let metadata = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+        "fhirVersion": "4.0.1", "format": ["json"],
+        "rest": [{"mode": "server", "resource": [{"type": "Patient", "operation": [{"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"}]}]}]});
+    let upstream = FaultServer::start(Fault::Routes(vec![
+        (
+            "GET /fhir/metadata".to_owned(),
+            Reply::fhir(metadata.to_string()),
+        ),
+        (
+            "POST /fhir/Patient/$match".to_owned(),
+            Reply::fhir(answer.to_string()),
+        ),
+    ]));
     let issuer = support::issuer();
     let proxy =
         Proxy::start(|port| tenants(vec![("mpi", tenant("mpi", port, &upstream.base(), issuer))]));
     let params = r#"{"resourceType":"Parameters","parameter":[{"name":"resource","resource":{"resourceType":"Patient","name":[{"family":"Doe"}]}}]}"#;
     let url = format!("{}/Patient/$match", proxy.base("mpi"));
 
-    // A compartment-bound token may not run `$match`: the candidates are every patient.
+    // A compartment-bound token gets the candidates in its compartment only (pr1's
+    // patients), and the upstream is asked for `max_candidates`, not the client's count.
     let t = support::token("practitioner-pr1", "user/Patient.rs", &proxy.base("mpi")).await;
     let a = harness::answer(
         support::http_client()
@@ -452,11 +477,14 @@ async fn match_is_forwarded_with_its_body_and_its_results_are_checked() {
             .body(params),
     )
     .await;
-    assert_eq!(a.status, 403, "{}", a.text);
-    assert_eq!(a.reason(), "search_not_narrowable");
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.entry_ids(), ["Patient/p1", "Patient/p10"]);
+    assert!(a.json().get("total").is_none(), "{}", a.text);
+    let seen = upstream.requests.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.starts_with("POST /fhir/Patient/$match "), "{seen}");
     assert!(
-        upstream.requests.lock().unwrap().is_empty(),
-        "forwarded anyway"
+        seen.contains(r#"{"name":"count","valueInteger":50}"#),
+        "restricted body: {seen}"
     );
 
     // A backend service may; entries of types outside its scopes are still dropped.

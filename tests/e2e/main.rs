@@ -21,6 +21,7 @@ mod discovery;
 mod fga;
 mod forwarding;
 mod limits;
+mod matching;
 mod observability;
 mod paging;
 mod records;

@@ -111,9 +111,14 @@ fn bad_entries_are_refused_one_by_one() {
 fn a_transaction_has_no_reads() {
     let b = parse(json!({
         "resourceType": "Bundle", "type": "transaction",
-        "entry": [entry("GET", "Patient/1"), entry("DELETE", "Patient/1")]
+        "entry": [entry("GET", "Patient/1"), entry("DELETE", "Patient/1"),
+                  {"resource": {"resourceType": "Parameters"}, "request": {"method": "POST", "url": "Patient/$match"}}]
     }))
     .unwrap();
+    assert_eq!(
+        b.entries[2].as_ref().unwrap_err(),
+        &EntryError::ReadInTransaction
+    );
     assert_eq!(
         b.entries[0].as_ref().unwrap_err(),
         &EntryError::ReadInTransaction
