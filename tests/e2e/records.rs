@@ -82,7 +82,11 @@ async fn searches_are_narrowed_to_the_patient() {
     assert_eq!(a.entry_ids(), ["Patient/p1"]);
     // The upstream saw the narrowed type search (no compartment search: the tenant's
     // upstream is asked by parameter), not the client's query alone.
-    let seen = support::fhir_server().requests();
+    let seen = support::fhir_server()
+        .requests_once(|r| {
+            r.starts_with("GET /fhir/Observation?") && r.ends_with("&subject=Patient%2Fp1")
+        })
+        .await;
     assert!(
         seen.iter().any(
             |r| r.starts_with("GET /fhir/Observation?") && r.ends_with("&subject=Patient%2Fp1")
@@ -387,12 +391,9 @@ async fn native_compartment_search_is_forwarded_as_such_and_pages() {
     .await;
     assert_eq!(a.status, 200, "{}", a.text);
     let mut ids = a.entry_ids();
-    let seen = support::fhir_server().requests();
-    assert!(
-        seen.iter()
-            .any(|r| r == "GET /fhir/Patient/p1/Observation?_lastUpdated=lt2890&_count=4"),
-        "{seen:?}"
-    );
+    let wanted = "GET /fhir/Patient/p1/Observation?_lastUpdated=lt2890&_count=4";
+    let seen = support::fhir_server().requests_once(|r| r == wanted).await;
+    assert!(seen.iter().any(|r| r == wanted), "{seen:?}");
     // The second page comes through a proxy cursor like any other.
     let next = a.json()["link"]
         .as_array()

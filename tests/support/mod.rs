@@ -326,6 +326,21 @@ impl FhirServer {
     }
 }
 
+impl FhirServer {
+    /// [`FhirServer::requests`] once a line satisfies `seen`, or after 5 s: the access
+    /// log is written after the answer, so a test can get its answer first.
+    pub async fn requests_once(&self, seen: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let lines = self.requests();
+            if lines.iter().any(|l| seen(l)) || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
 impl Drop for FhirServer {
     fn drop(&mut self) {
         self.process.stop();
