@@ -85,6 +85,7 @@ impl<U: FhirServer> Capabilities<U> {
             body: None,
             conditional: false,
             narrowing: None,
+            headers: Vec::new(),
         };
         let fetched = self
             .upstream

@@ -288,6 +288,7 @@ pub fn rewrite_request_with(
         body: out_body,
         conditional: permit.is_unrestricted(),
         narrowing,
+        headers: Vec::new(),
     })
 }
 
