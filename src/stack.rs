@@ -10,6 +10,7 @@
 //! ChargeClient      rate limit by the token's client id
 //! CheckScope        stage 2: ScopeGrant
 //! Authorize         stage 3: Permit
+//! CheckWrite        stage 3, writes: record checks of new and current content -> WritePlan
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
 //! Forward           stage 5: upstream call, response checks, URL rewriting
 //! ```
@@ -32,6 +33,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::audit::AuditSlot;
 use crate::authz::Authorize;
+use crate::authz::write::CheckWrite;
 use crate::discovery::{Capabilities, ServeDiscovery};
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
@@ -394,6 +396,10 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(
             Authorize::new(shared.upstream.clone()),
             stage_obs!("authz", Some(M::Authz)),
+        ))
+        .layer(StageLayer::new(
+            CheckWrite::new(shared.upstream.clone()),
+            stage_obs!("write", None),
         ))
         .layer(StageLayer::new(
             RewriteSearch::new(shared.cursors.clone(), capabilities),
