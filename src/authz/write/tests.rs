@@ -757,3 +757,148 @@ fn openfga_principals_cannot_use_conditional_writes() {
             .unwrap_err();
     assert_eq!(err.reason(), "search_not_narrowable");
 }
+
+// ---------------------------------------------------------------------------------
+// the forwarded write (stage 4 builds it from the plan)
+// ---------------------------------------------------------------------------------
+
+fn plan(read: bool, if_match: Option<&str>, prefer: ReturnPref) -> WritePlan {
+    let c = checker();
+    let t = patient_token(if read {
+        "patient/Observation.cru"
+    } else {
+        "patient/Observation.cu"
+    });
+    let p = permit_for(&t, Method::POST, "/Observation");
+    WritePlan {
+        if_match: if_match.map(|v| HeaderValue::from_str(v).unwrap()),
+        content_type: Some(FHIR_JSON),
+        body: Some(Bytes::from_static(b"{}")),
+        target: None,
+        existed: false,
+        patients: vec!["p1".to_owned()],
+        context: ScopeContext::Patient,
+        read_back: read_back(&c, rt("Observation"), &t, &p),
+        prefer,
+    }
+}
+
+fn outbound(
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+    plan: &WritePlan,
+    headers: &[(&str, &str)],
+) -> Result<OutboundRequest, AuthzError> {
+    let c = checker();
+    let req = request(method, path, query);
+    let t = patient_token("patient/Observation.cud");
+    let (grant, permit) = passed(&c, &t, &req);
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    crate::rewrite::rewrite_write(&req, &grant, &permit, &INDEX, plan, &h)
+}
+
+fn header<'a>(out: &'a OutboundRequest, name: &str) -> Option<&'a str> {
+    out.headers
+        .iter()
+        .find(|(n, _)| n.as_str() == name)
+        .and_then(|(_, v)| v.to_str().ok())
+}
+
+#[test]
+fn the_forwarded_write_carries_what_the_plan_decided() {
+    let p = plan(true, Some("W/\"3\""), ReturnPref::Default);
+    let out = outbound(Method::PUT, "/Observation/o1", None, &p, &[]).unwrap();
+    assert_eq!(
+        (out.method.clone(), out.path.as_str()),
+        (Method::PUT, "/Observation/o1")
+    );
+    assert_eq!(header(&out, "if-match"), Some("W/\"3\""));
+    assert_eq!(header(&out, "content-type"), Some(FHIR_JSON));
+    assert_eq!(header(&out, "prefer"), Some("handling=strict"));
+    assert_eq!(out.body.as_deref(), Some(&b"{}"[..]));
+    assert!(!out.conditional);
+    // Without `r` the upstream is asked for no body; `OperationOutcome` passes.
+    let out = outbound(
+        Method::POST,
+        "/Observation",
+        None,
+        &plan(false, None, ReturnPref::Representation),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        header(&out, "prefer"),
+        Some("return=minimal, handling=strict")
+    );
+    assert_eq!(header(&out, "if-match"), None);
+    let out = outbound(
+        Method::POST,
+        "/Observation",
+        None,
+        &plan(false, None, ReturnPref::OperationOutcome),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        header(&out, "prefer"),
+        Some("return=OperationOutcome, handling=strict")
+    );
+}
+
+#[test]
+fn conditional_criteria_go_upstream_narrowed() {
+    let p = plan(false, None, ReturnPref::Default);
+    let out = outbound(
+        Method::POST,
+        "/Observation",
+        None,
+        &p,
+        &[("if-none-exist", "identifier=a|b")],
+    )
+    .unwrap();
+    assert_eq!(
+        header(&out, "if-none-exist"),
+        Some("identifier=a%7Cb&subject=Patient%2Fp1")
+    );
+    // `Type?` before the criteria is allowed, another type is not.
+    assert!(
+        outbound(
+            Method::POST,
+            "/Observation",
+            None,
+            &p,
+            &[("if-none-exist", "Observation?identifier=a")]
+        )
+        .is_ok()
+    );
+    assert_eq!(
+        outbound(
+            Method::POST,
+            "/Observation",
+            None,
+            &p,
+            &[("if-none-exist", "Condition?identifier=a")]
+        )
+        .unwrap_err()
+        .reason(),
+        "write_body_invalid"
+    );
+    let out = outbound(Method::DELETE, "/Observation", Some("code=x"), &p, &[]).unwrap();
+    assert_eq!(out.path, "/Observation");
+    assert_eq!(
+        out.params,
+        pairs(&[("code", "x"), ("subject", "Patient/p1")])
+    );
+    let out = outbound(Method::PUT, "/Observation", Some("identifier=y"), &p, &[]).unwrap();
+    assert_eq!(
+        out.path_and_query(),
+        "/Observation?identifier=y&subject=Patient%2Fp1"
+    );
+}
