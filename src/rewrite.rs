@@ -422,7 +422,23 @@ pub fn rewrite_write(
         (Interaction::Update, Some(id)) => (Method::PUT, format!("/{rt}/{id}"), Vec::new()),
         (Interaction::Update, None) => (Method::PUT, format!("/{rt}"), criteria()?),
         (Interaction::Patch, Some(id)) => (Method::PATCH, format!("/{rt}/{id}"), Vec::new()),
-        (Interaction::Delete, Some(id)) => (Method::DELETE, format!("/{rt}/{id}"), Vec::new()),
+        // Upstreams may ignore `If-Match` on DELETE (HAPI does): for restricted tokens
+        // the delete goes by criteria, `_id` and the narrowing, so the upstream itself
+        // re-checks the compartment as it deletes. Where that cannot be narrowed (OpenFGA
+        // principals) it goes by id, with `If-Match`.
+        (Interaction::Delete, Some(id)) => match permit.is_unrestricted() {
+            false => match narrow_criteria(
+                rt,
+                &[("_id".to_owned(), id.as_str().to_owned())],
+                grant,
+                permit,
+                index,
+            ) {
+                Ok(params) => (Method::DELETE, format!("/{rt}"), params),
+                Err(_) => (Method::DELETE, format!("/{rt}/{id}"), Vec::new()),
+            },
+            true => (Method::DELETE, format!("/{rt}/{id}"), Vec::new()),
+        },
         (Interaction::Delete, None) => (Method::DELETE, format!("/{rt}"), criteria()?),
         _ => {
             return Err(AuthzError::NotSupported {

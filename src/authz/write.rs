@@ -762,6 +762,11 @@ impl<U: FhirServer> Stage for CheckWrite<U> {
         {
             return Err(UpstreamError::NotFound.into());
         }
+        // INVARIANT: a restricted token's write of an existing record is pinned to the
+        // version that was checked; an upstream that names no version cannot be.
+        if !permit.is_unrestricted() && current.as_ref().is_some_and(|c| version_of(c).is_none()) {
+            return Err(UpstreamError::BadResponse("meta.versionId").into());
+        }
         let new: Option<Value> = match (&body, &current, &fhir.id) {
             // A create's id is the server's to assign: it decides nothing.
             (WriteBody::Resource(v), _, _) if fhir.interaction == Interaction::Create => {

@@ -896,9 +896,211 @@ fn conditional_criteria_go_upstream_narrowed() {
         out.params,
         pairs(&[("code", "x"), ("subject", "Patient/p1")])
     );
+    // A delete by id goes by `_id` and the narrowing (upstreams may ignore `If-Match`
+    // on DELETE).
+    let out = outbound(Method::DELETE, "/Observation/o1", None, &p, &[]).unwrap();
+    assert_eq!(
+        out.path_and_query(),
+        "/Observation?_id=o1&subject=Patient%2Fp1"
+    );
     let out = outbound(Method::PUT, "/Observation", Some("identifier=y"), &p, &[]).unwrap();
     assert_eq!(
         out.path_and_query(),
         "/Observation?identifier=y&subject=Patient%2Fp1"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// the stage, with a stand-in upstream that holds one record
+// ---------------------------------------------------------------------------------
+
+/// Answers every GET with `record` (or 404 when `None`) and records the paths asked.
+#[derive(Clone)]
+struct OneRecord {
+    record: Option<Value>,
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FhirServer for OneRecord {
+    async fn fetch(
+        &self,
+        _tenant: &crate::tenant::Tenant,
+        out: &OutboundRequest,
+        _client_headers: &HeaderMap,
+    ) -> Result<crate::upstream::Fetched, UpstreamError> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", out.method, out.path_and_query()));
+        let (status, body) = match &self.record {
+            Some(r) => (StatusCode::OK, r.to_string()),
+            None => (StatusCode::NOT_FOUND, String::new()),
+        };
+        Ok(crate::upstream::Fetched {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body),
+        })
+    }
+}
+
+fn tenant() -> crate::tenant::Tenant {
+    let raw: crate::config::RawFile = serde_json::from_value(json!({"tenants": {"t1": {
+        "public_base_url": PUBLIC,
+        "upstream": {"base_url": UPSTREAM},
+        "token": {
+            "issuers": ["https://issuer.example"],
+            "jwks_uri": "https://issuer.example/jwks",
+            "audience": PUBLIC,
+        },
+        "smart": {
+            "authorization_endpoint": "https://issuer.example/auth",
+            "token_endpoint": "https://issuer.example/token",
+        },
+        "authorization": {"mode": "compartment"},
+    }}}))
+    .unwrap();
+    crate::tenant::Tenant {
+        config: crate::config::validate(raw).unwrap().remove(0),
+        generation: 0,
+    }
+}
+
+/// Runs the stage on `method path` with `body` for `token`, in front of `record`.
+async fn stage(
+    token: VerifiedToken,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    record: Option<Value>,
+) -> (Result<Flow, CheckWriteError>, Request<Bytes>, Vec<String>) {
+    let checker = Arc::new(checker());
+    let fhir = request(method.clone(), path, None);
+    let (grant, permit) = passed(&checker, &token, &fhir);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("/t1{path}"))
+        .header("content-type", "application/fhir+json")
+        .body(body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string())))
+        .unwrap();
+    let x = req.extensions_mut();
+    x.insert(crate::tenant::TenantCtx(Arc::new(tenant())));
+    x.insert(checker);
+    x.insert(fhir);
+    x.insert(Arc::new(token));
+    x.insert(grant);
+    x.insert(permit);
+    let upstream = OneRecord {
+        record,
+        asked: Arc::default(),
+    };
+    let flow = CheckWrite::new(upstream.clone()).run(&mut req).await;
+    let asked = upstream.asked.lock().unwrap().clone();
+    (flow, req, asked)
+}
+
+#[tokio::test]
+async fn the_stage_reads_the_current_version_and_pins_the_write_to_it() {
+    let t = patient_token("patient/Observation.u");
+    let (flow, req, asked) = stage(
+        t,
+        Method::PUT,
+        "/Observation/o1",
+        Some(obs("Patient/p1")),
+        Some(obs("Patient/p1")),
+    )
+    .await;
+    assert!(matches!(flow, Ok(Flow::Continue)));
+    assert_eq!(asked, vec!["GET /Observation/o1".to_owned()]);
+    let plan = req.extensions().get::<WritePlan>().unwrap();
+    assert_eq!(plan.if_match, Some(HeaderValue::from_static("W/\"3\"")));
+    assert!(plan.existed);
+    assert_eq!(plan.patients, vec!["p1".to_owned()]);
+    assert_eq!(plan.target.as_deref(), Some("Observation/o1"));
+    assert!(plan.read_back.is_none());
+}
+
+#[tokio::test]
+async fn the_stage_refuses_what_it_cannot_check() {
+    // Another patient's current version: hidden.
+    let (flow, req, _) = stage(
+        patient_token("patient/Observation.u"),
+        Method::PUT,
+        "/Observation/o1",
+        Some(obs("Patient/p1")),
+        Some(obs("Patient/p2")),
+    )
+    .await;
+    assert!(matches!(
+        flow,
+        Err(CheckWriteError::Authz(AuthzError::Hidden { .. }))
+    ));
+    assert!(req.extensions().get::<WritePlan>().is_none());
+    // A current version without a version id cannot be pinned.
+    let mut unversioned = obs("Patient/p1");
+    unversioned.as_object_mut().unwrap().remove("meta");
+    let (flow, _, _) = stage(
+        patient_token("patient/Observation.u"),
+        Method::PUT,
+        "/Observation/o1",
+        Some(obs("Patient/p1")),
+        Some(unversioned.clone()),
+    )
+    .await;
+    assert!(matches!(
+        flow,
+        Err(CheckWriteError::Upstream(UpstreamError::BadResponse(
+            "meta.versionId"
+        )))
+    ));
+    // ... which a system token does not need.
+    let (flow, _, _) = stage(
+        system_token("system/Observation.u"),
+        Method::PUT,
+        "/Observation/o1",
+        Some(obs("Patient/p1")),
+        Some(unversioned),
+    )
+    .await;
+    assert!(flow.is_ok());
+    // A delete of a missing record is a missing record.
+    let (flow, _, _) = stage(
+        patient_token("patient/Observation.d"),
+        Method::DELETE,
+        "/Observation/o1",
+        None,
+        None,
+    )
+    .await;
+    assert!(matches!(
+        flow,
+        Err(CheckWriteError::Upstream(UpstreamError::NotFound))
+    ));
+    // An update of a missing id is a create: no If-Match, the new content checked.
+    let (flow, req, _) = stage(
+        patient_token("patient/Observation.u"),
+        Method::PUT,
+        "/Observation/o1",
+        Some(obs("Patient/p1")),
+        None,
+    )
+    .await;
+    assert!(flow.is_ok());
+    let plan = req.extensions().get::<WritePlan>().unwrap();
+    assert_eq!((plan.if_match.as_ref(), plan.existed), (None, false));
+}
+
+#[tokio::test]
+async fn reads_pass_the_stage_untouched() {
+    let (flow, req, asked) = stage(
+        patient_token("patient/Observation.r"),
+        Method::GET,
+        "/Observation/o1",
+        None,
+        Some(obs("Patient/p1")),
+    )
+    .await;
+    assert!(matches!(flow, Ok(Flow::Continue)));
+    assert!(asked.is_empty());
+    assert!(req.extensions().get::<WritePlan>().is_none());
 }
