@@ -377,6 +377,22 @@ fn if_none_exist_criteria(
         .collect())
 }
 
+/// The client's criteria of a conditional write (none for the other writes).
+fn write_criteria(
+    req: &FhirRequest,
+    rt: ResourceType,
+    headers: &HeaderMap,
+) -> Result<Vec<(String, String)>, AuthzError> {
+    match (&req.interaction, &req.id) {
+        (Interaction::Create, _) => match headers.get("if-none-exist") {
+            Some(v) => if_none_exist_criteria(rt, v),
+            None => Ok(Vec::new()),
+        },
+        (Interaction::Update | Interaction::Delete, None) => Ok(req.params.clone()),
+        _ => Ok(Vec::new()),
+    }
+}
+
 fn encode(params: &[(String, String)]) -> String {
     let mut ser = form_urlencoded::Serializer::new(String::new());
     for (k, v) in params {
@@ -751,14 +767,30 @@ impl<U: FhirServer> Stage for RewriteSearch<U> {
         // ---- writes ----
         let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
         if is_write(&fhir.interaction) {
+            let permit = ext::<Permit>(req, "missing Permit")?;
             let out = rewrite_write(
                 fhir,
                 ext::<ScopeGrant>(req, "missing ScopeGrant")?,
-                ext::<Permit>(req, "missing Permit")?,
+                permit,
                 ext::<Arc<Checker>>(req, "missing Checker")?.index(),
                 ext::<WritePlan>(req, "missing WritePlan")?,
                 req.headers(),
             )?;
+            // Conditional criteria are held to the declared parameters like a search's:
+            // a lenient upstream would ignore an unknown one and match more.
+            if let (false, Some(rt)) = (permit.is_unrestricted(), fhir.resource_type) {
+                let criteria = write_criteria(fhir, rt, req.headers())?;
+                if !criteria.is_empty() {
+                    let known = self.capabilities.of(&tenant_of(req)?.0).await?;
+                    if let Some(name) = known.search.first_undeclared(rt, &criteria) {
+                        return Err(AuthzError::UndeclaredParameter {
+                            name: name.chars().take(64).collect(),
+                            resource_type: rt,
+                        }
+                        .into());
+                    }
+                }
+            }
             req.extensions_mut().insert(out);
             return Ok(Flow::Continue);
         }

@@ -654,6 +654,19 @@ async fn conditional_writes_whose_criteria_match_another_patients_record_do_not_
     .await;
     assert_eq!(a.status, 400, "{}", a.text);
     assert_eq!(a.reason(), "search_parameter_not_allowed");
+    // ... and so are parameters the upstream does not declare (a lenient upstream
+    // would ignore them and match more).
+    let a = send(
+        reqwest::Method::PUT,
+        &format!("/Observation?{criteria}&no-such-param=x"),
+        &t,
+        Some(&observation(None, "Patient/p1", &ident)),
+        &[],
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.reason(), "search_parameter_unknown");
+    assert_eq!(upstream_with_identifier(&ident).await.len(), 1);
 }
 
 // ---------------------------------------------------------------------------------
