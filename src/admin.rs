@@ -246,6 +246,7 @@ impl Admin {
             body: None,
             conditional: false,
             narrowing: None,
+            headers: Vec::new(),
         };
         let headers = HeaderMap::new();
         let fetch = self.upstream.fetch(&resolved.tenant, &out, &headers);

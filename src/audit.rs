@@ -58,6 +58,9 @@ pub struct AuditRecord {
     pub request_id: Option<String>,
     /// Extra facts a stage wants on record (e.g. dropped entries), as `key=value`.
     pub notes: Vec<String>,
+    /// The patients whose compartments a written record is in (its new content and
+    /// the version it replaced), sorted and distinct.
+    pub patients: Vec<String>,
 }
 
 /// The most of a request kept as its query (a `_search` body may be much larger; the
@@ -185,6 +188,20 @@ impl AuditSlot {
         self.with(|r| f(r.tenant.as_deref(), r.interaction))
     }
 
+    /// The patients a write concerns (see [`AuditRecord::patients`]).
+    pub fn set_patients(&self, patients: &[String]) {
+        self.with(|r| r.patients = patients.to_vec());
+    }
+
+    /// The record a write produced, as the upstream named it (`Location`): its id
+    /// (for a create, which has none in the path) and version.
+    pub fn set_written(&self, id: &str, version: Option<&str>) {
+        self.with(|r| {
+            r.resource_id = Some(id.to_owned());
+            r.version = version.map(str::to_owned);
+        });
+    }
+
     pub fn note(&self, note: String) {
         self.with(|r| r.notes.push(note));
     }
@@ -300,6 +317,7 @@ fn trace_record(f: &Finished) {
         fhir.resource_type = r.resource_type.unwrap_or("-"),
         fhir.resource_id = r.resource_id.as_deref().unwrap_or("-"),
         patient = r.patient.as_deref().unwrap_or("-"),
+        fhir.patients = %r.patients.join(","),
         authz.decision = decision,
         authz.reason = reason,
         http.status = status,
@@ -492,7 +510,8 @@ const WRITE_TICK: std::time::Duration = std::time::Duration::from_millis(5);
 fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
     let r = &f.record;
     let notes = r.notes.join(" ");
-    let fields: [(&str, &str); 14] = [
+    let patients = r.patients.join(",");
+    let fields: [(&str, &str); 15] = [
         ("tenant.id", r.tenant.as_deref().unwrap_or("-")),
         ("client.id", r.client_id.as_deref().unwrap_or("-")),
         ("subject", r.subject.as_deref().unwrap_or("-")),
@@ -502,6 +521,7 @@ fn format_line(out: &mut Vec<u8>, f: &Finished, format: LineFormat) {
         ("fhir.resource_type", r.resource_type.unwrap_or("-")),
         ("fhir.resource_id", r.resource_id.as_deref().unwrap_or("-")),
         ("patient", r.patient.as_deref().unwrap_or("-")),
+        ("fhir.patients", &patients),
         ("authz.decision", f.decision),
         ("authz.reason", &f.reason),
         ("http.status", ""),

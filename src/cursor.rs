@@ -477,6 +477,7 @@ pub fn resume_page(
         body: None,
         conditional: narrowed.conditional,
         narrowing,
+        headers: Vec::new(),
     };
     Ok((
         out,

@@ -19,7 +19,17 @@ use crate::tenant::{Tenant, tenant_of};
 use crate::upstream::{FhirServer, Upstream, UpstreamError, rewrite_base};
 
 /// The interactions the proxy forwards; the CapabilityStatement advertises no others.
-const SUPPORTED_INTERACTIONS: [&str; 4] = ["read", "vread", "history-instance", "search-type"];
+/// (Single writes go under the record checks of `authz::write`.)
+const SUPPORTED_INTERACTIONS: [&str; 8] = [
+    "read",
+    "vread",
+    "history-instance",
+    "search-type",
+    "create",
+    "update",
+    "patch",
+    "delete",
+];
 
 /// How long a tenant's secured CapabilityStatement is served from memory. `/metadata`
 /// needs no token, so without a cache anyone could make the proxy load the upstream.
@@ -85,6 +95,7 @@ impl<U: FhirServer> Capabilities<U> {
             body: None,
             conditional: false,
             narrowing: None,
+            headers: Vec::new(),
         };
         let fetched = self
             .upstream

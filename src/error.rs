@@ -128,6 +128,17 @@ impl From<AuthorizeError> for ProxyError {
     }
 }
 
+impl From<crate::authz::write::CheckWriteError> for ProxyError {
+    fn from(e: crate::authz::write::CheckWriteError) -> Self {
+        use crate::authz::write::CheckWriteError;
+        match e {
+            CheckWriteError::Authz(e) => ProxyError::Authz(e),
+            CheckWriteError::Upstream(e) => ProxyError::Upstream(e),
+            CheckWriteError::Internal(e) => e.into(),
+        }
+    }
+}
+
 /// The forwarding stage's errors are those of the stages they come from.
 impl From<ForwardError> for ProxyError {
     fn from(e: ForwardError) -> Self {

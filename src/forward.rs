@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
+use crate::authz::write::WritePlan;
 use crate::authz::{AuthzError, Checker, Permit, ReleaseCtx};
 use crate::config::UpstreamConfig;
 use crate::fhir::{FhirRequest, OutboundRequest};
@@ -159,18 +160,25 @@ async fn forward<U: FhirServer>(
     let (fetched, out) = fetched?;
     let out = &out;
     let started = std::time::Instant::now();
-    let checked = crate::trace::in_child_span(
-        |id| tracing::debug_span!("check", span.id = %id),
-        check(cursors, req, &fetched, out),
-    )
-    .await;
+    let plan = req.extensions().get::<WritePlan>();
+    let checked =
+        crate::trace::in_child_span(|id| tracing::debug_span!("check", span.id = %id), async {
+            match plan {
+                Some(plan) => check_write(req, &fetched, plan).await,
+                None => check(cursors, req, &fetched, out).await,
+            }
+        })
+        .await;
     metrics.stage(tenant_label, Stage::Check, started.elapsed());
     let checked = checked?;
     metrics.entries_dropped(tenant_label, checked.dropped as u64);
+    let withheld = plan.is_some() && checked.body.is_empty();
     let mut resp = Response::new(Full::new(checked.body));
     *resp.status_mut() = fetched.status;
     let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if !withheld {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     for name in FORWARDED_RESPONSE_HEADERS {
         if let Some(v) = fetched.headers.get(&name) {
@@ -289,6 +297,123 @@ async fn check(
         audit.note(format!("entries.dropped={}", checked.dropped));
     }
     Ok(checked)
+}
+
+/// The answer check of a single write (the `check` span): an upstream error passes as
+/// for reads (its OperationOutcome, e.g. the 412 of a lost update); a success keeps its
+/// status and headers, and its body only if it is an OperationOutcome or a record of
+/// the written type that the token may read ([`WritePlan::read_back`]: scope `r` on
+/// the type and the read record check, OpenFGA `can_view` included). Otherwise the body
+/// is withheld, as if the client had asked for `Prefer: return=minimal`: write does not
+/// imply read. The record written (from `Location`) goes on the audit record.
+async fn check_write(
+    req: &Request<Bytes>,
+    fetched: &Fetched,
+    plan: &WritePlan,
+) -> Result<filter::Checked, ForwardError> {
+    let tenant = &tenant_of(req)?.0;
+    let checker = ext::<Arc<Checker>>(req, "missing Checker")?;
+    let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+    let token = ext::<Arc<VerifiedToken>>(req, "missing VerifiedToken")?;
+    let cfg = &tenant.config;
+    let rewrite = BaseRewrite {
+        from: &cfg.upstream.base,
+        to: &cfg.public_base,
+    };
+    let bases = [cfg.public_base.as_str(), cfg.upstream.base.as_str()];
+    let done = |body: Bytes, reason| filter::Checked {
+        body,
+        dropped: 0,
+        kept: 0,
+        reason,
+    };
+    if fetched.status.is_redirection() {
+        return Err(UpstreamError::Redirect.into());
+    }
+    let text = std::str::from_utf8(&fetched.body).ok();
+    // Owned: the answer itself is read again after the OpenFGA call (it is not `Send`).
+    let read_type: Option<String> = text
+        .and_then(|t| crate::fhir::answer::read(t).ok())
+        .and_then(|a| a.resource_type.map(|t| t.into_owned()));
+    let read_type = read_type.as_deref();
+    let is_json = fetched
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            let m = m.trim();
+            m.eq_ignore_ascii_case(FHIR_JSON) || m.eq_ignore_ascii_case("application/json")
+        });
+    if !fetched.status.is_success() {
+        if is_json && read_type == Some("OperationOutcome") {
+            return Ok(done(rewrite.bytes(&fetched.body)?, "upstream_outcome"));
+        }
+        return Err(UpstreamError::Status(fetched.status).into());
+    }
+    if let (Some(audit), Some(loc)) = (
+        req.extensions().get::<crate::audit::AuditSlot>(),
+        fetched.headers.get(header::LOCATION),
+    ) && let (Some(rt), Ok(loc)) = (fhir.resource_type, loc.to_str())
+        && let Some((id, version)) = written_id(loc, rt)
+    {
+        audit.set_written(id, version);
+    }
+    if fetched.body.is_empty() || !is_json {
+        return Ok(done(Bytes::new(), "write_allowed"));
+    }
+    if read_type.is_none() {
+        return Ok(done(Bytes::new(), "write_body_withheld"));
+    }
+    if read_type == Some("OperationOutcome") {
+        return Ok(done(rewrite.bytes(&fetched.body)?, "write_allowed"));
+    }
+    let (Some(rt), Some(back)) = (fhir.resource_type, &plan.read_back) else {
+        return Ok(done(Bytes::new(), "write_body_withheld"));
+    };
+    if read_type != Some(rt.as_str()) {
+        return Ok(done(Bytes::new(), "write_body_withheld"));
+    }
+    let decisions = match checker.fga() {
+        Some(fga) if back.permit.has_fga() => Some(
+            fga.decide(&back.permit, None, &fetched.body, checker.index(), &bases)
+                .await?,
+        ),
+        _ => None,
+    };
+    let ctx = ReleaseCtx {
+        permit: &back.permit,
+        grant: &back.grant,
+        token,
+        index: checker.index(),
+        bases,
+        fga: decisions.as_ref(),
+    };
+    let Some(answer) = text.and_then(|t| crate::fhir::answer::read(t).ok()) else {
+        return Ok(done(Bytes::new(), "write_body_withheld"));
+    };
+    match ctx.release(rt, &answer.resource, true) {
+        crate::authz::Release::Allowed(_) => {
+            Ok(done(rewrite.bytes(&fetched.body)?, "write_allowed"))
+        }
+        _ => Ok(done(Bytes::new(), "write_body_withheld")),
+    }
+}
+
+/// The id and version of the record a `Location` names (`.../Observation/7/_history/1`).
+fn written_id(location: &str, rt: crate::fhir::ResourceType) -> Option<(&str, Option<&str>)> {
+    let path = location.split(['?', '#']).next()?;
+    let segments: Vec<&str> = path.split('/').collect();
+    let at = segments.iter().rposition(|s| *s == rt.as_str())?;
+    let id = *segments.get(at + 1)?;
+    if !crate::fhir::ResourceId::is_valid(id) {
+        return None;
+    }
+    let version = match (segments.get(at + 2), segments.get(at + 3)) {
+        (Some(&"_history"), Some(v)) if crate::fhir::ResourceId::is_valid(v) => Some(*v),
+        _ => None,
+    };
+    Some((id, version))
 }
 
 /// Most chunks of a patient-list narrowed search tried for one client request when

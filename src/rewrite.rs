@@ -15,9 +15,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 
 use crate::authz::fga::PatientNarrowing;
+use crate::authz::write::{ReturnPref, WritePlan, is_write};
 use crate::authz::{AuthzError, Checker, Permit, authorize_as};
 use crate::config::CompartmentSearch;
 use crate::cursor::{self, CursorError, CursorKey, Resumed};
@@ -288,8 +289,219 @@ pub fn rewrite_request_with(
         body: out_body,
         conditional: permit.is_unrestricted(),
         narrowing,
+        headers: Vec::new(),
     })
 }
+
+// ---- writes (`authz::write`) ----
+
+/// What a conditional write's criteria are called in refusals.
+const CONDITIONAL: &str = "conditional write";
+
+/// Narrows the criteria of a conditional write (`If-None-Exist`, `PUT [type]?...`,
+/// `DELETE [type]?...`) exactly as a search of `rt` with them would be narrowed for
+/// this permit, so they can only match records the token could find: returns the
+/// parameters to send. The narrowing is on a parameter of the type (never a
+/// compartment search, which a conditional write cannot be), and a narrowing the
+/// upstream could only be asked as a patient-list search (OpenFGA principals) is
+/// refused. Unrestricted permits keep the criteria as they are. Pure.
+pub fn narrow_criteria(
+    rt: ResourceType,
+    criteria: &[(String, String)],
+    grant: &ScopeGrant,
+    permit: &Permit,
+    index: &CompartmentIndex,
+) -> Result<Vec<(String, String)>, AuthzError> {
+    if criteria.is_empty() {
+        return Err(AuthzError::NotNarrowable {
+            interaction: CONDITIONAL,
+        });
+    }
+    if permit.is_unrestricted() {
+        return Ok(criteria.to_vec());
+    }
+    let search = FhirRequest {
+        method: Method::GET,
+        interaction: Interaction::SearchType,
+        resource_type: Some(rt),
+        id: None,
+        version: None,
+        compartment: None,
+        params: criteria.to_vec(),
+    };
+    let out = rewrite_request_with(
+        &search,
+        grant,
+        permit,
+        index,
+        &Bytes::new(),
+        None,
+        CompartmentSearch::ByParameter,
+    )
+    .map_err(|e| match e {
+        AuthzError::NotNarrowable { .. } => AuthzError::NotNarrowable {
+            interaction: CONDITIONAL,
+        },
+        other => other,
+    })?;
+    if out.path != format!("/{rt}") || out.narrowing.is_some() {
+        return Err(AuthzError::NotNarrowable {
+            interaction: CONDITIONAL,
+        });
+    }
+    Ok(out.params)
+}
+
+/// The criteria of an `If-None-Exist` header: a query string, optionally after
+/// `[type]?` (which must then be the created type).
+fn if_none_exist_criteria(
+    rt: ResourceType,
+    value: &HeaderValue,
+) -> Result<Vec<(String, String)>, AuthzError> {
+    let bad = AuthzError::WriteBody {
+        detail: "`If-None-Exist` is not a query on the created type",
+    };
+    let text = value.to_str().map_err(|_| bad.clone())?.trim();
+    let query = match text.split_once('?') {
+        Some((prefix, q)) => {
+            let prefix = prefix.trim_start_matches('/');
+            if !prefix.is_empty() && prefix != rt.as_str() {
+                return Err(bad);
+            }
+            q
+        }
+        None => text,
+    };
+    Ok(form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect())
+}
+
+/// The client's criteria of a conditional write (none for the other writes).
+fn write_criteria(
+    req: &FhirRequest,
+    rt: ResourceType,
+    headers: &HeaderMap,
+) -> Result<Vec<(String, String)>, AuthzError> {
+    match (&req.interaction, &req.id) {
+        (Interaction::Create, _) => match headers.get("if-none-exist") {
+            Some(v) => if_none_exist_criteria(rt, v),
+            None => Ok(Vec::new()),
+        },
+        (Interaction::Update | Interaction::Delete, None) => Ok(req.params.clone()),
+        _ => Ok(Vec::new()),
+    }
+}
+
+fn encode(params: &[(String, String)]) -> String {
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        ser.append_pair(k, v);
+    }
+    ser.finish()
+}
+
+/// Builds the outbound request of a single write from the write check's plan (pure):
+/// the method and path from the parsed request, conditional criteria narrowed
+/// ([`narrow_criteria`]), the client's body with its media type, `If-Match` as the plan
+/// pins it, the client's `If-None-Match` and `If-Modified-Since`, and one `Prefer`:
+/// `handling=strict` and the client's `return` preference, except that a token that
+/// may not read the type asks for `return=minimal` (its answer would lose the body
+/// anyway).
+pub fn rewrite_write(
+    req: &FhirRequest,
+    grant: &ScopeGrant,
+    permit: &Permit,
+    index: &CompartmentIndex,
+    plan: &WritePlan,
+    headers: &HeaderMap,
+) -> Result<OutboundRequest, AuthzError> {
+    let rt = req.resource_type.ok_or(AuthzError::NotSupported {
+        interaction: req.interaction.name(),
+    })?;
+    let mut out_headers: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    let criteria = || narrow_criteria(rt, &req.params, grant, permit, index);
+    let (method, path, params) = match (&req.interaction, &req.id) {
+        (Interaction::Create, _) => {
+            if let Some(v) = headers.get("if-none-exist") {
+                let narrowed =
+                    narrow_criteria(rt, &if_none_exist_criteria(rt, v)?, grant, permit, index)?;
+                let value = HeaderValue::from_str(&encode(&narrowed)).map_err(|_| {
+                    AuthzError::WriteBody {
+                        detail: "`If-None-Exist` is not a query on the created type",
+                    }
+                })?;
+                out_headers.push((HeaderName::from_static("if-none-exist"), value));
+            }
+            (Method::POST, format!("/{rt}"), Vec::new())
+        }
+        (Interaction::Update, Some(id)) => (Method::PUT, format!("/{rt}/{id}"), Vec::new()),
+        (Interaction::Update, None) => (Method::PUT, format!("/{rt}"), criteria()?),
+        (Interaction::Patch, Some(id)) => (Method::PATCH, format!("/{rt}/{id}"), Vec::new()),
+        // Upstreams may ignore `If-Match` on DELETE (HAPI does): for restricted tokens
+        // the delete goes by criteria, `_id` and the narrowing, so the upstream itself
+        // re-checks the compartment as it deletes. Where that cannot be narrowed (OpenFGA
+        // principals) it goes by id, with `If-Match`.
+        (Interaction::Delete, Some(id)) => match permit.is_unrestricted() {
+            false => match narrow_criteria(
+                rt,
+                &[("_id".to_owned(), id.as_str().to_owned())],
+                grant,
+                permit,
+                index,
+            ) {
+                Ok(params) => (Method::DELETE, format!("/{rt}"), params),
+                Err(_) => (Method::DELETE, format!("/{rt}/{id}"), Vec::new()),
+            },
+            true => (Method::DELETE, format!("/{rt}/{id}"), Vec::new()),
+        },
+        (Interaction::Delete, None) => (Method::DELETE, format!("/{rt}"), criteria()?),
+        _ => {
+            return Err(AuthzError::NotSupported {
+                interaction: req.interaction.name(),
+            });
+        }
+    };
+    if let Some(ct) = plan.content_type {
+        out_headers.push((header::CONTENT_TYPE, HeaderValue::from_static(ct)));
+    }
+    if let Some(v) = &plan.if_match {
+        out_headers.push((header::IF_MATCH, v.clone()));
+    }
+    for name in [header::IF_NONE_MATCH, header::IF_MODIFIED_SINCE] {
+        if let Some(v) = headers.get(&name) {
+            out_headers.push((name, v.clone()));
+        }
+    }
+    let prefer = match plan.prefer {
+        ReturnPref::Default | ReturnPref::Representation if plan.read_back.is_none() => {
+            ReturnPref::Minimal
+        }
+        other => other,
+    };
+    // One header: HAPI reads the first `Prefer` only.
+    let prefer = match prefer.token() {
+        Some(t) => format!("{t}, handling=strict"),
+        None => "handling=strict".to_owned(),
+    };
+    out_headers.push((
+        HeaderName::from_static("prefer"),
+        HeaderValue::from_str(&prefer).map_err(|_| AuthzError::NotSupported {
+            interaction: req.interaction.name(),
+        })?,
+    ));
+    Ok(OutboundRequest {
+        method,
+        path,
+        params,
+        body: plan.body.clone(),
+        conditional: false,
+        narrowing: None,
+        headers: out_headers,
+    })
+}
+
+// ---- end writes ----
 
 /// The upstream path of a search of `rt` inside the compartment `owner/id`: the FHIR
 /// compartment search where the upstream implements it, else a type search on the
@@ -552,6 +764,37 @@ impl<U: FhirServer> Stage for RewriteSearch<U> {
     type Error = RewriteError;
 
     async fn run(&self, req: &mut Request<Bytes>) -> Result<Flow, RewriteError> {
+        // ---- writes ----
+        let fhir = ext::<FhirRequest>(req, "missing FhirRequest")?;
+        if is_write(&fhir.interaction) {
+            let permit = ext::<Permit>(req, "missing Permit")?;
+            let out = rewrite_write(
+                fhir,
+                ext::<ScopeGrant>(req, "missing ScopeGrant")?,
+                permit,
+                ext::<Arc<Checker>>(req, "missing Checker")?.index(),
+                ext::<WritePlan>(req, "missing WritePlan")?,
+                req.headers(),
+            )?;
+            // Conditional criteria are held to the declared parameters like a search's:
+            // a lenient upstream would ignore an unknown one and match more.
+            if let (false, Some(rt)) = (permit.is_unrestricted(), fhir.resource_type) {
+                let criteria = write_criteria(fhir, rt, req.headers())?;
+                if !criteria.is_empty() {
+                    let known = self.capabilities.of(&tenant_of(req)?.0).await?;
+                    if let Some(name) = known.search.first_undeclared(rt, &criteria) {
+                        return Err(AuthzError::UndeclaredParameter {
+                            name: name.chars().take(64).collect(),
+                            resource_type: rt,
+                        }
+                        .into());
+                    }
+                }
+            }
+            req.extensions_mut().insert(out);
+            return Ok(Flow::Continue);
+        }
+        // ---- end writes ----
         let patients = self.fga_patients(req).await?;
         // ---- paging cursors (see `crate::cursor`) ----
         // A `_cursor` request: verified, re-authorized and built from its cursor; no

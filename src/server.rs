@@ -254,9 +254,13 @@ async fn handle_request(
     let (mut parts, body) = req.into_parts();
     let client = client_addr(peer.ip(), &parts.headers, limits.trust_forwarded_for);
     parts.extensions.insert(ClientAddr(client));
-    // Only POST (`_search`, operations) carries a body the proxy uses; other methods'
-    // bodies are never buffered (hyper discards them, closing the connection if needed).
-    if parts.method != http::Method::POST {
+    // Only POST (`_search`, operations, create), PUT (update) and PATCH carry a body the
+    // proxy uses; other methods' bodies are never buffered (hyper discards them, closing
+    // the connection if needed).
+    if !matches!(
+        parts.method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    ) {
         drop(body);
         let req = Request::from_parts(parts, Bytes::new());
         return match app.oneshot(req).await {

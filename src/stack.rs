@@ -11,6 +11,7 @@
 //! ServeBundle       batch/transaction: each entry through the stages below (bundle)
 //! CheckScope        stage 2: ScopeGrant
 //! Authorize         stage 3: Permit
+//! CheckWrite        stage 3, writes: record checks of new and current content -> WritePlan
 //! RewriteSearch     stage 4: OutboundRequest (narrowed)
 //! Forward           stage 5: upstream call, response checks, URL rewriting
 //! ```
@@ -33,6 +34,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::audit::AuditSlot;
 use crate::authz::Authorize;
+use crate::authz::write::CheckWrite;
 use crate::discovery::{Capabilities, ServeDiscovery};
 use crate::error::ProxyError;
 use crate::fhir::OperationOutcome;
@@ -401,6 +403,10 @@ pub fn build(registry: Arc<TenantRegistry>, shared: Shared) -> App {
         .layer(StageLayer::new(
             Authorize::new(shared.upstream.clone()),
             stage_obs!("authz", Some(M::Authz)),
+        ))
+        .layer(StageLayer::new(
+            CheckWrite::new(shared.upstream.clone()),
+            stage_obs!("write", None),
         ))
         .layer(StageLayer::new(
             RewriteSearch::new(shared.cursors.clone(), Arc::clone(&capabilities)),

@@ -192,14 +192,22 @@ impl Upstream {
             .method(method)
             .uri(uri)
             .header(header::ACCEPT, FHIR_JSON)
-            // Unknown search parameters must fail, not be silently ignored: a
-            // narrowing parameter the upstream does not know would otherwise widen
-            // the search.
-            .header("prefer", "handling=strict")
             .header(
                 header::USER_AGENT,
                 concat!("smart-fhir-proxy/", env!("CARGO_PKG_VERSION")),
             );
+        // Unknown search parameters must fail, not be silently ignored: a narrowing
+        // parameter the upstream does not know would otherwise widen the search. A
+        // write's own `Prefer` (stage 4) says so too.
+        if out
+            .header(&header::HeaderName::from_static("prefer"))
+            .is_none()
+        {
+            builder = builder.header("prefer", "handling=strict");
+        }
+        for (name, value) in &out.headers {
+            builder = builder.header(name, value);
+        }
         for name in FORWARDED_REQUEST_HEADERS {
             for v in client_headers.get_all(&name) {
                 builder = builder.header(&name, v);
@@ -236,7 +244,9 @@ impl Upstream {
                 Full::new(f)
             }
             (None, Some(b)) => {
-                builder = builder.header(header::CONTENT_TYPE, FHIR_JSON);
+                if out.header(&header::CONTENT_TYPE).is_none() {
+                    builder = builder.header(header::CONTENT_TYPE, FHIR_JSON);
+                }
                 Full::new(b.clone())
             }
             (None, None) => Full::new(Bytes::new()),

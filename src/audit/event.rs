@@ -155,6 +155,7 @@ pub(super) fn audit_event(f: &Finished, observer: &str) -> Value {
     for id in [r.patient.as_deref(), in_compartment, target_patient]
         .into_iter()
         .flatten()
+        .chain(r.patients.iter().map(String::as_str))
     {
         if !patients.contains(&id) {
             patients.push(id);

@@ -16,6 +16,7 @@
 pub mod fga;
 pub mod openfga;
 pub mod roles;
+pub mod write;
 
 use std::sync::Arc;
 
@@ -539,6 +540,36 @@ pub enum AuthzError {
         "this token may access more than {max} patients; a search cannot be narrowed to them (search a patient's compartment instead)"
     )]
     TooManyPatients { max: usize },
+    // ---- writes (`write`) ----
+    /// A write body the proxy cannot check as the path says.
+    #[error("invalid write body: {detail}")]
+    WriteBody { detail: &'static str },
+    /// A write body in a media type the proxy cannot check (XML, XML Patch).
+    #[error("write bodies must be FHIR JSON (or a JSON Patch)")]
+    WriteMediaType,
+    /// The new content would lie outside every compartment the token may write.
+    #[error(
+        "this token may not write this `{resource_type}`: it would lie outside the records the token may write"
+    )]
+    WriteOutsideReach { resource_type: ResourceType },
+    /// A reference the upstream would resolve by search (`Patient?identifier=...`).
+    #[error("conditional references are not allowed for this token")]
+    ConditionalReference,
+    /// A JSON Patch that does not apply to the current version.
+    #[error("the patch cannot be applied to the current version: {detail}")]
+    PatchNotApplicable { detail: String },
+    /// A FHIRPath Patch whose target element cannot be told from its path.
+    #[error(
+        "this fhirpath patch cannot be checked (each operation's path must name an element of the resource)"
+    )]
+    PatchNotCheckable,
+    /// A FHIRPath Patch that changes an element deciding compartment membership.
+    #[error("this token may not patch `{element}` with a fhirpath patch (use a json patch)")]
+    PatchCompartmentElement { element: String },
+    /// An `If-Match` naming a version the write check did not see.
+    #[error("`If-Match` does not name the current version")]
+    VersionUnchecked,
+    // ---- end writes ----
 }
 
 impl AuthzError {
@@ -557,6 +588,15 @@ impl AuthzError {
             }
             AuthzError::FgaUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AuthzError::TooManyPatients { .. } => StatusCode::FORBIDDEN,
+            AuthzError::WriteBody { .. } => StatusCode::BAD_REQUEST,
+            AuthzError::WriteMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AuthzError::WriteOutsideReach { .. }
+            | AuthzError::ConditionalReference
+            | AuthzError::PatchCompartmentElement { .. } => StatusCode::FORBIDDEN,
+            AuthzError::PatchNotApplicable { .. } | AuthzError::PatchNotCheckable => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AuthzError::VersionUnchecked => StatusCode::PRECONDITION_FAILED,
         }
     }
 
@@ -572,6 +612,14 @@ impl AuthzError {
             AuthzError::UndeclaredParameter { .. } => "search_parameter_unknown",
             AuthzError::FgaUnavailable { reason } => reason,
             AuthzError::TooManyPatients { .. } => "fga_too_many",
+            AuthzError::WriteBody { .. } => "write_body_invalid",
+            AuthzError::WriteMediaType => "write_media_type",
+            AuthzError::WriteOutsideReach { .. } => "write_outside_reach",
+            AuthzError::ConditionalReference => "write_conditional_reference",
+            AuthzError::PatchNotApplicable { .. } => "patch_not_applicable",
+            AuthzError::PatchNotCheckable => "patch_not_checkable",
+            AuthzError::PatchCompartmentElement { .. } => "patch_compartment_element",
+            AuthzError::VersionUnchecked => "write_version_unchecked",
         }
     }
 }
@@ -622,11 +670,10 @@ pub fn authorize_as(
             || (permit.has_fga() && c.owner == ResourceType::PATIENT)
     };
     match &req.interaction {
-        Interaction::Create
-        | Interaction::Update
-        | Interaction::Patch
-        | Interaction::Delete
-        | Interaction::BatchOrTransaction => {
+        // Single writes: the record checks of the new content and the current version
+        // are the write stage's (`write::CheckWrite`), which runs next.
+        Interaction::Create | Interaction::Update | Interaction::Patch | Interaction::Delete => {}
+        Interaction::BatchOrTransaction => {
             return Err(AuthzError::NotSupported {
                 interaction: req.interaction.name(),
             });

@@ -68,6 +68,7 @@ async fn fetch(
         body: None,
         conditional: false,
         narrowing: None,
+        headers: Vec::new(),
     };
     let fetched = upstream
         .fetch(tenant, &out, &http::HeaderMap::new())

@@ -11,6 +11,7 @@ pub mod json;
 pub mod outbound;
 pub mod outcome;
 pub mod parse;
+pub mod patch;
 pub mod record;
 pub mod reference;
 pub mod request;

@@ -22,6 +22,10 @@ pub struct OutboundRequest {
     /// `openfga` tenants: the allowed patients a search is narrowed to, sent chunk by
     /// chunk in a POST `_search` body (never in the URL, never in a cursor).
     pub narrowing: Option<Narrowing>,
+    /// Request headers the stages decided to send (writes: `Content-Type`, `If-Match`,
+    /// the narrowed `If-None-Exist`, `Prefer`). A `Content-Type` or `Prefer` here
+    /// replaces the upstream client's own.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// A search narrowed to a list of patients (see [`OutboundRequest::narrowing`]).
@@ -62,6 +66,11 @@ impl Narrowing {
 }
 
 impl OutboundRequest {
+    /// The value of a header in [`OutboundRequest::headers`].
+    pub fn header(&self, name: &http::HeaderName) -> Option<&http::HeaderValue> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
     /// The encoded path and query, ready to append to the upstream base.
     pub fn path_and_query(&self) -> String {
         if self.params.is_empty() {

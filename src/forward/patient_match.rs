@@ -328,6 +328,7 @@ fn candidate_request(
             body: None,
             conditional: false,
             narrowing: None,
+            headers: Vec::new(),
         });
     }
     let search = FhirRequest {

@@ -109,6 +109,7 @@ fn outbound(path: &str, params: &[(&str, &str)]) -> OutboundRequest {
         body: None,
         conditional: false,
         narrowing: None,
+        headers: Vec::new(),
     }
 }
 

@@ -247,6 +247,12 @@ where
     for (n, e) in ok.iter().enumerate() {
         let index = n + 1;
         // What the record checks see: references to other entries resolved.
+        // The upstream reads the resource as sent, the stages the resolved copy: a
+        // member given twice could make the two differ.
+        if let Some(res) = &e.resource {
+            crate::authz::write::parse_json(res.get().as_bytes())
+                .map_err(|err| refuse(index, err.into()))?;
+        }
         let check_body = match (&e.resource, e.method == Method::PATCH) {
             (Some(res), false) => Some((
                 bundle::resolve_references(res, &ids, &pending)
@@ -286,15 +292,17 @@ where
         body: Some(Bytes::from(bundle::transaction_bundle(&outgoing))),
         conditional: false,
         narrowing: None,
+        headers: vec![
+            (header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON)),
+            (
+                HeaderName::from_static("prefer"),
+                HeaderValue::from_static("return=minimal, handling=strict"),
+            ),
+        ],
     };
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        HeaderName::from_static("prefer"),
-        HeaderValue::from_static("return=minimal"),
-    );
     let fetched = crate::trace::in_child_span(
         |id| tracing::debug_span!("upstream", span.id = %id, otel.kind = "client"),
-        upstream.fetch(tenant, &out, &headers),
+        upstream.fetch(tenant, &out, &HeaderMap::new()),
     )
     .await?;
     let rewrite = BaseRewrite {
@@ -348,9 +356,11 @@ fn is_operation_outcome(body: &[u8]) -> bool {
         .is_ok_and(|h| h.resource_type == Some("OperationOutcome"))
 }
 
-/// The upstream transaction's entry: the prepared (narrowed) URL, the entry's
-/// resource unchanged, its conditions, a fullUrl under the public base moved to the
-/// upstream base.
+/// The upstream transaction's entry: the prepared request's method, URL (criteria
+/// narrowed) and conditions (`If-Match` as the write check pinned it, `If-None-Exist`
+/// narrowed), the entry's resource as the client sent it (the stages checked it with
+/// its references to other entries resolved), a fullUrl under the public base moved
+/// to the upstream base.
 fn prepared_entry<'a>(
     e: &'a EntryRequest,
     out: &OutboundRequest,
@@ -367,15 +377,32 @@ fn prepared_entry<'a>(
             },
         );
     let url = out.path_and_query();
+    let header = |name: &HeaderName| {
+        out.header(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     PreparedEntry {
         full_url,
         resource: e.resource.as_deref(),
-        method: e.method.as_str(),
+        method: method_name(&out.method),
         url: url.trim_start_matches('/').to_owned(),
-        if_match: e.if_match.clone(),
-        if_none_match: e.if_none_match.clone(),
-        if_none_exist: e.if_none_exist.clone(),
-        if_modified_since: e.if_modified_since.clone(),
+        if_match: header(&header::IF_MATCH),
+        if_none_match: header(&header::IF_NONE_MATCH),
+        if_none_exist: header(&HeaderName::from_static("if-none-exist")),
+        if_modified_since: header(&header::IF_MODIFIED_SINCE),
+    }
+}
+
+/// The entry method's name (`Bundle.entry.request.method` is a code, not any token).
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        _ => "GET",
     }
 }
 

@@ -63,16 +63,33 @@ async fn metadata_carries_the_smart_security_extension() {
         .find(|e| e["url"] == "token")
         .unwrap();
     assert_eq!(token["valueUri"], support::issuer().token_endpoint());
-    // Only what the proxy forwards is advertised.
+    // Only what the proxy forwards is advertised (single writes included).
+    let mut codes = std::collections::BTreeSet::new();
     for res in rest["resource"].as_array().unwrap() {
         for i in res["interaction"].as_array().into_iter().flatten() {
             let code = i["code"].as_str().unwrap();
             assert!(
-                ["read", "vread", "history-instance", "search-type"].contains(&code),
+                [
+                    "read",
+                    "vread",
+                    "history-instance",
+                    "search-type",
+                    "create",
+                    "update",
+                    "patch",
+                    "delete"
+                ]
+                .contains(&code),
                 "{code}"
             );
+            codes.insert(code.to_owned());
         }
     }
+    assert!(
+        codes.contains("read") && codes.contains("create"),
+        "{codes:?}"
+    );
+    assert!(rest.get("interaction").is_none(), "no batch or transaction");
 }
 
 #[tokio::test]

@@ -28,3 +28,4 @@ mod records;
 mod scopes;
 mod tls;
 mod tokens;
+mod writes;

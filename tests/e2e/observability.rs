@@ -417,13 +417,13 @@ async fn readiness_names_the_tenant_whose_upstream_is_down() {
 
 /// One request through the relay: its head as sent, and the server's answer head.
 #[derive(Clone, Debug)]
-struct Exchange {
-    request: String,
-    response: String,
+pub(crate) struct Exchange {
+    pub(crate) request: String,
+    pub(crate) response: String,
 }
 
 impl Exchange {
-    fn line(&self) -> &str {
+    pub(crate) fn line(&self) -> &str {
         self.request.lines().next().unwrap_or_default()
     }
 
@@ -436,7 +436,7 @@ impl Exchange {
             .collect()
     }
 
-    fn request_header(&self, name: &str) -> Vec<String> {
+    pub(crate) fn request_header(&self, name: &str) -> Vec<String> {
         Self::header(&self.request, name)
     }
 
@@ -446,15 +446,15 @@ impl Exchange {
 }
 
 /// Passes each HTTP/1.1 request on to `target` (one request per connection) and
-/// records it. Stops when dropped.
-struct Relay {
-    port: u16,
+/// records it. Stops when dropped. (Also used by `writes`.)
+pub(crate) struct Relay {
+    pub(crate) port: u16,
     exchanges: Arc<Mutex<Vec<Exchange>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Relay {
-    fn start(target: &str) -> Relay {
+    pub(crate) fn start(target: &str) -> Relay {
         let target = target.to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -480,7 +480,7 @@ impl Relay {
         }
     }
 
-    fn exchanges(&self) -> Vec<Exchange> {
+    pub(crate) fn exchanges(&self) -> Vec<Exchange> {
         self.exchanges.lock().unwrap().clone()
     }
 }
@@ -553,7 +553,7 @@ fn relay_one(mut client: TcpStream, target: &str, log: &Mutex<Vec<Exchange>>) {
     let _ = client.write_all(rest);
 }
 
-fn host_port(url: &str) -> String {
+pub(crate) fn host_port(url: &str) -> String {
     let u = url::Url::parse(url).unwrap();
     format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
 }
@@ -897,6 +897,7 @@ async fn spans_of_every_stage_are_exported_over_otlp() {
         "token",
         "scope",
         "authz",
+        "write",
         "rewrite",
         "upstream",
         "check",

@@ -505,3 +505,44 @@ fn batches_are_batch_bundles_of_audit_events() {
         assert_eq!(entry["resource"]["outcomeDesc"], reason);
     }
 }
+
+#[test]
+fn a_write_is_coded_with_its_action_and_names_the_patients_it_concerns() {
+    // A system token creating an Observation of p2 that also names p3 (no token patient).
+    let record = AuditRecord {
+        interaction: Some("create"),
+        resource_type: Some("Observation"),
+        resource_id: Some("obs-9".into()),
+        version: Some("1".into()),
+        patient: None,
+        fhir_user: None,
+        patients: vec!["p2".into(), "p3".into()],
+        ..patient_read()
+    };
+    let e = audit_event(&finished(record, 201, "allow", "write_allowed"), "proxy-1");
+    assert_r4_shape(&e);
+    assert_eq!(e["action"], "C");
+    assert_eq!(e["subtype"][0]["code"], "create");
+    let patients: Vec<&str> = entities_with_role(&e, "1")
+        .into_iter()
+        .map(|p| p["what"]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        patients,
+        [format!("{BASE}/Patient/p2"), format!("{BASE}/Patient/p3")],
+        "{e}"
+    );
+    let written: Vec<&str> = entities_with_role(&e, "4")
+        .into_iter()
+        .map(|p| p["what"]["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(written, [format!("{BASE}/Observation/obs-9/_history/1")]);
+    for (interaction, action) in [("update", "U"), ("patch", "U"), ("delete", "D")] {
+        let record = AuditRecord {
+            interaction: Some(interaction),
+            ..patient_read()
+        };
+        let e = audit_event(&finished(record, 200, "allow", "write_allowed"), "proxy-1");
+        assert_eq!(e["action"], action, "{interaction}");
+    }
+}
