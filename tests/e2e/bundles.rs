@@ -186,3 +186,431 @@ async fn malformed_bundles_are_refused_whole() {
     assert_eq!(a.status, 401);
     assert!(a.header("www-authenticate").starts_with("Bearer"));
 }
+
+// ---------------------------------------------------------------------------------------
+// Writes in batches and transactions, against a HAPI server of their own.
+
+/// A HAPI server of their own (the base bundle loaded; these tests write to it) and a
+/// proxy with tenant `w` in front of it.
+fn writable() -> &'static (support::FhirServer, crate::harness::Proxy) {
+    static W: std::sync::OnceLock<(support::FhirServer, crate::harness::Proxy)> =
+        std::sync::OnceLock::new();
+    W.get_or_init(|| {
+        let fhir = support::FhirServer::start(support::FhirServerOptions::default());
+        let base = fhir.base_url().to_owned();
+        let proxy = crate::harness::Proxy::start(|port| {
+            crate::harness::tenants(vec![(
+                "w",
+                crate::harness::tenant("w", port, &base, support::issuer()),
+            )])
+        });
+        (fhir, proxy)
+    })
+}
+
+async fn w_token(client: &str, scope: &str) -> String {
+    support::token(client, scope, &writable().1.base("w")).await
+}
+
+async fn w_post(token: &str, bundle: &Value) -> Answer {
+    answer(
+        support::http_client()
+            .post(writable().1.base("w"))
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(serde_json::to_vec(bundle).unwrap()),
+    )
+    .await
+}
+
+/// Straight from the upstream, past the proxy.
+async fn upstream(path: &str) -> Value {
+    let url = format!("{}/{path}", writable().0.base_url());
+    let a = answer(
+        support::http_client()
+            .get(&url)
+            .header("accept", "application/fhir+json"),
+    )
+    .await;
+    a.json()
+}
+
+/// How many Observations on the upstream carry `identifier` (system `urn:test:bundles`).
+async fn count_identified(value: &str) -> usize {
+    let v = upstream(&format!(
+        "Observation?identifier=urn:test:bundles%7C{value}&_total=accurate"
+    ))
+    .await;
+    v["total"].as_u64().unwrap_or(0) as usize
+}
+
+fn observation(patient: &str, identifier: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": { "text": "bundle test" },
+        "identifier": [{ "system": "urn:test:bundles", "value": identifier }],
+        "subject": { "reference": format!("Patient/{patient}") }
+    })
+}
+
+fn write(method: &str, url: &str, resource: Option<Value>) -> Value {
+    let mut e = json!({ "request": { "method": method, "url": url } });
+    if let Some(r) = resource {
+        e["resource"] = r;
+    }
+    e
+}
+
+fn batch(entries: Vec<Value>) -> Value {
+    json!({ "resourceType": "Bundle", "type": "batch", "entry": entries })
+}
+
+fn transaction(entries: Vec<Value>) -> Value {
+    json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
+}
+
+const P1_WRITER: &str = "patient/Observation.cruds patient/Encounter.cruds patient/Patient.cruds";
+
+#[tokio::test]
+async fn a_batch_mixing_allowed_and_denied_writes_applies_only_the_allowed_ones() {
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let mut moved = upstream("Observation/obs-p1-glucose").await;
+    moved["subject"]["reference"] = json!("Patient/p2");
+    let a = w_post(
+        &t,
+        &batch(vec![
+            write("POST", "Observation", Some(observation("p1", "batch-own"))),
+            write(
+                "POST",
+                "Observation",
+                Some(observation("p2", "batch-other")),
+            ),
+            write("PUT", "Observation/obs-p1-glucose", Some(moved)),
+            write("DELETE", "Observation/obs-p2-glucose", None),
+            get("Observation/obs-p1-glucose"),
+        ]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
+    assert_eq!(
+        statuses(&v),
+        [
+            "201 Created",
+            "403 Forbidden",
+            "403 Forbidden",
+            "404 Not Found",
+            "200 OK"
+        ],
+        "{}",
+        a.text
+    );
+    let reason = |i: usize| {
+        v["entry"][i]["response"]["outcome"]["issue"][0]["details"]["coding"][0]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    // Another patient's new record, a record moved to another patient, and another
+    // patient's record deleted (hidden: like a missing one).
+    assert_eq!(reason(1), "write_outside_reach");
+    assert_eq!(reason(2), "write_outside_reach");
+    assert_eq!(reason(3), "resource_not_found");
+    let location = v["entry"][0]["response"]["location"].as_str().unwrap();
+    assert!(
+        location.starts_with(&format!("{}/Observation/", writable().1.base("w"))),
+        "{location}"
+    );
+    // What the upstream holds: the allowed create, and nothing else changed.
+    assert_eq!(count_identified("batch-own").await, 1);
+    assert_eq!(count_identified("batch-other").await, 0);
+    assert_eq!(
+        upstream("Observation/obs-p1-glucose").await["subject"]["reference"],
+        "Patient/p1"
+    );
+    assert_eq!(
+        upstream("Observation/obs-p2-glucose").await["resourceType"],
+        "Observation"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_with_one_denied_entry_writes_nothing() {
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let posts_before = writable()
+        .0
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST /fhir"))
+        .count();
+    let a = w_post(
+        &t,
+        &transaction(vec![
+            write("POST", "Observation", Some(observation("p1", "tx-own"))),
+            write("POST", "Observation", Some(observation("p2", "tx-other"))),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (403, "write_outside_reach".to_owned()),
+        "{}",
+        a.text
+    );
+    let v = a.json();
+    let diagnostics = v["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.starts_with("transaction entry 2:"),
+        "{diagnostics}"
+    );
+    // Nothing was written, and nothing was even sent: no POST reached the upstream.
+    assert_eq!(count_identified("tx-own").await, 0);
+    assert_eq!(count_identified("tx-other").await, 0);
+    let posts_after = writable()
+        .0
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST /fhir"))
+        .count();
+    assert_eq!(posts_before, posts_after);
+    // The refusal's record names the entry.
+    let audit = writable().1.audit_records();
+    assert!(
+        audit.iter().any(|r| r["fhir.interaction"] == "batch"
+            && r["authz.decision"] == "deny"
+            && r["notes"]
+                .as_str()
+                .is_some_and(|n| n.contains("transaction.refused_entry=2"))),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_allowed_transaction_resolves_its_references_and_answers_without_resources() {
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let mut obs = observation("p1", "tx-linked");
+    obs["encounter"] = json!({ "reference": "urn:uuid:7f1b7e3c-3a8e-4f5e-9a57-2f0f1e0c2d11" });
+    let a = w_post(
+        &t,
+        &transaction(vec![
+            json!({
+                "fullUrl": "urn:uuid:7f1b7e3c-3a8e-4f5e-9a57-2f0f1e0c2d11",
+                "resource": {
+                    "resourceType": "Encounter", "status": "finished",
+                    "class": { "code": "AMB" },
+                    "subject": { "reference": "Patient/p1" }
+                },
+                "request": { "method": "POST", "url": "Encounter" }
+            }),
+            write("POST", "Observation", Some(obs)),
+        ]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
+    assert_eq!(v["type"], "transaction-response");
+    let entries = v["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    for e in entries {
+        assert!(e.get("resource").is_none(), "{e}");
+        assert!(e["response"]["status"].as_str().unwrap().starts_with("201"));
+        // Relative to the base (HAPI's form) or under the proxy's base, never the
+        // upstream's.
+        let loc = e["response"]["location"].as_str().unwrap();
+        assert!(
+            !loc.contains("://") || loc.starts_with(&writable().1.base("w")),
+            "{loc}"
+        );
+        assert!(loc.contains("/_history/"), "{loc}");
+    }
+    assert!(!a.text.contains(writable().0.base_url()));
+    // The upstream linked the Observation to the Encounter it created.
+    let found = upstream("Observation?identifier=urn:test:bundles%7Ctx-linked").await;
+    let encounter = found["entry"][0]["resource"]["encounter"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(encounter.starts_with("Encounter/"), "{encounter}");
+    assert_eq!(
+        upstream(&encounter).await["subject"]["reference"],
+        "Patient/p1"
+    );
+    // Each entry's record names what it wrote.
+    let audit = writable().1.audit_records();
+    let written: Vec<&str> = audit
+        .iter()
+        .filter_map(|r| r["notes"].as_str())
+        .filter(|n| n.contains("written="))
+        .collect();
+    assert!(
+        written
+            .iter()
+            .any(|n| n.contains(&format!("written={encounter}"))),
+        "{written:?}"
+    );
+}
+
+#[tokio::test]
+async fn links_to_records_a_transaction_creates_reach_no_compartment_but_the_whole_type() {
+    let new_patient = || {
+        json!({
+            "fullUrl": "urn:uuid:0b9f8f4e-1d7c-4f4f-8f69-9d7b6a0f6c55",
+            "resource": { "resourceType": "Patient", "identifier": [{ "system": "urn:test:bundles", "value": "new-patient" }] },
+            "request": { "method": "POST", "url": "Patient" }
+        })
+    };
+    let mut obs = observation("p1", "tx-new-patient");
+    obs["subject"] = json!({ "reference": "urn:uuid:0b9f8f4e-1d7c-4f4f-8f69-9d7b6a0f6c55" });
+    // A patient app cannot create a patient and link records to it.
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let a = w_post(
+        &t,
+        &transaction(vec![
+            new_patient(),
+            write("POST", "Observation", Some(obs.clone())),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (403, "write_outside_reach".to_owned()),
+        "{}",
+        a.text
+    );
+    assert!(
+        a.json()["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .starts_with("transaction entry 1:")
+    );
+    assert_eq!(count_identified("tx-new-patient").await, 0);
+    // Nor link its own record to a patient the transaction creates (here one it may
+    // not create either way: the Observation is refused on its own account as well).
+    let a = w_post(
+        &t,
+        &transaction(vec![
+            write(
+                "POST",
+                "Observation",
+                Some(observation("p1", "tx-before-new")),
+            ),
+            write("POST", "Observation", Some(obs.clone())),
+            new_patient(),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (403, "write_outside_reach".to_owned()),
+        "{}",
+        a.text
+    );
+    assert!(
+        a.json()["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .starts_with("transaction entry 2:")
+    );
+    assert_eq!(count_identified("tx-before-new").await, 0);
+    // Nor link one of its own records to an entry that names no entry at all.
+    let mut dangling = observation("p1", "tx-dangling");
+    dangling["encounter"] = json!({ "reference": "urn:uuid:11111111-2222-3333-4444-555555555555" });
+    let a = w_post(
+        &t,
+        &transaction(vec![write("POST", "Observation", Some(dangling))]),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (400, "transaction_reference_unresolved".to_owned()),
+        "{}",
+        a.text
+    );
+    // Nor use a conditional reference, which the upstream would resolve by a search.
+    let mut conditional = observation("p1", "tx-conditional");
+    conditional["encounter"] =
+        json!({ "reference": "Encounter?identifier=urn:test:bundles|enc-x" });
+    let a = w_post(
+        &t,
+        &transaction(vec![write("POST", "Observation", Some(conditional))]),
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.reason()),
+        (403, "write_conditional_reference".to_owned()),
+        "{}",
+        a.text
+    );
+    assert_eq!(count_identified("tx-conditional").await, 0);
+    // A backend service that reaches every Patient and Observation may.
+    let system = w_token("backend", "system/Patient.cruds system/Observation.cruds").await;
+    let a = w_post(
+        &system,
+        &transaction(vec![new_patient(), write("POST", "Observation", Some(obs))]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let found = upstream("Observation?identifier=urn:test:bundles%7Ctx-new-patient").await;
+    let subject = found["entry"][0]["resource"]["subject"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        subject.starts_with("Patient/") && subject != "Patient/p1",
+        "{subject}"
+    );
+}
+
+#[tokio::test]
+async fn conditional_entries_are_narrowed_and_version_conflicts_pass_through() {
+    // p2 has an Observation with a known identifier.
+    let system = w_token("backend", "system/Observation.cruds").await;
+    let a = w_post(
+        &system,
+        &transaction(vec![write(
+            "POST",
+            "Observation",
+            Some(observation("p2", "p2-conditional-target")),
+        )]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    // p1's conditional update whose criteria match p2's record cannot touch it.
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let a = w_post(
+        &t,
+        &transaction(vec![write(
+            "PUT",
+            "Observation?identifier=urn:test:bundles|p2-conditional-target",
+            Some(observation("p1", "p2-conditional-target")),
+        )]),
+    )
+    .await;
+    let p2 = upstream(
+        "Observation?identifier=urn:test:bundles%7Cp2-conditional-target&subject=Patient/p2",
+    )
+    .await;
+    assert_eq!(p2["entry"].as_array().map_or(0, Vec::len), 1, "{}", a.text);
+    assert_eq!(p2["entry"][0]["resource"]["meta"]["versionId"], "1");
+    // A stale version is the upstream's conflict, passed through; nothing changes.
+    let current = upstream("Observation/obs-p1-hba1c").await;
+    let mut changed = current.clone();
+    changed["status"] = json!("amended");
+    let mut e = write("PUT", "Observation/obs-p1-hba1c", Some(changed));
+    e["request"]["ifMatch"] = json!("W/\"999\"");
+    let a = w_post(&t, &transaction(vec![e])).await;
+    // A version newer than the one checked is the proxy's own 412; an older one (here:
+    // any the upstream does not hold as current) would be the upstream's conflict.
+    assert!(a.status == 409 || a.status == 412, "{}", a.text);
+    assert_eq!(a.json()["resourceType"], "OperationOutcome");
+    let mut stale = write("PUT", "Observation/obs-p1-hba1c", Some(current.clone()));
+    stale["request"]["ifMatch"] = json!("W/\"0\"");
+    let a = w_post(&t, &transaction(vec![stale])).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert_eq!(a.json()["resourceType"], "OperationOutcome");
+    assert_eq!(
+        upstream("Observation/obs-p1-hba1c").await["meta"]["versionId"],
+        current["meta"]["versionId"]
+    );
+}
