@@ -15,6 +15,12 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use url::Url;
 
+mod udap;
+pub use udap::{
+    Community, CommunityIssuer, CommunityKeys, RawCommunity, RawCommunityIssuer, RawUdap,
+    RawUdapCertificate, RawUdapMetadata, UdapConfig, UdapMetadata,
+};
+
 /// Prefix of environment overrides: `SFP__TENANTS__<id>__<key>__...`.
 pub const ENV_PREFIX: &str = "SFP";
 
@@ -89,6 +95,8 @@ pub struct RawTenant {
     pub authorization: RawAuthorization,
     /// Cross-origin access for browser SMART apps; absent: no CORS headers at all.
     pub cors: Option<RawCors>,
+    /// UDAP server metadata and communities; absent: `/.well-known/udap` is 404.
+    pub udap: Option<RawUdap>,
 }
 
 /// `cors`: which browser origins may call the tenant.
@@ -476,6 +484,7 @@ pub struct TenantConfig {
     pub smart: RawSmartOwned,
     pub authorization: AuthorizationConfig,
     pub cors: Option<CorsConfig>,
+    pub udap: Option<UdapConfig>,
 }
 
 /// A tenant's CORS policy (`cors`), validated: origins in their serialized form.
@@ -1075,6 +1084,12 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         .transpose()
         .map_err(|(k, m)| bad(k, m))?;
 
+    let udap = t
+        .udap
+        .map(|u| udap::udap_config(u, &public_base, &smart, &token.issuers))
+        .transpose()
+        .map_err(|(k, m)| bad(k, m))?;
+
     Ok(TenantConfig {
         id,
         public_base,
@@ -1083,6 +1098,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         smart,
         authorization,
         cors,
+        udap,
     })
 }
 
