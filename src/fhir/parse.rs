@@ -190,6 +190,7 @@ impl RequestError {
 /// |---------------|-----------------------------------|-----------------------------|
 /// | GET           | `/metadata`                       | Capabilities                |
 /// | GET           | `/.well-known/smart-configuration`| SmartConfiguration          |
+/// | GET           | `/.well-known/udap`               | UdapMetadata                |
 /// | GET           | `/` or `""`                       | SearchSystem                |
 /// | POST          | `/` or `""`                       | BatchOrTransaction          |
 /// | POST          | `/_search`                        | SearchSystem                |
@@ -471,6 +472,7 @@ fn classify(method: &Method, path: &str, segments: &[&str]) -> Result<Shape, Req
         [".well-known", "smart-configuration"] => {
             get_only(Shape::new(Interaction::SmartConfiguration))
         }
+        [".well-known", "udap"] => get_only(Shape::new(Interaction::UdapMetadata)),
         ["_history"] => get_only(Shape::new(Interaction::HistorySystem)),
         ["_search"] => match verb {
             Verb::Post => Ok(Shape {
