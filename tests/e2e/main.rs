@@ -26,3 +26,4 @@ mod records;
 mod scopes;
 mod tls;
 mod tokens;
+mod udap;
