@@ -6,7 +6,8 @@
 //! per tenant and JWKS URI, with the same refresh limits as the tenant's) or against
 //! the leaf key of the token's `x5c` header once the chain verifies to the community's
 //! trust anchors (validity periods, signatures, no CA leaf, no self-signed leaf outside
-//! the anchors). Either way the claims are then checked exactly as for the tenant's
+//! the anchors) and the leaf names the issuer as a URI SAN (so another member of the
+//! community, holding a certificate of its own, cannot sign as the trusted issuer). Either way the claims are then checked exactly as for the tenant's
 //! own issuers, with `iss` required to be that one issuer and `aud` the tenant's
 //! audience. An issuer configured on another tenant is nobody here: its tokens take the
 //! tenant's own path and fail it.
@@ -38,10 +39,11 @@ pub fn issuer_of<'a>(issuers: &'a [CommunityIssuer], token: &str) -> Option<&'a 
     issuers.iter().find(|i| i.issuer == iss)
 }
 
-/// The key of a token's `x5c` leaf, once its chain verifies to `anchors` at `now`;
-/// with the leaf's `notAfter`.
+/// The key of a token's `x5c` leaf, once its chain verifies to `anchors` at `now` and
+/// the leaf has `issuer` as a URI SAN; with the leaf's `notAfter`.
 pub fn x5c_key(
     header: &Header,
+    issuer: &str,
     anchors: &TrustAnchors,
     now: u64,
 ) -> Result<(DecodingKey, i64), TokenError> {
@@ -53,6 +55,10 @@ pub fn x5c_key(
     })?;
     let leaf = chain.first().ok_or(TokenError::X5cUntrusted)?;
     let facts = x509::cert_facts(leaf).map_err(|_| TokenError::X5cUntrusted)?;
+    if !facts.uris.iter().any(|u| u == issuer) {
+        tracing::info!(token.issuer = %issuer, "token x5c leaf does not name the issuer");
+        return Err(TokenError::X5cUntrusted);
+    }
     let key = match x509::public_key(leaf).map_err(|_| TokenError::UnknownKey)? {
         PublicKey::Rsa(der) => DecodingKey::from_rsa_der(&der),
         PublicKey::Ec { point, .. } => DecodingKey::from_ec_der(&point),

@@ -321,7 +321,8 @@ impl TokenVerifier {
                 if !cfg.algorithms.contains(&header.alg) || is_hmac(header.alg) {
                     return Err(TokenError::AlgorithmNotAccepted);
                 }
-                let (key, not_after) = community::x5c_key(&header, anchors, now_secs())?;
+                let (key, not_after) =
+                    community::x5c_key(&header, &community.issuer, anchors, now_secs())?;
                 let verified = verify_with_key(&cfg, header.alg, &key, token)?;
                 let proof = Proof {
                     key_serial: None,

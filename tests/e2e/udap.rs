@@ -453,6 +453,23 @@ async fn x5c_tokens_must_chain_to_the_community_anchor() {
             "token_x5c_untrusted",
         ),
         (
+            "leaf of another community member (its SAN is not the issuer)",
+            x5c_token(
+                &leaf(
+                    "member",
+                    "https://member.example",
+                    &f.pki.intermediate,
+                    false,
+                    false,
+                ),
+                &[&f.pki.intermediate],
+                X5C_ISSUER,
+                &base,
+                true,
+            ),
+            "token_x5c_untrusted",
+        ),
+        (
             "intermediate missing",
             x5c_token(&good, &[], X5C_ISSUER, &base, true),
             "token_x5c_untrusted",
