@@ -385,7 +385,7 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                         leaf.subject,
                         u.identity.alg().name(),
                         u.identity.source().display(),
-                        leaf.not_after,
+                        leaf.not_after_text,
                         u.anchors
                             .files()
                             .iter()

@@ -74,6 +74,8 @@ pub struct CertFacts {
     pub uris: Vec<String>,
     pub not_before: i64,
     pub not_after: i64,
+    /// `notAfter` as text (`Dec  4 21:38:29 2036 +00:00`), for messages.
+    pub not_after_text: String,
     pub is_ca: bool,
 }
 
@@ -123,6 +125,7 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts, String> {
         uris,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
+        not_after_text: cert.validity().not_after.to_string(),
         is_ca: cert.is_ca(),
     })
 }
