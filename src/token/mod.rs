@@ -236,7 +236,6 @@ impl TokenVerifier {
         communities: &[CommunityIssuer],
         token: &str,
     ) -> Result<Arc<VerifiedToken>, TokenError> {
-        let community = community::issuer_of(communities, token);
         let key = format!("{generation}\u{0}{tenant_id}\u{0}{token}");
         let now = now_secs();
         let leeway = cfg.leeway.as_secs();
@@ -259,7 +258,9 @@ impl TokenVerifier {
         let verified = match hit {
             Some(token) => token,
             None => {
-                let (fresh, proof) = match community {
+                // The key source is chosen on a miss only: a hit was verified by the
+                // one its issuer names (the cache key holds the whole token).
+                let (fresh, proof) = match community::issuer_of(communities, token) {
                     None => {
                         self.verify_signature_and_claims(tenant_id, cfg, &cfg.jwks_uri, true, token)
                             .await?
@@ -287,7 +288,8 @@ impl TokenVerifier {
                 fresh
             }
         };
-        if let Some(intro) = cfg.introspection.as_ref().filter(|_| community.is_none()) {
+        let from_community = communities.iter().any(|c| c.issuer == verified.issuer);
+        if let Some(intro) = cfg.introspection.as_ref().filter(|_| !from_community) {
             self.introspection
                 .check_active(tenant_id, intro, token, verified.expires_at)
                 .await?;
