@@ -784,6 +784,13 @@ mod tests {
             reason(req(Method::POST, "/metadata", None)),
             "method_not_allowed"
         );
+        let r = req(Method::GET, "/.well-known/udap", Some("community=urn%3Ax")).unwrap();
+        assert_eq!(r.interaction, Interaction::UdapMetadata);
+        assert_eq!(r.params, vec![("community".to_owned(), "urn:x".to_owned())]);
+        assert_eq!(
+            reason(req(Method::POST, "/.well-known/udap", None)),
+            "method_not_allowed"
+        );
     }
 
     #[test]
