@@ -707,6 +707,15 @@ impl TenantSource {
         canonical(value, &mut out);
         TenantSource(out)
     }
+
+    /// With the fingerprint of the tenant's UDAP certificates: a certificate replaced in
+    /// its file (same path) rebuilds the tenant on reload.
+    fn with_udap(mut self, t: &TenantConfig) -> Self {
+        if let Some(u) = &t.udap {
+            self.0.push_str(&format!("\u{0}udap:{:016x}", u.fingerprint()));
+        }
+        self
+    }
 }
 
 /// `v` as JSON with every object's members sorted by key.
@@ -762,7 +771,8 @@ pub fn load_with_sources(
             let source = tree
                 .get("tenants")
                 .and_then(|all| all.get(&t.id))
-                .map(TenantSource::of);
+                .map(TenantSource::of)
+                .map(|s| s.with_udap(&t));
             (t, source)
         })
         .collect())

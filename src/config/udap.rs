@@ -127,6 +127,27 @@ impl UdapConfig {
     pub fn community(&self, uri: &str) -> Option<&Community> {
         self.communities.iter().find(|c| c.uri == uri)
     }
+
+    /// A fingerprint of every certificate loaded (the identities' chains and the
+    /// anchors), so a reload tells a replaced file from an unchanged one. The keys need
+    /// no part in it: each is checked to belong to its leaf.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut add = |certs: &[rustls::pki_types::CertificateDer<'_>]| {
+            certs.len().hash(&mut h);
+            for c in certs {
+                c.as_ref().hash(&mut h);
+            }
+        };
+        add(self.identity.chain());
+        add(self.anchors.certs());
+        for c in &self.communities {
+            add(c.anchors.certs());
+            add(c.identity.as_ref().map_or(&[][..], |i| i.chain()));
+        }
+        h.finish()
+    }
 }
 
 /// The metadata values, resolved.

@@ -230,6 +230,10 @@ impl TrustAnchors {
         &self.files
     }
 
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
     /// Verifies `chain` (leaf first, then intermediates; an anchor may end it) to one of
     /// the anchors at time `now` (seconds since the epoch).
     pub fn verify_chain(&self, chain: &[CertificateDer<'_>], now: u64) -> Result<(), ChainError> {

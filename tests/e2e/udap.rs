@@ -715,3 +715,48 @@ fn start_up_refuses_an_expired_udap_certificate() {
     assert_eq!(out.status.code(), Some(64), "{text}");
     assert!(text.contains("udap.certificate"), "{text}");
 }
+
+#[tokio::test]
+async fn a_certificate_replaced_in_its_file_is_served_after_a_reload() {
+    let pki = Pki::new();
+    let fhir = support::fhir_server();
+    let issuer = support::issuer();
+    let files = std::cell::RefCell::new(None);
+    let proxy = Proxy::start(|port| {
+        let base = format!("http://127.0.0.1:{port}/r");
+        let first = leaf("first", &base, &pki.intermediate, false, false);
+        let (chain, key) = pki.identity("reload", &first, &[&pki.intermediate]);
+        *files.borrow_mut() = Some((base, chain.clone(), key.clone()));
+        let mut t = tenant("r", port, fhir.base_url(), issuer);
+        t["smart"]["registration_endpoint"] = json!(format!("{}/reg", issuer.url()));
+        t["udap"] = json!({
+            "certificate": pem_cert(&chain, &key),
+            "trust_anchor_files": [pki.path("ca.pem")],
+        });
+        tenants(vec![("r", t)])
+    });
+    let (base, chain, key) = files.into_inner().unwrap();
+    let url = format!("{base}/.well-known/udap");
+    let leaf_of =
+        |doc: &Value| jwt_header(doc["signed_metadata"].as_str().unwrap())["x5c"][0].clone();
+    let before = leaf_of(&get(&url, None).await.json());
+
+    // Rotate: a new key and certificate written over the same files.
+    let second = leaf("second", &base, &pki.intermediate, true, false);
+    let mut pem = second.cert.pem();
+    pem.push_str(&pki.intermediate.pem());
+    std::fs::write(&chain, pem).unwrap();
+    std::fs::write(&key, second.key.serialize_pem()).unwrap();
+    proxy.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let after = loop {
+        let doc = get(&url, None).await.json();
+        if leaf_of(&doc) != before || std::time::Instant::now() > deadline {
+            break doc;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(leaf_of(&after), json!(second.der_b64()), "{}", proxy.log());
+    let (ok, out) = verify_with_python(&after, &pki.path("ca.pem"), &base);
+    assert!(ok && out.contains("RS256"), "{out}");
+}
