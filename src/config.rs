@@ -712,7 +712,8 @@ impl TenantSource {
     /// its file (same path) rebuilds the tenant on reload.
     fn with_udap(mut self, t: &TenantConfig) -> Self {
         if let Some(u) = &t.udap {
-            self.0.push_str(&format!("\u{0}udap:{:016x}", u.fingerprint()));
+            self.0
+                .push_str(&format!("\u{0}udap:{:016x}", u.fingerprint()));
         }
         self
     }
