@@ -181,6 +181,31 @@ JSON
         \"authorization_model_id\": \"$fga_model\", \"cache_ttl_seconds\": 5 } }"
   echo '} }'
 } >"$demo/tenants.json"
+# --- UDAP: tenant demo publishes signed metadata; a community's x5c tokens are trusted ---
+# The PKI is made now (scripts/udap-pki.sh: root, intermediate, the tenant's RSA
+# certificate with its base URL as URI SAN; a community CA and its EC certificate, whose
+# SANs also name the community's app issuer, so the tour can sign an x5c token with it).
+udap_app_issuer=https://apps.demo-community.example
+"$SCRIPTS_DIR/udap-pki.sh" "$demo/udap" "$tenant1_aud" "$udap_app_issuer"
+"$VENV/bin/python" - "$demo/tenants.json" "$demo/udap" "$issuer_url" "$udap_app_issuer" <<'PY'
+import json, sys
+path, pki, issuer, app_issuer = sys.argv[1:]
+d = json.load(open(path))
+d["tenants"]["demo"]["udap"] = {
+    "certificate": {"format": "pem", "chain_file": f"{pki}/server-chain.pem",
+                    "key_file": f"{pki}/server-key.pem"},
+    "trust_anchor_files": [f"{pki}/ca.pem"],
+    "metadata": {"registration_endpoint": f"{issuer}/reg"},
+    "communities": [{
+        "uri": "urn:example:demo-community",
+        "trust_anchor_files": [f"{pki}/community-ca.pem"],
+        "certificate": {"format": "pem", "chain_file": f"{pki}/community-chain.pem",
+                        "key_file": f"{pki}/community-key.pem"},
+        "issuers": [{"issuer": app_issuer, "x5c": True}],
+    }],
+}
+json.dump(d, open(path, "w"), indent=2)
+PY
 "$proxy_bin" check-config --tenants "$demo/tenants.json" >"$demo/check-config.txt"
 nohup "$proxy_bin" --tenants "$demo/tenants.json" --listen "127.0.0.1:$proxy_port" \
   </dev/null >"$demo/proxy.log" 2>&1 &
@@ -246,6 +271,39 @@ show "   ... and a name alone is too weak an input (HL7 IDI weighting)" \
   -X POST -H "Authorization: Bearer $match_token" -H 'Content-Type: application/fhir+json' \
   --data '{"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": {"resourceType": "Patient", "name": [{"family": "Patient-One", "given": ["Amy"]}]}}]}' \
   "$tenant1_aud/Patient/\$match"; say
+# UDAP: the signed metadata, checked as a client would (scripts/verify-udap.py: PyJWT and
+# cryptography; openssl verify for the x5c chain), then a token a community app signed
+# with its certificate (x5c), accepted on demo and refused on demo2.
+show "8. UDAP server metadata, signed with the tenant's certificate" "$tenant1_aud/.well-known/udap"
+"$VENV/bin/python" "$SCRIPTS_DIR/verify-udap.py" --metadata "$demo/last.json" \
+  --anchor "$demo/udap/ca.pem" --base-url "$tenant1_aud" --max-lifetime 300
+"$VENV/bin/python" - "$demo/last.json" "$demo/udap/x5c" <<'PY'
+import base64, json, sys, textwrap
+header = json.loads(base64.urlsafe_b64decode(json.load(open(sys.argv[1]))["signed_metadata"].split(".")[0] + "=="))
+for i, c in enumerate(header["x5c"]):
+    with open(f"{sys.argv[2]}-{i}.pem", "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\n" + "\n".join(textwrap.wrap(c, 64)) + "\n-----END CERTIFICATE-----\n")
+PY
+printf '$ openssl verify -CAfile ca.pem -untrusted x5c-1.pem x5c-0.pem\n'
+openssl verify -CAfile "$demo/udap/ca.pem" -untrusted "$demo/udap/x5c-1.pem" "$demo/udap/x5c-0.pem"
+show "   ... an unknown community: 204, no body" "$tenant1_aud/.well-known/udap?community=urn:example:nobody"
+community_token=$("$VENV/bin/python" - "$demo/udap" "$udap_app_issuer" "$tenant1_aud" <<'PY'
+import base64, sys, time, jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+pki, iss, aud = sys.argv[1:]
+cert = x509.load_pem_x509_certificate(open(f"{pki}/community-chain.pem", "rb").read())
+x5c = [base64.b64encode(cert.public_bytes(Encoding.DER)).decode()]
+now = int(time.time())
+claims = {"iss": iss, "aud": aud, "sub": "community-app", "client_id": "community-app",
+          "iat": now, "exp": now + 300, "scope": "patient/Patient.rs", "patient": "p1"}
+print(jwt.encode(claims, open(f"{pki}/community-key.pem").read(), algorithm="ES256", headers={"x5c": x5c}))
+PY
+)
+show "9. A community app's x5c-signed token (chained to the community CA) reads Patient p1" \
+  -H "Authorization: Bearer $community_token" "$tenant1_aud/Patient/p1"; say
+show "   ... and is refused on demo2, which trusts no community" \
+  -H "Authorization: Bearer $community_token" "$tenant2_aud/Patient/p1"; say
 echo
 
 trap - ERR

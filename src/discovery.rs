@@ -3,7 +3,11 @@
 //! CapabilityStatement, with the SMART security extension added and the interactions
 //! trimmed to what the proxy forwards).
 //!
+//! `/{tenant}/.well-known/udap` serves signed UDAP server metadata ([`udap`]).
+//!
 //! Sits right after tenant resolution; every other request passes through untouched.
+
+pub mod udap;
 
 use std::sync::Arc;
 
@@ -41,6 +45,8 @@ const CAPABILITIES_TTL: std::time::Duration = std::time::Duration::from_secs(60)
 pub enum DiscoveryError {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Udap(#[from] udap::UdapError),
     #[error(transparent)]
     Internal(#[from] Internal),
 }
@@ -82,6 +88,7 @@ impl<U: FhirServer> Capabilities<U> {
             .await
             .map_err(|e: Arc<DiscoveryError>| match &*e {
                 DiscoveryError::Upstream(u) => DiscoveryError::Upstream(u.clone()),
+                DiscoveryError::Udap(u) => DiscoveryError::Udap(u.clone()),
                 DiscoveryError::Internal(i) => DiscoveryError::Internal(*i),
             })
     }
@@ -133,11 +140,15 @@ impl<U: FhirServer> Capabilities<U> {
 /// The discovery stage.
 pub struct ServeDiscovery<U = Upstream> {
     capabilities: Arc<Capabilities<U>>,
+    udap: udap::UdapSigner,
 }
 
 impl<U: FhirServer> ServeDiscovery<U> {
     pub fn new(capabilities: Arc<Capabilities<U>>) -> Self {
-        ServeDiscovery { capabilities }
+        ServeDiscovery {
+            capabilities,
+            udap: udap::UdapSigner::default(),
+        }
     }
 }
 
@@ -163,6 +174,21 @@ impl<U: FhirServer> Stage for ServeDiscovery<U> {
                 let known = self.capabilities.of(tenant).await?;
                 fhir_json(StatusCode::OK, known.secured.clone())
             }
+            Interaction::UdapMetadata => match self.udap.answer(tenant, fhir).await? {
+                udap::UdapAnswer::Metadata(body) => {
+                    let mut r = fhir_json(StatusCode::OK, body);
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                udap::UdapAnswer::UnknownCommunity => {
+                    let mut r = fhir_json(StatusCode::NO_CONTENT, Bytes::new());
+                    r.headers_mut().remove(http::header::CONTENT_TYPE);
+                    r
+                }
+            },
             _ => return Ok(Flow::Continue),
         };
         resp.extensions_mut().insert(Decision("public_discovery"));

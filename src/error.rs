@@ -16,6 +16,7 @@ use crate::authz::{AuthorizeError, AuthzError};
 use crate::cors::CorsError;
 use crate::cursor::CursorError;
 use crate::discovery::DiscoveryError;
+use crate::discovery::udap::UdapError;
 use crate::fhir::RequestError;
 use crate::fhir::bundle::{BundleError, EntryError};
 use crate::forward::ForwardError;
@@ -49,6 +50,9 @@ pub enum ProxyError {
     /// A CORS preflight the tenant does not allow.
     #[error(transparent)]
     Cors(#[from] CorsError),
+    /// `/.well-known/udap`: UDAP not enabled, a bad query, or no signature.
+    #[error(transparent)]
+    Udap(#[from] UdapError),
     /// The audit record of an answer could not be queued and the audit sink fails
     /// closed: nothing goes out unrecorded.
     #[error(transparent)]
@@ -86,6 +90,7 @@ impl From<DiscoveryError> for ProxyError {
     fn from(e: DiscoveryError) -> Self {
         match e {
             DiscoveryError::Upstream(e) => ProxyError::Upstream(e),
+            DiscoveryError::Udap(e) => ProxyError::Udap(e),
             DiscoveryError::Internal(e) => e.into(),
         }
     }
@@ -178,6 +183,7 @@ impl ProxyError {
             ProxyError::Cursor(e) => e.status(),
             ProxyError::Limit(e) => e.status(),
             ProxyError::Cors(e) => e.status(),
+            ProxyError::Udap(e) => e.status(),
             ProxyError::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Bundle(BundleError::TooManyEntries { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Bundle(_) => StatusCode::BAD_REQUEST,
@@ -223,6 +229,7 @@ impl ProxyError {
             ProxyError::Cursor(e) => e.reason(),
             ProxyError::Limit(e) => e.reason(),
             ProxyError::Cors(e) => e.reason(),
+            ProxyError::Udap(e) => e.reason(),
             ProxyError::Audit(_) => "audit_unavailable",
             ProxyError::Bundle(e) => e.reason(),
             ProxyError::BundleEntry(e) => e.reason(),

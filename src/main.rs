@@ -389,6 +389,49 @@ fn check_config(path: &std::path::Path) -> ExitCode {
                     m.max_candidates,
                     m.search_count
                 );
+                if let Some(u) = &t.udap {
+                    let leaf = u.identity.leaf();
+                    println!(
+                        "    udap         signs {} with `{}` ({}, {}), valid until {}, chain verifies to {}",
+                        t.public_base,
+                        leaf.subject,
+                        u.identity.alg().name(),
+                        u.identity.source().display(),
+                        leaf.not_after_text,
+                        u.anchors
+                            .files()
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    for c in &u.communities {
+                        let issuers: Vec<String> = u
+                            .issuers
+                            .iter()
+                            .filter(|i| i.community == c.uri)
+                            .map(|i| match &i.keys {
+                                config::CommunityKeys::Jwks(j) => {
+                                    format!("{} (jwks {j})", i.issuer)
+                                }
+                                config::CommunityKeys::X5c(_) => format!("{} (x5c)", i.issuer),
+                            })
+                            .collect();
+                        let signer = c.identity.as_ref().map_or_else(
+                            || "the tenant's certificate".to_owned(),
+                            |id| format!("`{}`", id.leaf().subject),
+                        );
+                        println!(
+                            "    udap community {} signed with {signer}; trusts issuers: {}",
+                            c.uri,
+                            if issuers.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                issuers.join(", ")
+                            }
+                        );
+                    }
+                }
                 let doc = discovery::smart_configuration(t);
                 println!(
                     "    capabilities {}",

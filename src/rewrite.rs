@@ -268,6 +268,7 @@ pub fn rewrite_request_with(
         }
         Interaction::Capabilities
         | Interaction::SmartConfiguration
+        | Interaction::UdapMetadata
         | Interaction::Create
         | Interaction::Update
         | Interaction::Patch

@@ -5,7 +5,7 @@
 //! RenderErrors      ProxyError -> OperationOutcome, audit record, WWW-Authenticate
 //! LimitRate         rate limit by address for requests no verified token pays for
 //! ResolveTenant     stage 0: TenantCtx, the tenant's Checker, FhirRequest
-//! ServeDiscovery    /.well-known/smart-configuration and /metadata (no token)
+//! ServeDiscovery    /.well-known/smart-configuration, /metadata, /.well-known/udap (no token)
 //! ValidateToken     stage 1: VerifiedToken
 //! ChargeClient      rate limit by the token's client id
 //! ServeBundle       batch/transaction: each entry through the stages below (bundle)

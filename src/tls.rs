@@ -6,7 +6,9 @@
 //! once per load of `tenants.json`, so an unreadable or inconsistent file is refused at
 //! start-up or reload with the tenant and key named, and the clients use the loaded
 //! configuration as it is. The HTTPS listener (`server::tls`) reads its certificate with
-//! the same functions.
+//! the same functions. [`x509`] holds the UDAP signing identities and trust anchors.
+
+pub mod x509;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -17,6 +17,7 @@ fn with_example_env(cmd: &mut Command) -> &mut Command {
     cmd.env("DEMO2_UPSTREAM_API_KEY", "example-key")
         .env("DEMO2_INTROSPECTION_SECRET", "example-secret")
         .env("PARTNER_UPSTREAM_CLIENT_SECRET", "example-secret")
+        .env("PARTNER_UDAP_P12_PASSWORD", "example-only")
         .env("RESEARCH_OPENFGA_CLIENT_SECRET", "example-secret")
         .env(
             "PARTNER_HMAC_SECRET",
@@ -66,6 +67,9 @@ fn example_file_is_valid_and_explained() {
         "match        Auto, input IDI-Patient-L0, at most 50 candidates (20 per search)",
         "match        Score, input IDI-Patient-L1",
         "match        Forward, input IDI-Patient,",
+        "udap         signs https://fhir.example.org/partner with `CN=smart-fhir-proxy UDAP example server` (RS256, examples/udap/server.p12)",
+        "udap community urn:oid:2.999.7.1 signed with `CN=smart-fhir-proxy UDAP example server (community)`; trusts issuers: https://as.community.example.org (jwks https://as.community.example.org/jwks), https://apps.community.example.org (x5c)",
+        "udap community https://community.example.org/udap signed with the tenant's certificate; trusts issuers: none",
     ] {
         assert!(t.contains(needle), "missing `{needle}` in:\n{t}");
     }

@@ -25,6 +25,7 @@ fn path_of(req: &FhirRequest) -> String {
         Interaction::SearchSystem | Interaction::BatchOrTransaction => "/".to_owned(),
         Interaction::Capabilities => "/metadata".to_owned(),
         Interaction::SmartConfiguration => "/.well-known/smart-configuration".to_owned(),
+        Interaction::UdapMetadata => "/.well-known/udap".to_owned(),
         Interaction::HistorySystem => "/_history".to_owned(),
         Interaction::Operation(name, OperationLevel::System) => format!("/${}", name.as_str()),
         Interaction::Operation(name, OperationLevel::Type) => format!("/{ty}/${}", name.as_str()),

@@ -57,7 +57,7 @@ fn coded(interaction: Option<&'static str>) -> Coded {
         }
         Some("capabilities") => (Some("capabilities"), false, Some("R")),
         // Discovery: a read, but of no FHIR interaction.
-        Some("smart-configuration") => (None, false, Some("R")),
+        Some("smart-configuration" | "udap-metadata") => (None, false, Some("R")),
         Some(s @ ("search-type" | "search-system" | "search-compartment")) => {
             (Some(s), true, Some("E"))
         }

@@ -190,6 +190,7 @@ impl RequestError {
 /// |---------------|-----------------------------------|-----------------------------|
 /// | GET           | `/metadata`                       | Capabilities                |
 /// | GET           | `/.well-known/smart-configuration`| SmartConfiguration          |
+/// | GET           | `/.well-known/udap`               | UdapMetadata                |
 /// | GET           | `/` or `""`                       | SearchSystem                |
 /// | POST          | `/` or `""`                       | BatchOrTransaction          |
 /// | POST          | `/_search`                        | SearchSystem                |
@@ -471,6 +472,7 @@ fn classify(method: &Method, path: &str, segments: &[&str]) -> Result<Shape, Req
         [".well-known", "smart-configuration"] => {
             get_only(Shape::new(Interaction::SmartConfiguration))
         }
+        [".well-known", "udap"] => get_only(Shape::new(Interaction::UdapMetadata)),
         ["_history"] => get_only(Shape::new(Interaction::HistorySystem)),
         ["_search"] => match verb {
             Verb::Post => Ok(Shape {
@@ -780,6 +782,13 @@ mod tests {
         assert_eq!(r.interaction, Interaction::SmartConfiguration);
         assert_eq!(
             reason(req(Method::POST, "/metadata", None)),
+            "method_not_allowed"
+        );
+        let r = req(Method::GET, "/.well-known/udap", Some("community=urn%3Ax")).unwrap();
+        assert_eq!(r.interaction, Interaction::UdapMetadata);
+        assert_eq!(r.params, vec![("community".to_owned(), "urn:x".to_owned())]);
+        assert_eq!(
+            reason(req(Method::POST, "/.well-known/udap", None)),
             "method_not_allowed"
         );
     }

@@ -90,6 +90,8 @@ pub enum Interaction {
     Capabilities,
     /// `GET /.well-known/smart-configuration`
     SmartConfiguration,
+    /// `GET /.well-known/udap` (UDAP server metadata)
+    UdapMetadata,
     /// `[GET|POST] [/type[/id]]/$op`
     Operation(OperationName, OperationLevel),
     /// `POST [type]`
@@ -119,6 +121,7 @@ impl Interaction {
             Interaction::SearchCompartment => "search-compartment",
             Interaction::Capabilities => "capabilities",
             Interaction::SmartConfiguration => "smart-configuration",
+            Interaction::UdapMetadata => "udap-metadata",
             Interaction::Operation(..) => "operation",
             Interaction::Create => "create",
             Interaction::Update => "update",

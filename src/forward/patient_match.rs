@@ -133,6 +133,10 @@ pub async fn answer<U: FhirServer>(
             let caps = capabilities.of(tenant).await.map_err(|e| match e {
                 DiscoveryError::Upstream(u) => ForwardError::Upstream(u),
                 DiscoveryError::Internal(i) => ForwardError::Internal(i),
+                // The CapabilityStatement cache never signs UDAP metadata.
+                DiscoveryError::Udap(_) => ForwardError::Internal(crate::pipeline::Internal(
+                    "udap error from capabilities",
+                )),
             })?;
             resolve_mode(
                 mode,

@@ -775,6 +775,7 @@ fn unsupported_interactions() {
         (Method::POST, "/"),
         (Method::GET, "/metadata"),
         (Method::GET, "/.well-known/smart-configuration"),
+        (Method::GET, "/.well-known/udap"),
     ] {
         let req = parse(method.clone(), target, None);
         let err = rewrite_request(&req, &grant, &permit, &INDEX, &Bytes::new()).unwrap_err();

@@ -406,7 +406,7 @@ pub fn check_scopes(
             }),
         },
         Interaction::BatchOrTransaction => Err(ScopeError::BatchNotPermitted),
-        Interaction::Capabilities | Interaction::SmartConfiguration => {
+        Interaction::Capabilities | Interaction::SmartConfiguration | Interaction::UdapMetadata => {
             Err(ScopeError::NotApplicable {
                 interaction: m.interaction,
             })

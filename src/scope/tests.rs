@@ -1475,7 +1475,11 @@ fn batch_and_public_endpoints_are_refused() {
     .unwrap_err();
     assert_eq!(err, ScopeError::BatchNotPermitted);
     assert_eq!(err.reason(), "scope_operation_not_permitted");
-    for interaction in [Interaction::Capabilities, Interaction::SmartConfiguration] {
+    for interaction in [
+        Interaction::Capabilities,
+        Interaction::SmartConfiguration,
+        Interaction::UdapMetadata,
+    ] {
         let name = interaction.name();
         let err = check("system/*.*", &request(interaction, None)).unwrap_err();
         assert_eq!(err, ScopeError::NotApplicable { interaction: name });

@@ -7,8 +7,12 @@
 //! the tenant trusts, an `aud` equal to the tenant's audience (exact string match, no
 //! prefix), an `exp` in the future, and `nbf`/`iat` not in the future (with leeway);
 //! and, where the tenant configures RFC 7662 introspection, is still active.
+//! Tokens of a UDAP community issuer the tenant trusts are verified by that issuer's
+//! keys instead ([`community`]); the tenant's introspection endpoint is not asked
+//! about them (it is the tenant's own authorization server, which never issued them).
 //! The token itself is never logged, stored in audit records, or forwarded upstream.
 
+pub mod community;
 pub mod introspect;
 pub mod jwks;
 
@@ -20,7 +24,7 @@ use moka::future::Cache;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
-use crate::config::TokenConfig;
+use crate::config::{CommunityIssuer, CommunityKeys, TokenConfig};
 use crate::fhir::{ResourceId, ResourceType};
 use crate::pipeline::{Flow, Internal, Stage};
 use crate::smart::{ScopeSet, parse_scopes};
@@ -92,6 +96,10 @@ pub enum TokenError {
     JwksUnavailable,
     #[error("token introspection is unavailable")]
     IntrospectionUnavailable,
+    #[error("token of a community issuer has no x5c header")]
+    X5cMissing,
+    #[error("token x5c chain does not lead to a community trust anchor")]
+    X5cUntrusted,
 }
 
 impl TokenError {
@@ -112,6 +120,8 @@ impl TokenError {
             TokenError::Inactive => "token_inactive",
             TokenError::JwksUnavailable => "jwks_unavailable",
             TokenError::IntrospectionUnavailable => "introspection_unavailable",
+            TokenError::X5cMissing => "token_x5c_missing",
+            TokenError::X5cUntrusted => "token_x5c_untrusted",
         }
     }
 
@@ -162,9 +172,17 @@ pub struct TokenVerifier {
 
 struct CachedToken {
     token: Arc<VerifiedToken>,
-    /// The serial of the JWKS key set the signature was checked with (`None` for HMAC).
-    key_serial: Option<u64>,
+    /// The JWKS URI and serial of the key set the signature was checked with (`None`
+    /// for HMAC and `x5c`).
+    key_serial: Option<(url::Url, u64)>,
     ttl: Duration,
+}
+
+/// How a signature was verified: with which JWKS key set, and until when the key is
+/// valid (an `x5c` leaf's `notAfter`).
+struct Proof {
+    key_serial: Option<(url::Url, u64)>,
+    valid_until: Option<u64>,
 }
 
 struct CachedTokenExpiry;
@@ -204,6 +222,20 @@ impl TokenVerifier {
         cfg: &TokenConfig,
         token: &str,
     ) -> Result<Arc<VerifiedToken>, TokenError> {
+        self.verify_with_communities(generation, tenant_id, cfg, &[], token)
+            .await
+    }
+
+    /// As [`TokenVerifier::verify`], also accepting tokens of the tenant's trusted UDAP
+    /// community issuers (`communities`, disjoint from `cfg.issuers`).
+    pub async fn verify_with_communities(
+        &self,
+        generation: u64,
+        tenant_id: &str,
+        cfg: &TokenConfig,
+        communities: &[CommunityIssuer],
+        token: &str,
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         let key = format!("{generation}\u{0}{tenant_id}\u{0}{token}");
         let now = now_secs();
         let leeway = cfg.leeway.as_secs();
@@ -211,10 +243,10 @@ impl TokenVerifier {
             Some(hit) if hit.token.expires_at.saturating_add(leeway) >= now => {
                 // INVARIANT: a hit is honoured only while the key set it was verified
                 // with is still the current one; a refresh (rotation) re-verifies.
-                let keys_current = match hit.key_serial {
+                let keys_current = match &hit.key_serial {
                     None => true,
-                    Some(serial) => {
-                        self.keys.current_serial(tenant_id, &cfg.jwks_uri).await == Some(serial)
+                    Some((uri, serial)) => {
+                        self.keys.current_serial(tenant_id, uri).await == Some(*serial)
                     }
                 };
                 keys_current.then(|| hit.token.clone())
@@ -226,11 +258,24 @@ impl TokenVerifier {
         let verified = match hit {
             Some(token) => token,
             None => {
-                let (fresh, key_serial) = self
-                    .verify_signature_and_claims(tenant_id, cfg, token)
-                    .await?;
+                // The key source is chosen on a miss only: a hit was verified by the
+                // one its issuer names (the cache key holds the whole token).
+                let (fresh, proof) = match community::issuer_of(communities, token) {
+                    None => {
+                        self.verify_signature_and_claims(tenant_id, cfg, &cfg.jwks_uri, true, token)
+                            .await?
+                    }
+                    Some(c) => self.verify_community(tenant_id, cfg, c, token).await?,
+                };
+                let Proof {
+                    key_serial,
+                    valid_until,
+                } = proof;
                 let fresh = Arc::new(fresh);
-                let remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
+                let mut remaining = fresh.expires_at.saturating_add(leeway).saturating_sub(now);
+                if let Some(until) = valid_until {
+                    remaining = remaining.min(until.saturating_sub(now));
+                }
                 let ttl = Duration::from_secs(remaining).min(cfg.jwks_cache);
                 if !ttl.is_zero() {
                     let cached = CachedToken {
@@ -243,7 +288,8 @@ impl TokenVerifier {
                 fresh
             }
         };
-        if let Some(intro) = &cfg.introspection {
+        let from_community = communities.iter().any(|c| c.issuer == verified.issuer);
+        if let Some(intro) = cfg.introspection.as_ref().filter(|_| !from_community) {
             self.introspection
                 .check_active(tenant_id, intro, token, verified.expires_at)
                 .await?;
@@ -251,18 +297,59 @@ impl TokenVerifier {
         Ok(verified)
     }
 
-    /// Verifies signature and claims; also returns the serial of the JWKS key set used.
+    /// A community issuer's token: by its JWKS, or by its `x5c` chain; `iss` must be
+    /// that issuer.
+    async fn verify_community(
+        &self,
+        tenant_id: &str,
+        cfg: &TokenConfig,
+        community: &CommunityIssuer,
+        token: &str,
+    ) -> Result<(VerifiedToken, Proof), TokenError> {
+        let cfg = TokenConfig {
+            issuers: vec![community.issuer.clone()],
+            introspection: None,
+            hmac_secret: None,
+            ..cfg.clone()
+        };
+        match &community.keys {
+            CommunityKeys::Jwks(uri) => {
+                self.verify_signature_and_claims(tenant_id, &cfg, uri, false, token)
+                    .await
+            }
+            CommunityKeys::X5c(anchors) => {
+                let header =
+                    jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+                if !cfg.algorithms.contains(&header.alg) || is_hmac(header.alg) {
+                    return Err(TokenError::AlgorithmNotAccepted);
+                }
+                let (key, not_after) =
+                    community::x5c_key(&header, &community.issuer, anchors, now_secs())?;
+                let verified = verify_with_key(&cfg, header.alg, &key, token)?;
+                let proof = Proof {
+                    key_serial: None,
+                    valid_until: Some(u64::try_from(not_after).unwrap_or(0)),
+                };
+                Ok((verified, proof))
+            }
+        }
+    }
+
+    /// Verifies signature and claims with the key set at `jwks_uri` (or the tenant's
+    /// shared secret, when `hmac` allows it); also returns the key set used.
     async fn verify_signature_and_claims(
         &self,
         tenant_id: &str,
         cfg: &TokenConfig,
+        jwks_uri: &url::Url,
+        hmac: bool,
         token: &str,
-    ) -> Result<(VerifiedToken, Option<u64>), TokenError> {
+    ) -> Result<(VerifiedToken, Proof), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !cfg.algorithms.contains(&header.alg) {
+        if !cfg.algorithms.contains(&header.alg) || (is_hmac(header.alg) && !hmac) {
             return Err(TokenError::AlgorithmNotAccepted);
         }
-        let verified = if is_hmac(header.alg) {
+        let (verified, key_serial) = if is_hmac(header.alg) {
             let secret = cfg
                 .hmac_secret
                 .as_ref()
@@ -275,28 +362,32 @@ impl TokenVerifier {
                 min_refresh: cfg.jwks_min_refresh,
                 timeout: cfg.jwks_timeout,
             };
-            let set = self.keys.key_set(tenant_id, &cfg.jwks_uri, policy).await?;
+            let set = self.keys.key_set(tenant_id, jwks_uri, policy).await?;
             let kid = header.kid.as_deref();
             match set.find(kid, header.alg) {
                 Some(k) => (
                     verify_with_key(cfg, header.alg, &k.key, token)?,
-                    Some(set.serial),
+                    Some((jwks_uri.clone(), set.serial)),
                 ),
                 None => {
                     let fresh = self
                         .keys
-                        .refresh_for_unknown_kid(tenant_id, &cfg.jwks_uri, &set, policy)
+                        .refresh_for_unknown_kid(tenant_id, jwks_uri, &set, policy)
                         .await?
                         .ok_or(TokenError::UnknownKey)?;
                     let k = fresh.find(kid, header.alg).ok_or(TokenError::UnknownKey)?;
                     (
                         verify_with_key(cfg, header.alg, &k.key, token)?,
-                        Some(fresh.serial),
+                        Some((jwks_uri.clone(), fresh.serial)),
                     )
                 }
             }
         };
-        Ok(verified)
+        let proof = Proof {
+            key_serial,
+            valid_until: None,
+        };
+        Ok((verified, proof))
     }
 }
 
@@ -461,10 +552,23 @@ impl Stage for ValidateToken {
     async fn run(&self, req: &mut http::Request<bytes::Bytes>) -> Result<Flow, Self::Error> {
         let tenant = Arc::clone(&tenant_of(req)?.0);
         let token = bearer_token(req.headers())?;
+        let communities = tenant
+            .config
+            .udap
+            .as_ref()
+            .map_or(&[][..], |u| u.issuers.as_slice());
         let verified = self
             .verifier
-            .verify(tenant.generation, tenant.id(), &tenant.config.token, token)
+            .verify_with_communities(
+                tenant.generation,
+                tenant.id(),
+                &tenant.config.token,
+                communities,
+                token,
+            )
             .await?;
+        // The community that vouched for the token (its issuer is in one only).
+        let community = communities.iter().find(|c| c.issuer == verified.issuer);
         if let Some(audit) = req.extensions().get::<crate::audit::AuditSlot>() {
             audit.set_principal(
                 verified.client_id.clone(),
@@ -476,6 +580,9 @@ impl Stage for ValidateToken {
                     .map(|u| format!("{}/{}", u.resource_type, u.id)),
             );
             audit.set_issuer(&verified.issuer);
+            if let Some(c) = community {
+                audit.note(format!("token.community={}", c.community));
+            }
         }
         // Defence in depth: nothing after this stage can forward the client's token.
         req.headers_mut().remove(http::header::AUTHORIZATION);

@@ -28,4 +28,5 @@ mod records;
 mod scopes;
 mod tls;
 mod tokens;
+mod udap;
 mod writes;
