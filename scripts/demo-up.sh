@@ -57,7 +57,7 @@ cat >"$demo/issuer.json" <<JSON
   "clients": [
     {
       "client_id": "demo-patient-app", "client_secret": "demo-patient-secret",
-      "scopes": "openid fhirUser launch/patient patient/Patient.rs patient/Observation.rs patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory patient/Condition.rs patient/AllergyIntolerance.rs patient/MedicationRequest.rs patient/Medication.rs patient/Encounter.rs",
+      "scopes": "openid fhirUser launch/patient patient/Patient.rs patient/Observation.rs patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory patient/Condition.rs patient/AllergyIntolerance.rs patient/MedicationRequest.rs patient/Medication.rs patient/Encounter.rs patient/Observation.cu patient/Encounter.c",
       "patient": "p1", "fhirUser": "Patient/p1", "alg": "ES256", "resources": ["$tenant1_aud"]
     },
     {
@@ -304,6 +304,34 @@ show "9. A community app's x5c-signed token (chained to the community CA) reads 
   -H "Authorization: Bearer $community_token" "$tenant1_aud/Patient/p1"; say
 show "   ... and is refused on demo2, which trusts no community" \
   -H "Authorization: Bearer $community_token" "$tenant2_aud/Patient/p1"; say
+# --- Batches and transactions: every entry authorized on its own -----------------------
+writer_token=$(token demo-patient-app:demo-patient-secret "launch/patient patient/Patient.rs patient/Observation.rs patient/Observation.cu patient/Encounter.c" "$tenant1_aud")
+visit() { # PATIENT: a transaction recording a home visit and a reading linked to it by urn:uuid
+  cat <<JSON
+{"resourceType": "Bundle", "type": "transaction", "entry": [
+  {"fullUrl": "urn:uuid:5b2d6c1e-0f3a-4c8e-9d21-7a6b3c2e1f00",
+   "resource": {"resourceType": "Encounter", "status": "finished", "class": {"code": "HH"},
+                "subject": {"reference": "Patient/p1"}},
+   "request": {"method": "POST", "url": "Encounter"}},
+  {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "home blood pressure"},
+                "subject": {"reference": "Patient/$1"},
+                "encounter": {"reference": "urn:uuid:5b2d6c1e-0f3a-4c8e-9d21-7a6b3c2e1f00"}},
+   "request": {"method": "POST", "url": "Observation"}}]}
+JSON
+}
+show "10. A transaction: the patient app records a home visit and a reading linked to it (urn:uuid)" \
+  -X POST -H "Authorization: Bearer $writer_token" -H 'Content-Type: application/fhir+json' \
+  --data "$(visit p1)" "$tenant1_aud"; say
+show "    ... the same with the reading for patient p2: refused whole, nothing written" \
+  -X POST -H "Authorization: Bearer $writer_token" -H 'Content-Type: application/fhir+json' \
+  --data "$(visit p2)" "$tenant1_aud"; say
+show "11. A batch: p1's own record, a reading for p2 (refused on its own), p2's record (hidden)" \
+  -X POST -H "Authorization: Bearer $writer_token" -H 'Content-Type: application/fhir+json' \
+  --data '{"resourceType": "Bundle", "type": "batch", "entry": [
+    {"request": {"method": "GET", "url": "Patient/p1"}},
+    {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p2"}},
+     "request": {"method": "POST", "url": "Observation"}},
+    {"request": {"method": "GET", "url": "Patient/p2"}}]}' "$tenant1_aud"; say
 echo
 
 trap - ERR
