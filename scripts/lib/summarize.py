@@ -14,10 +14,10 @@ if t == "Bundle" and v.get("type", "").endswith("-response"):
             what = f"{res.get('resourceType')}/{res.get('id', '')}"
             if res.get("resourceType") == "Bundle":
                 what = f"Bundle with {len(res.get('entry', []))} entries"
-        elif "outcome" in r:
-            what = "OperationOutcome " + r["outcome"]["issue"][0]["details"]["coding"][0]["code"]
         elif "location" in r:
             what = "location " + r["location"]
+        elif "outcome" in r:
+            what = "OperationOutcome " + r["outcome"]["issue"][0]["details"]["coding"][0]["code"]
         print(f"  {n}. {r.get('status', '?')}  {what}")
 elif t == "Bundle":
     ids = [e["resource"]["resourceType"] + "/" + e["resource"].get("id", "?") for e in v.get("entry", []) if "resource" in e]
