@@ -1,10 +1,13 @@
-//! Batches (`POST /` with a `batch` Bundle) of reads on the shared stack: each entry is
-//! authorized and checked on its own; a refused entry answers for itself.
+//! Batches and transactions (`POST /` with a Bundle): reads on the shared stack, writes
+//! on the write tests' own HAPI server. Each entry is authorized and checked on its
+//! own; a refused batch entry answers for itself, a refused transaction entry stops the
+//! whole transaction before anything is sent.
 
 use serde_json::{Value, json};
 
 use crate::harness::{Answer, answer, shared, token};
 use crate::support;
+use crate::writes::{fhir as w_fhir, proxy as w_proxy};
 
 async fn post_bundle(tenant: &str, token: &str, bundle: &Value) -> Answer {
     answer(
@@ -190,32 +193,18 @@ async fn malformed_bundles_are_refused_whole() {
 // ---------------------------------------------------------------------------------------
 // Writes in batches and transactions, against a HAPI server of their own.
 
-/// A HAPI server of their own (the base bundle loaded; these tests write to it) and a
-/// proxy with tenant `w` in front of it.
-fn writable() -> &'static (support::FhirServer, crate::harness::Proxy) {
-    static W: std::sync::OnceLock<(support::FhirServer, crate::harness::Proxy)> =
-        std::sync::OnceLock::new();
-    W.get_or_init(|| {
-        let fhir = support::FhirServer::start(support::FhirServerOptions::default());
-        let base = fhir.base_url().to_owned();
-        let proxy = crate::harness::Proxy::start(|port| {
-            crate::harness::tenants(vec![(
-                "w",
-                crate::harness::tenant("w", port, &base, support::issuer()),
-            )])
-        });
-        (fhir, proxy)
-    })
-}
+// The write tests' HAPI server and proxy (`writes`: the base bundle loaded, tenant `w`).
+// The base bundle's records these tests name are written only by entries the proxy
+// refuses; what they create carries identifiers of their own.
 
 async fn w_token(client: &str, scope: &str) -> String {
-    support::token(client, scope, &writable().1.base("w")).await
+    support::token(client, scope, &w_proxy().base("w")).await
 }
 
 async fn w_post(token: &str, bundle: &Value) -> Answer {
     answer(
         support::http_client()
-            .post(writable().1.base("w"))
+            .post(w_proxy().base("w"))
             .bearer_auth(token)
             .header("content-type", "application/fhir+json")
             .body(serde_json::to_vec(bundle).unwrap()),
@@ -225,7 +214,7 @@ async fn w_post(token: &str, bundle: &Value) -> Answer {
 
 /// Straight from the upstream, past the proxy.
 async fn upstream(path: &str) -> Value {
-    let url = format!("{}/{path}", writable().0.base_url());
+    let url = format!("{}/{path}", w_fhir().base_url());
     let a = answer(
         support::http_client()
             .get(&url)
@@ -319,7 +308,7 @@ async fn a_batch_mixing_allowed_and_denied_writes_applies_only_the_allowed_ones(
     assert_eq!(reason(3), "resource_not_found");
     let location = v["entry"][0]["response"]["location"].as_str().unwrap();
     assert!(
-        location.starts_with(&format!("{}/Observation/", writable().1.base("w"))),
+        location.starts_with(&format!("{}/Observation/", w_proxy().base("w"))),
         "{location}"
     );
     // What the upstream holds: the allowed create, and nothing else changed.
@@ -338,12 +327,6 @@ async fn a_batch_mixing_allowed_and_denied_writes_applies_only_the_allowed_ones(
 #[tokio::test]
 async fn a_transaction_with_one_denied_entry_writes_nothing() {
     let t = w_token("patient-p1", P1_WRITER).await;
-    let posts_before = writable()
-        .0
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("POST /fhir"))
-        .count();
     let a = w_post(
         &t,
         &transaction(vec![
@@ -364,18 +347,12 @@ async fn a_transaction_with_one_denied_entry_writes_nothing() {
         diagnostics.starts_with("transaction entry 2:"),
         "{diagnostics}"
     );
-    // Nothing was written, and nothing was even sent: no POST reached the upstream.
+    // Nothing was written (that nothing was sent either: see
+    // `the_upstream_receives_one_transaction_of_the_prepared_entries`).
     assert_eq!(count_identified("tx-own").await, 0);
     assert_eq!(count_identified("tx-other").await, 0);
-    let posts_after = writable()
-        .0
-        .requests()
-        .iter()
-        .filter(|r| r.starts_with("POST /fhir"))
-        .count();
-    assert_eq!(posts_before, posts_after);
     // The refusal's record names the entry.
-    let audit = writable().1.audit_records();
+    let audit = w_proxy().audit_records();
     assert!(
         audit.iter().any(|r| r["fhir.interaction"] == "batch"
             && r["authz.decision"] == "deny"
@@ -419,12 +396,12 @@ async fn an_allowed_transaction_resolves_its_references_and_answers_without_reso
         // upstream's.
         let loc = e["response"]["location"].as_str().unwrap();
         assert!(
-            !loc.contains("://") || loc.starts_with(&writable().1.base("w")),
+            !loc.contains("://") || loc.starts_with(&w_proxy().base("w")),
             "{loc}"
         );
         assert!(loc.contains("/_history/"), "{loc}");
     }
-    assert!(!a.text.contains(writable().0.base_url()));
+    assert!(!a.text.contains(w_fhir().base_url()));
     // The upstream linked the Observation to the Encounter it created.
     let found = upstream("Observation?identifier=urn:test:bundles%7Ctx-linked").await;
     let encounter = found["entry"][0]["resource"]["encounter"]["reference"]
@@ -437,7 +414,7 @@ async fn an_allowed_transaction_resolves_its_references_and_answers_without_reso
         "Patient/p1"
     );
     // Each entry's record names what it wrote.
-    let audit = writable().1.audit_records();
+    let audit = w_proxy().audit_records();
     let written: Vec<&str> = audit
         .iter()
         .filter_map(|r| r["notes"].as_str())
@@ -613,4 +590,156 @@ async fn conditional_entries_are_narrowed_and_version_conflicts_pass_through() {
         upstream("Observation/obs-p1-hba1c").await["meta"]["versionId"],
         current["meta"]["versionId"]
     );
+}
+
+/// What the upstream receives: a capturing relay in front of the write tests' HAPI.
+#[tokio::test]
+async fn the_upstream_receives_one_transaction_of_the_prepared_entries() {
+    use crate::observability::{Relay, host_port};
+    let relay = Relay::start(&host_port(w_fhir().base_url()));
+    let upstream_base = format!("http://127.0.0.1:{}/fhir", relay.port);
+    let proxy = crate::harness::Proxy::start(move |port| {
+        crate::harness::tenants(vec![(
+            "wt",
+            crate::harness::tenant("wt", port, &upstream_base, support::issuer()),
+        )])
+    });
+    let t = support::token("patient-p1", P1_WRITER, &proxy.base("wt")).await;
+    let post = |bundle: Value| {
+        answer(
+            support::http_client()
+                .post(proxy.base("wt"))
+                .bearer_auth(&t)
+                .header("content-type", "application/fhir+json")
+                .body(serde_json::to_vec(&bundle).unwrap()),
+        )
+    };
+    // A refused transaction sends nothing that writes.
+    let a = post(transaction(vec![
+        write("POST", "Observation", Some(observation("p1", "relay-own"))),
+        write(
+            "POST",
+            "Observation",
+            Some(observation("p2", "relay-other")),
+        ),
+    ]))
+    .await;
+    assert_eq!(a.status, 403, "{}", a.text);
+    let sent: Vec<String> = relay
+        .exchanges()
+        .iter()
+        .map(|e| e.line().to_owned())
+        .collect();
+    assert!(
+        sent.iter().all(|l| l.starts_with("GET ")),
+        "a refused transaction reached the upstream: {sent:?}"
+    );
+    // An allowed one goes as one transaction of the prepared entries.
+    let id = format!("bx-{}", std::process::id());
+    let mut own = observation("p1", &id);
+    own["id"] = json!(id);
+    let put = answer(
+        support::http_client()
+            .put(format!("{}/Observation/{id}", w_fhir().base_url()))
+            .header("content-type", "application/fhir+json")
+            .body(own.to_string()),
+    )
+    .await;
+    assert!(put.status == 200 || put.status == 201, "{}", put.text);
+    let mut amended = own.clone();
+    amended["status"] = json!("amended");
+    let mut create = write("POST", "Observation", Some(observation("p1", "relay-new")));
+    create["request"]["ifNoneExist"] = json!("identifier=urn:test:bundles|relay-new");
+    let a = post(transaction(vec![
+        write("PUT", &format!("Observation/{id}"), Some(amended)),
+        write(
+            "PUT",
+            "Observation?identifier=urn:test:bundles|relay-cond",
+            Some(observation("p1", "relay-cond")),
+        ),
+        create,
+    ]))
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let exchanges = relay.exchanges();
+    let tx: Vec<_> = exchanges
+        .iter()
+        .filter(|e| e.line().starts_with("POST /fhir "))
+        .collect();
+    assert_eq!(
+        tx.len(),
+        1,
+        "{:?}",
+        exchanges.iter().map(|e| e.line()).collect::<Vec<_>>()
+    );
+    assert!(
+        exchanges
+            .iter()
+            .all(|e| e.line().starts_with("GET ") || e.line().starts_with("POST /fhir ")),
+        "entries went upstream one by one"
+    );
+    let sent: Value = serde_json::from_str(&tx[0].request_body).unwrap();
+    assert_eq!(sent["type"], "transaction");
+    let e = sent["entry"].as_array().unwrap();
+    // The update is pinned to the version the write check read.
+    assert_eq!(e[0]["request"]["url"], format!("Observation/{id}"));
+    assert_eq!(e[0]["request"]["ifMatch"], "W/\"1\"");
+    // The conditional update's criteria and the create's condition are narrowed to p1.
+    let url = e[1]["request"]["url"].as_str().unwrap();
+    assert!(url.starts_with("Observation?identifier="), "{url}");
+    assert!(url.contains("p1"), "criteria not narrowed: {url}");
+    let cond = e[2]["request"]["ifNoneExist"].as_str().unwrap();
+    assert!(
+        cond.contains("identifier=") && cond.contains("p1"),
+        "{cond}"
+    );
+    // The resources go as the client sent them.
+    assert_eq!(e[0]["resource"]["status"], "amended");
+    // The transaction asks for a minimal answer.
+    assert!(
+        tx[0]
+            .request_header("prefer")
+            .iter()
+            .any(|p| p.contains("return=minimal")),
+        "{:?}",
+        tx[0].request_header("prefer")
+    );
+    drop(proxy);
+}
+
+#[tokio::test]
+async fn a_practitioners_write_only_batch_writes_within_its_reach_and_reads_nothing_back() {
+    // `c` without `r`: the created record is not returned, only where it went.
+    let t = w_token("practitioner-pr1", "user/Observation.c").await;
+    let mut mine = observation("p1", "user-own");
+    mine["performer"] = json!([{ "reference": "Practitioner/pr1" }]);
+    let a = w_post(
+        &t,
+        &batch(vec![
+            write("POST", "Observation", Some(mine)),
+            write("POST", "Observation", Some(observation("p2", "user-other"))),
+            get("Observation/obs-p1-glucose"),
+        ]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
+    assert_eq!(
+        statuses(&v),
+        ["201 Created", "403 Forbidden", "403 Forbidden"],
+        "{}",
+        a.text
+    );
+    assert!(v["entry"][0].get("resource").is_none(), "{}", a.text);
+    assert!(
+        v["entry"][0]["response"]["location"]
+            .as_str()
+            .is_some_and(|l| l.contains("Observation/"))
+    );
+    assert_eq!(
+        v["entry"][2]["response"]["outcome"]["issue"][0]["details"]["coding"][0]["code"],
+        "scope_insufficient"
+    );
+    assert_eq!(count_identified("user-own").await, 1);
+    assert_eq!(count_identified("user-other").await, 0);
 }

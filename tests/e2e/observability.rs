@@ -419,6 +419,8 @@ async fn readiness_names_the_tenant_whose_upstream_is_down() {
 #[derive(Clone, Debug)]
 pub(crate) struct Exchange {
     pub(crate) request: String,
+    /// The request's body (`content-length` framed), as text.
+    pub(crate) request_body: String,
     pub(crate) response: String,
 }
 
@@ -546,6 +548,7 @@ fn relay_one(mut client: TcpStream, target: &str, log: &Mutex<Vec<Exchange>>) {
     let response = String::from_utf8_lossy(&answer[..end]).into_owned();
     log.lock().unwrap().push(Exchange {
         request: head,
+        request_body: String::from_utf8_lossy(&body).into_owned(),
         response: response.clone(),
     });
     let rest = answer.get(end + 4..).unwrap_or_default();

@@ -17,13 +17,13 @@ use crate::harness::{Answer, Proxy, answer, tenant, tenants};
 use crate::support::{self, FhirServer, FhirServerOptions};
 
 /// The upstream of the write tests: a server of their own with the base bundle.
-fn fhir() -> &'static FhirServer {
+pub(crate) fn fhir() -> &'static FhirServer {
     static SERVER: OnceLock<FhirServer> = OnceLock::new();
     SERVER.get_or_init(|| FhirServer::start(FhirServerOptions::default()))
 }
 
 /// One proxy for the compartment-mode tests: tenant `w` on [`fhir`].
-fn proxy() -> &'static Proxy {
+pub(crate) fn proxy() -> &'static Proxy {
     static PROXY: OnceLock<Proxy> = OnceLock::new();
     PROXY.get_or_init(|| {
         let base = fhir().base_url().to_owned();
