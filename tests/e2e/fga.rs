@@ -391,7 +391,9 @@ async fn searches_return_exactly_the_allowed_patients_records_beyond_1000() {
     assert_eq!(found.len(), found_set.len(), "no record twice");
     assert_eq!(found_set, oracle);
     // The patient list went upstream in POST bodies, never in a URL.
-    let requests = fhir().requests();
+    let requests = fhir()
+        .requests_once(|r| r.starts_with("POST /fhir/Observation/_search"))
+        .await;
     assert!(
         requests
             .iter()

@@ -191,14 +191,11 @@ async fn scored_candidates_are_graded_certain_probable_possible_and_non_matches_
         );
     }
     // Candidate searches went to the upstream, bounded by `search_count`.
-    let seen = fhir().requests();
-    assert!(
-        seen.iter().any(
-            |r| r.starts_with("GET /fhir/Patient?identifier=urn%3Amrn%7CM-100")
-                && r.contains("_count=10")
-        ),
-        "{seen:?}"
-    );
+    let wanted = |r: &str| {
+        r.starts_with("GET /fhir/Patient?identifier=urn%3Amrn%7CM-100") && r.contains("_count=10")
+    };
+    let seen = fhir().requests_once(wanted).await;
+    assert!(seen.iter().any(|r| wanted(r)), "{seen:?}");
     // Nobody like this: an empty searchset.
     let nobody = json!({"resourceType": "Patient", "identifier": [{"type": {"coding": [{"code": "MR"}]}, "system": "urn:mrn", "value": "nobody"}],
         "name": [{"family": "Zed", "given": ["Zoe"]}], "birthDate": "2001-02-03"});
@@ -347,7 +344,8 @@ async fn a_patient_token_gets_only_its_own_patient_scored_and_nothing_about_the_
     assert!(a.json().get("total").is_none(), "{}", a.text);
     // The candidate searches were narrowed to the token's compartment.
     let searches: Vec<String> = fhir()
-        .requests()
+        .requests_once(|r| r.contains("p10-only"))
+        .await
         .into_iter()
         .filter(|r| r.contains("p10-only"))
         .collect();
@@ -423,7 +421,8 @@ async fn forwarded_match_is_answered_by_hapi_mdm_and_filtered_for_restricted_tok
     );
     assert!(
         fhir()
-            .requests()
+            .requests_once(|r| r.starts_with("POST /fhir/Patient/$match"))
+            .await
             .iter()
             .any(|r| r.starts_with("POST /fhir/Patient/$match"))
     );
