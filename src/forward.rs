@@ -306,6 +306,32 @@ async fn check(
 /// the type and the read record check, OpenFGA `can_view` included). Otherwise the body
 /// is withheld, as if the client had asked for `Prefer: return=minimal`: write does not
 /// imply read. The record written (from `Location`) goes on the audit record.
+/// The answer to a write the upstream refused, for a permit that does not reach every
+/// record of the type: the upstream's status with an OperationOutcome of the proxy's.
+/// The upstream's own text can name records outside the permit (the reference that
+/// blocks a delete, a referenced record that does not exist), so it is not passed on;
+/// the status still is (a conflict, a failed precondition, an invalid body).
+pub fn upstream_write_refused(status: StatusCode) -> Bytes {
+    let code = match status {
+        StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => "conflict",
+        StatusCode::NOT_FOUND | StatusCode::GONE => "not-found",
+        StatusCode::UNPROCESSABLE_ENTITY => "processing",
+        s if s.is_client_error() => "invalid",
+        _ => "exception",
+    };
+    Bytes::from(
+        crate::fhir::OperationOutcome::error(
+            code,
+            "upstream_write_refused",
+            format!(
+                "the upstream server refused the write ({})",
+                status.as_u16()
+            ),
+        )
+        .to_json(),
+    )
+}
+
 async fn check_write(
     req: &Request<Bytes>,
     fetched: &Fetched,
@@ -347,6 +373,12 @@ async fn check_write(
         });
     if !fetched.status.is_success() {
         if is_json && read_type == Some("OperationOutcome") {
+            if !ext::<Permit>(req, "missing Permit")?.is_unrestricted() {
+                return Ok(done(
+                    upstream_write_refused(fetched.status),
+                    "upstream_outcome",
+                ));
+            }
             return Ok(done(rewrite.bytes(&fetched.body)?, "upstream_outcome"));
         }
         return Err(UpstreamError::Status(fetched.status).into());

@@ -207,6 +207,14 @@ pub fn parse_body(
                     detail: "the body's id is not the path's",
                 });
             }
+            // A conditional update names its record by criteria; an id in the body
+            // would name one too, which an upstream may create or overwrite when the
+            // criteria match nothing, unchecked.
+            if req.interaction == Interaction::Update && req.id.is_none() && v.id().is_some() {
+                return Err(AuthzError::WriteBody {
+                    detail: "a conditional update's body has no id",
+                });
+            }
             Ok((WriteBody::Resource(v), Some(FHIR_JSON)))
         }
         Interaction::Patch => {
@@ -484,6 +492,31 @@ pub fn fhirpath_patch_elements(rt: ResourceType, patch: &Value) -> Result<Vec<St
                     .find_map(|k| p.get(*k).and_then(Value::as_str))
             })
         };
+        // One of each part: a repeated `path`, `name` or `type`, or several values,
+        // could be read one way here and another way by the upstream.
+        let parts = op.get("part").and_then(Value::as_array);
+        let count = |pred: &dyn Fn(&str) -> bool| {
+            parts
+                .into_iter()
+                .flatten()
+                .filter(|p| p.get("name").and_then(Value::as_str).is_some_and(pred))
+                .count()
+        };
+        if ["path", "name", "type", "index", "source", "destination"]
+            .iter()
+            .any(|n| count(&|x| x == *n) > 1)
+            || count(&|x| x == "value") > 1
+            || parts.into_iter().flatten().any(|p| {
+                p.as_object().is_some_and(|o| {
+                    o.keys()
+                        .filter(|k| k.starts_with("value") || *k == "part" || *k == "resource")
+                        .count()
+                        > 1
+                })
+            })
+        {
+            return Err(AuthzError::PatchNotCheckable);
+        }
         let path = text("path").ok_or(refuse("a fhirpath patch operation has a path"))?;
         let element = match path.strip_prefix(rt.as_str()) {
             // On the resource itself: `add` names the element.
@@ -494,14 +527,16 @@ pub fn fhirpath_patch_elements(rt: ResourceType, patch: &Value) -> Result<Vec<St
                 let rest = rest
                     .strip_prefix('.')
                     .ok_or(refuse("a fhirpath patch path starts at the resource type"))?;
+                // Only a plain path: `name(.name([n])?)*`. Anything else (a function,
+                // a union, `where`, `select`, an expression) may reach other elements
+                // than its first name says.
+                if !is_plain_path(rest) {
+                    return Err(AuthzError::PatchNotCheckable);
+                }
                 let end = rest
                     .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                     .unwrap_or(rest.len());
-                let (name, after) = rest.split_at(end);
-                if name.is_empty() || after.starts_with('(') {
-                    return Err(AuthzError::PatchNotCheckable);
-                }
-                name
+                &rest[..end]
             }
             None => return Err(AuthzError::PatchNotCheckable),
         };
@@ -515,6 +550,23 @@ pub fn fhirpath_patch_elements(rt: ResourceType, patch: &Value) -> Result<Vec<St
         out.push(element.to_owned());
     }
     Ok(out)
+}
+
+/// Whether `path` (after `Type.`) is `name([n])?(.name([n])?)*`: element names and
+/// list indexes only.
+fn is_plain_path(path: &str) -> bool {
+    path.split('.').all(|seg| {
+        let name = match seg.split_once('[') {
+            Some((n, rest)) => match rest.strip_suffix(']') {
+                Some(i) if !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return false,
+            },
+            None => seg,
+        };
+        !name.is_empty()
+            && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    })
 }
 
 /// Refuses a FHIRPath Patch that changes what decides a record's compartments (the

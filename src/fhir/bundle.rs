@@ -86,6 +86,14 @@ pub enum EntryError {
     ReferenceInBatch,
     #[error("conditional references are only resolved for permits that reach the whole type")]
     ConditionalReference,
+    #[error("two entries of the transaction change `{target}`")]
+    DuplicateTarget { target: String },
+    #[error(
+        "a transaction entry's fullUrl must be a `urn:uuid:`/`urn:oid:` or the entry's own URL under the tenant's base"
+    )]
+    FullUrl,
+    #[error("a patch in a transaction cannot name another entry (`urn:`)")]
+    PatchReference,
     #[error("fullUrl `{full_url}` names two entries")]
     DuplicateFullUrl { full_url: String },
 }
@@ -104,6 +112,9 @@ impl EntryError {
             EntryError::ReferenceInBatch => "batch_reference_between_entries",
             EntryError::DuplicateFullUrl { .. } => "transaction_duplicate_full_url",
             EntryError::ConditionalReference => "conditional_reference",
+            EntryError::DuplicateTarget { .. } => "transaction_duplicate_target",
+            EntryError::FullUrl => "transaction_full_url",
+            EntryError::PatchReference => "transaction_patch_reference",
         }
     }
 
@@ -370,10 +381,13 @@ pub enum Identity {
     Pending(String),
 }
 
-/// The identity of each `urn:uuid:`/`urn:oid:` fullUrl of a transaction.
-pub fn identities(entries: &[EntryRequest]) -> Result<HashMap<String, Identity>, EntryError> {
+/// The identity of each `urn:uuid:`/`urn:oid:` fullUrl of a transaction; an error
+/// names the (0-based) entry it is about.
+pub fn identities(
+    entries: &[EntryRequest],
+) -> Result<HashMap<String, Identity>, (usize, EntryError)> {
     let mut out = HashMap::new();
-    for e in entries {
+    for (n, e) in entries.iter().enumerate() {
         let Some(full) = e.full_url.as_deref().filter(|f| f.starts_with("urn:")) else {
             continue;
         };
@@ -385,12 +399,62 @@ pub fn identities(entries: &[EntryRequest]) -> Result<HashMap<String, Identity>,
             _ => Identity::Pending(ty),
         };
         if out.insert(full.to_owned(), identity).is_some() {
-            return Err(EntryError::DuplicateFullUrl {
-                full_url: crate::fhir::parse::echo(full),
-            });
+            return Err((
+                n,
+                EntryError::DuplicateFullUrl {
+                    full_url: crate::fhir::parse::echo(full),
+                },
+            ));
         }
     }
     Ok(out)
+}
+
+/// What a transaction must not hold, entry by entry (the 0-based index of the first
+/// offending one): a fullUrl that is neither a URN nor the entry's own URL under the
+/// tenant's public base (the upstream would redirect references that match it, which
+/// the record checks cannot follow); two entries that change one `Type/id` (each is
+/// checked against the record as it is before the transaction, the upstream applies
+/// them one after the other); a patch naming another entry by `urn:` (the upstream
+/// would resolve it inside the patched record, after the check).
+pub fn check_transaction(
+    entries: &[EntryRequest],
+    public_base: &str,
+) -> Result<(), (usize, EntryError)> {
+    let base = public_base.trim_end_matches('/');
+    let mut targets = std::collections::HashSet::new();
+    for (n, e) in entries.iter().enumerate() {
+        let by_id = e.query.is_none() && e.path.split('/').count() == 2;
+        if let Some(full) = &e.full_url
+            && !full.starts_with("urn:uuid:")
+            && !full.starts_with("urn:oid:")
+            && !(by_id && *full == format!("{base}/{}", e.path))
+        {
+            return Err((n, EntryError::FullUrl));
+        }
+        if by_id && e.method != Method::POST && !targets.insert(e.path.clone()) {
+            return Err((
+                n,
+                EntryError::DuplicateTarget {
+                    target: crate::fhir::parse::echo(&e.path),
+                },
+            ));
+        }
+        if e.method == Method::PATCH {
+            let body = e.body().map_err(|err| (n, err))?;
+            if body.is_some_and(|(b, _)| contains_urn(&b)) {
+                return Err((n, EntryError::PatchReference));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `text` holds `urn:` in any letter case (a JSON escape of it too).
+fn contains_urn(text: &[u8]) -> bool {
+    let lower = text.to_ascii_lowercase();
+    memchr::memmem::find(&lower, b"urn:").is_some()
+        || memchr::memmem::find(&lower, b"\\u").is_some()
 }
 
 /// The resource as the record checks see it: every `reference` naming another entry
@@ -417,10 +481,13 @@ pub fn resolve_references(
 /// Whether a resource holds a `urn:` reference (a batch entry must not: its entries
 /// are independent).
 pub fn has_urn_reference(resource: &RawValue) -> bool {
-    memchr::memmem::find(resource.get().as_bytes(), b"\"urn:").is_some()
-        && serde_json::from_str::<Value>(resource.get())
-            .map(|v| any_reference(&v, 0, &|s| s.starts_with("urn:")))
-            .unwrap_or(true)
+    serde_json::from_str::<Value>(resource.get())
+        .map(|v| {
+            any_reference(&v, 0, &|s| {
+                s.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("urn:"))
+            })
+        })
+        .unwrap_or(true)
 }
 
 /// Whether a resource holds a conditional reference (`Patient?identifier=...`),
@@ -494,6 +561,12 @@ fn resolve_in(
     Ok(())
 }
 
+#[derive(Deserialize)]
+struct ResourceHead {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+}
+
 /// One entry of a `batch-response`.
 #[derive(Debug, Default)]
 pub struct EntryResponse {
@@ -521,7 +594,11 @@ impl EntryResponse {
             .ok()
             .filter(|s| s.trim_start().starts_with('{'))
             .and_then(|s| RawValue::from_string(s.to_owned()).ok());
-        let (resource, outcome) = if status.is_success() {
+        let is_outcome = raw.as_ref().is_some_and(|r| {
+            serde_json::from_str::<ResourceHead>(r.get())
+                .is_ok_and(|h| h.resource_type.as_deref() == Some("OperationOutcome"))
+        });
+        let (resource, outcome) = if status.is_success() && !is_outcome {
             (raw, None)
         } else {
             (None, raw)
@@ -683,6 +760,7 @@ pub fn minimal_transaction_response(body: &[u8], expected: usize) -> Option<Vec<
     }
     #[derive(Deserialize, serde::Serialize)]
     struct RespEntry {
+        #[serde(skip_serializing_if = "Option::is_none")]
         response: Option<Box<RawValue>>,
     }
     let r: Resp = serde_json::from_slice(body).ok()?;

@@ -240,10 +240,12 @@ where
     for (n, e) in entries.into_iter().enumerate() {
         ok.push(e.map_err(|e| refuse(n + 1, e.into()))?);
     }
-    let ids = bundle::identities(&ok).map_err(|e| refuse(0, e.into()))?;
+    bundle::check_transaction(&ok, &tenant.config.public_base)
+        .map_err(|(n, e)| refuse(n + 1, e.into()))?;
+    let ids = bundle::identities(&ok).map_err(|(n, e)| refuse(n + 1, e.into()))?;
     let pending = pending_id()?;
     let mut prepared = Vec::with_capacity(ok.len());
-    let mut slots = Vec::with_capacity(ok.len());
+    let mut slots: Vec<AuditSlot> = Vec::with_capacity(ok.len());
     for (n, e) in ok.iter().enumerate() {
         let index = n + 1;
         // What the record checks see: references to other entries resolved.
@@ -262,9 +264,18 @@ where
             _ => None,
         };
         let slot = entry_slot(outer, index);
-        let resp = run_entry(inner.clone(), outer, e, check_body, &slot, true)
-            .await
-            .map_err(|err| refuse(index, err))?;
+        let resp = match run_entry(inner.clone(), outer, e, check_body, &slot, true).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                // The refused entry's record has its reason; those prepared before it
+                // are recorded as not carried out.
+                slot.emit_refusal(err.status().as_u16(), err.reason());
+                for s in &slots {
+                    s.emit_refusal(err.status().as_u16(), "transaction_refused");
+                }
+                return Err(refuse(index, err));
+            }
+        };
         let p = resp
             .extensions()
             .get::<Prepared>()
@@ -310,12 +321,20 @@ where
         to: &cfg.public_base,
     };
     if !fetched.status.is_success() {
-        // The upstream refused the transaction (a lost update is its 412): its
-        // OperationOutcome passes, URLs rewritten; nothing else does.
+        for s in &slots {
+            s.emit_refusal(fetched.status.as_u16(), "upstream_outcome");
+        }
+        // The upstream refused the transaction (a lost update, a conditional create
+        // matching twice): its status passes; its OperationOutcome only where every
+        // entry's permit reaches the whole type (the text may name other records).
         if !is_operation_outcome(&fetched.body) {
             return Err(UpstreamError::Status(fetched.status).into());
         }
-        let body = rewrite.bytes(&fetched.body)?;
+        let body = if prepared.iter().all(|p| p.unrestricted) {
+            rewrite.bytes(&fetched.body)?
+        } else {
+            crate::forward::upstream_write_refused(fetched.status)
+        };
         return Ok(bundle_answer(fetched.status, body, "upstream_outcome"));
     }
     let minimal = bundle::minimal_transaction_response(&fetched.body, ok.len())
@@ -473,6 +492,11 @@ fn sub_request(
     let parsed = parse_request(&entry.method, &path, entry.query.as_deref(), None)?;
     if parsed.interaction == Interaction::BatchOrTransaction {
         return Err(EntryError::Nested.into());
+    }
+    // A transaction writes: a search or an operation has no place in it, whatever its
+    // method.
+    if prepare && !crate::authz::write::is_write(&parsed.interaction) {
+        return Err(EntryError::ReadInTransaction.into());
     }
     slot.set_request(&parsed);
     slot.set_query(&path, entry.query.as_deref(), None);

@@ -583,9 +583,15 @@ async fn conditional_entries_are_narrowed_and_version_conflicts_pass_through() {
     assert_eq!(a.json()["resourceType"], "OperationOutcome");
     let mut stale = write("PUT", "Observation/obs-p1-hba1c", Some(current.clone()));
     stale["request"]["ifMatch"] = json!("W/\"0\"");
-    let a = w_post(&t, &transaction(vec![stale])).await;
+    let a = w_post(&t, &transaction(vec![stale.clone()])).await;
     assert_eq!(a.status, 409, "{}", a.text);
-    assert_eq!(a.json()["resourceType"], "OperationOutcome");
+    // The status passes; the upstream's text only to a token that reaches every record.
+    assert_eq!(a.reason(), "upstream_write_refused", "{}", a.text);
+    assert!(!a.text.contains("HAPI-"), "{}", a.text);
+    let system = w_token("backend", "system/Observation.cruds").await;
+    let a = w_post(&system, &transaction(vec![stale])).await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    assert!(a.text.contains("HAPI-"), "{}", a.text);
     assert_eq!(
         upstream("Observation/obs-p1-hba1c").await["meta"]["versionId"],
         current["meta"]["versionId"]
@@ -742,4 +748,40 @@ async fn a_practitioners_write_only_batch_writes_within_its_reach_and_reads_noth
     );
     assert_eq!(count_identified("user-own").await, 1);
     assert_eq!(count_identified("user-other").await, 0);
+}
+
+#[tokio::test]
+async fn transactions_refuse_searches_foreign_full_urls_and_two_changes_of_one_record() {
+    let t = w_token("patient-p1", P1_WRITER).await;
+    let search = json!({"resource": {"resourceType": "Parameters"},
+                        "request": {"method": "POST", "url": "Observation/_search"}});
+    let mut foreign = write("POST", "Observation", Some(observation("p1", "tx-foreign")));
+    foreign["fullUrl"] = json!("Patient/p1");
+    let own = upstream("Observation/obs-p1-glucose").await;
+    let cases = [
+        (vec![search], 400, "transaction_read_unsupported"),
+        (vec![foreign], 400, "transaction_full_url"),
+        (
+            vec![
+                write("PUT", "Observation/obs-p1-glucose", Some(own.clone())),
+                write("DELETE", "Observation/obs-p1-glucose", None),
+            ],
+            400,
+            "transaction_duplicate_target",
+        ),
+    ];
+    for (entries, status, reason) in cases {
+        let a = w_post(&t, &transaction(entries)).await;
+        assert_eq!(
+            (a.status, a.reason()),
+            (status, reason.to_owned()),
+            "{}",
+            a.text
+        );
+    }
+    assert_eq!(count_identified("tx-foreign").await, 0);
+    assert_eq!(
+        upstream("Observation/obs-p1-glucose").await["meta"]["versionId"],
+        own["meta"]["versionId"]
+    );
 }

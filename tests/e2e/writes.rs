@@ -385,9 +385,9 @@ async fn an_update_of_a_missing_id_is_checked_as_a_create() {
     assert_eq!(upstream_get(&path).await.0, 200);
 }
 
-/// A lost update: the upstream's own answer to a stale `If-Match`, passed through
-/// (HAPI answers it with 409 Conflict, HAPI-0989, where FHIR says 412; the proxy does
-/// not rewrite upstream answers). An `If-Match` naming a version the proxy's check did
+/// A lost update: the upstream's answer to a stale `If-Match`, its status passed
+/// through (HAPI answers it with 409 Conflict, HAPI-0989, where FHIR says 412), its
+/// OperationOutcome only to tokens that reach every record of the type. An `If-Match` naming a version the proxy's check did
 /// not see is the proxy's own 412.
 #[tokio::test]
 async fn a_lost_update_is_the_upstreams_conflict() {
@@ -405,6 +405,21 @@ async fn a_lost_update_is_the_upstreams_conflict() {
         reqwest::Method::PUT,
         &path,
         &t,
+        Some(&mine),
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
+    assert_eq!(a.status, 409, "{}", a.text);
+    // For a patient token the status passes, the upstream's text does not (it could
+    // name records outside the token's reach).
+    assert_eq!(a.reason(), "upstream_write_refused", "{}", a.text);
+    assert!(!a.text.contains("HAPI-"), "{}", a.text);
+    // A system token gets the upstream's own OperationOutcome.
+    let sys = token("backend", "system/Observation.ru").await;
+    let a = send(
+        reqwest::Method::PUT,
+        &path,
+        &sys,
         Some(&mine),
         &[("if-match", "W/\"1\"")],
     )

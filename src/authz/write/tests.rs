@@ -382,6 +382,20 @@ fn body_of(
 }
 
 #[test]
+fn a_conditional_update_names_its_record_by_criteria_only() {
+    let req = request(Method::PUT, "/Observation", Some("identifier=x"));
+    let with_id = r#"{"resourceType":"Observation","id":"o2"}"#;
+    assert_eq!(
+        parse_body(&req, Some("application/fhir+json"), with_id.as_bytes())
+            .unwrap_err()
+            .reason(),
+        "write_body_invalid"
+    );
+    let without = r#"{"resourceType":"Observation"}"#;
+    assert!(parse_body(&req, Some("application/fhir+json"), without.as_bytes()).is_ok());
+}
+
+#[test]
 fn bodies_must_be_what_the_path_says() {
     let ok = r#"{"resourceType":"Observation","id":"o1"}"#;
     assert!(matches!(
@@ -597,9 +611,54 @@ fn fhirpath_patch_may_not_touch_compartment_links() {
             fhirpath_patch(&[("delete", "%resource.subject", None)]),
             "patch_not_checkable",
         ),
+        // Paths whose first name is harmless but which reach other elements.
+        (
+            fhirpath_patch(&[(
+                "add",
+                "Observation.status.where(false) | Observation",
+                Some("performer"),
+            )]),
+            "patch_not_checkable",
+        ),
+        (
+            fhirpath_patch(&[("delete", "Observation.status | Observation.subject", None)]),
+            "patch_not_checkable",
+        ),
+        (
+            fhirpath_patch(&[(
+                "delete",
+                "Observation.status.select(%resource).subject",
+                None,
+            )]),
+            "patch_not_checkable",
+        ),
+        (
+            fhirpath_patch(&[("replace", "Observation.code.coding[x]", None)]),
+            "patch_not_checkable",
+        ),
+        (
+            fhirpath_patch(&[("replace", "Observation.code..coding", None)]),
+            "patch_not_checkable",
+        ),
     ] {
         assert_eq!(check(&patch).unwrap_err().reason(), reason, "{patch}");
     }
+    // A part given twice could be read either way: refused.
+    let mut twice = fhirpath_patch(&[("replace", "Observation.status", None)]);
+    twice["parameter"][0]["part"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "path", "valueString": "Observation.subject"}));
+    assert_eq!(check(&twice).unwrap_err().reason(), "patch_not_checkable");
+    let mut two_values = fhirpath_patch(&[("replace", "Observation.status", None)]);
+    two_values["parameter"][0]["part"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "value", "valueCode": "final", "valueReference": {"reference": "Patient/p2"}}));
+    assert_eq!(
+        check(&two_values).unwrap_err().reason(),
+        "patch_not_checkable"
+    );
     // A context that reaches the whole type may patch anything checkable.
     let s = permit_for(
         &system_token("system/Observation.u"),

@@ -209,10 +209,8 @@ fn a_new_patient_is_pending_and_two_entries_cannot_share_a_full_url() {
         {"fullUrl": "urn:uuid:n1", "resource": {"resourceType": "Patient"},
          "request": {"method": "POST", "url": "Patient"}},
     ]));
-    assert_eq!(
-        identities(&dup).unwrap_err().reason(),
-        "transaction_duplicate_full_url"
-    );
+    let (at, err) = identities(&dup).unwrap_err();
+    assert_eq!((at, err.reason()), (1, "transaction_duplicate_full_url"));
 }
 
 #[test]
@@ -228,6 +226,14 @@ fn conditional_and_urn_references_are_found_anywhere() {
     assert!(!has_urn_reference(&plain));
     let urn = raw(json!({"resourceType": "Observation", "subject": {"reference": "urn:uuid:1"}}));
     assert!(has_urn_reference(&urn));
+    // Escaped or in capitals, still a URN.
+    let escaped = RawValue::from_string(
+        r#"{"resourceType":"Observation","subject":{"reference":"\u0075rn:uuid:1"}}"#.to_owned(),
+    )
+    .unwrap();
+    assert!(has_urn_reference(&escaped));
+    let upper = raw(json!({"resourceType": "Observation", "subject": {"reference": "URN:uuid:1"}}));
+    assert!(has_urn_reference(&upper));
     // A urn in text is no reference.
     let text = raw(json!({"resourceType": "Observation", "note": [{"text": "\"urn:uuid:1\""}]}));
     assert!(!has_urn_reference(&text));
@@ -315,4 +321,77 @@ fn the_upstream_transaction_carries_the_prepared_requests() {
     );
     assert_eq!(v["entry"][0]["request"]["ifMatch"], "W/\"3\"");
     assert!(v["entry"][0]["request"].get("ifNoneExist").is_none());
+}
+
+#[test]
+fn a_transaction_holds_no_foreign_full_url_no_target_twice_and_no_patch_naming_an_entry() {
+    let ok = transaction_entries(json!([
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Observation"},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": "http://proxy.example/t1/Observation/o1", "resource": {"resourceType": "Observation", "id": "o1"},
+         "request": {"method": "PUT", "url": "Observation/o1"}},
+        {"request": {"method": "DELETE", "url": "Observation/o2"}},
+    ]));
+    assert!(check_transaction(&ok, BASE).is_ok());
+    let cases = [
+        (
+            json!([{"fullUrl": "http://elsewhere.example/Observation/o1", "resource": {"resourceType": "Observation", "id": "o1"},
+                    "request": {"method": "PUT", "url": "Observation/o1"}}]),
+            0,
+            "transaction_full_url",
+        ),
+        (
+            json!([{"fullUrl": "http://proxy.example/t1/Observation/o9", "resource": {"resourceType": "Observation", "id": "o1"},
+                    "request": {"method": "PUT", "url": "Observation/o1"}}]),
+            0,
+            "transaction_full_url",
+        ),
+        (
+            json!([{"fullUrl": "Patient/p1", "resource": {"resourceType": "Patient"},
+                    "request": {"method": "POST", "url": "Patient"}}]),
+            0,
+            "transaction_full_url",
+        ),
+        (
+            json!([
+                {"resource": {"resourceType": "Observation", "id": "o1"}, "request": {"method": "PUT", "url": "Observation/o1"}},
+                {"resource": {"resourceType": "Parameters"}, "request": {"method": "PATCH", "url": "Observation/o1"}}
+            ]),
+            1,
+            "transaction_duplicate_target",
+        ),
+        (
+            json!([{"resource": {"resourceType": "Binary", "contentType": JSON_PATCH,
+                                 "data": base64::engine::general_purpose::STANDARD.encode(r#"[{"op":"add","path":"/performer/-","value":{"reference":"URN:uuid:1"}}]"#)},
+                    "request": {"method": "PATCH", "url": "Observation/o1"}}]),
+            0,
+            "transaction_patch_reference",
+        ),
+        (
+            json!([{"resource": {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+                        {"name": "value", "valueReference": {"reference": "urn:uuid:1"}}]}]},
+                    "request": {"method": "PATCH", "url": "Observation/o1"}}]),
+            0,
+            "transaction_patch_reference",
+        ),
+    ];
+    for (entries, at, reason) in cases {
+        let e = transaction_entries(entries.clone());
+        let (n, err) = check_transaction(&e, BASE).unwrap_err();
+        assert_eq!((n, err.reason()), (at, reason), "{entries}");
+    }
+}
+
+#[test]
+fn a_success_that_is_an_operation_outcome_goes_in_the_outcome() {
+    let e = EntryResponse::from_answer(
+        StatusCode::OK,
+        &http::HeaderMap::new(),
+        br#"{"resourceType":"OperationOutcome","issue":[]}"#,
+    );
+    assert!(e.resource.is_none());
+    assert!(e.outcome.is_some());
+    let body = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [{}]});
+    let out = minimal_transaction_response(&serde_json::to_vec(&body).unwrap(), 1).unwrap();
+    assert!(!String::from_utf8(out).unwrap().contains("null"));
 }
