@@ -331,6 +331,40 @@ pub fn refuse_conditional_references(v: &Value) -> Result<(), AuthzError> {
     }
 }
 
+/// Refuses a reference the record checks cannot read, which would otherwise count as
+/// naming no record at all: only local references (`Type/id`, with a version, or
+/// absolute under one of `bases`), contained ones (`#id`) and absolute URLs of other
+/// servers pass. `Patient/p2/`, ` Patient/p2`, `patient/p2` or a URN could be read as
+/// `Patient/p2` by an upstream, putting the record in a compartment the check never saw.
+pub fn refuse_unreadable_references(v: &Value, bases: &[&str]) -> Result<(), AuthzError> {
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                if let ("reference", Value::String(r)) = (k.as_str(), v) {
+                    let external = r.contains("://")
+                        && !bases
+                            .iter()
+                            .any(|b| r.get(..b.len()).is_some_and(|p| p.eq_ignore_ascii_case(b)));
+                    let readable = crate::fhir::parse_local_reference(r, bases).is_some()
+                        || (r.starts_with('#') && r.len() > 1)
+                        || external;
+                    if !readable {
+                        return Err(AuthzError::WriteBody {
+                            detail: "a reference is neither local, contained nor of another server",
+                        });
+                    }
+                }
+                refuse_unreadable_references(v, bases)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|v| refuse_unreadable_references(v, bases)),
+        _ => Ok(()),
+    }
+}
+
 /// What the write check of one record needs. Pure: OpenFGA's `can_write` decisions
 /// are gathered beforehand ([`fga_write_decisions`]).
 pub struct WriteCtx<'a> {
@@ -409,6 +443,7 @@ impl WriteCtx<'_> {
     ) -> Result<ContextSet, AuthzError> {
         if !self.permit.is_unrestricted() {
             refuse_conditional_references(resource)?;
+            refuse_unreadable_references(resource, &self.bases)?;
         }
         let contexts = self.reaching(rt, resource);
         if contexts.is_empty() {

@@ -164,6 +164,53 @@ fn conditional_references_are_refused_for_restricted_tokens() {
 }
 
 #[test]
+fn references_the_check_cannot_read_are_refused_for_restricted_tokens() {
+    let p = permit_for(
+        &patient_token("patient/Observation.c"),
+        Method::POST,
+        "/Observation",
+    );
+    let with = |r: &str| {
+        json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"},
+               "performer": [{"reference": r}]})
+    };
+    for odd in [
+        "Patient/p2/",
+        " Patient/p2",
+        "patient/p2",
+        "Patient/p2/_history/",
+        "urn:uuid:0b9f8f4e-1d7c-4f4f-8f69-9d7b6a0f6c55",
+        "#",
+        "HTTP://127.0.0.1:8081/fhir/Patient/p2/",
+    ] {
+        assert_eq!(
+            run(&p, None, "Observation", Some(&with(odd)), None)
+                .unwrap_err()
+                .reason(),
+            "write_body_invalid",
+            "{odd}"
+        );
+    }
+    for fine in [
+        "Practitioner/pr1",
+        "Patient/p1/_history/2",
+        "#contained-1",
+        "https://other.example/fhir/Practitioner/x",
+    ] {
+        assert!(
+            run(&p, None, "Observation", Some(&with(fine)), None).is_ok(),
+            "{fine}"
+        );
+    }
+    let s = permit_for(
+        &system_token("system/Observation.c"),
+        Method::POST,
+        "/Observation",
+    );
+    assert!(run(&s, None, "Observation", Some(&with("Patient/p2/")), None).is_ok());
+}
+
+#[test]
 fn user_token_writes_within_its_user_compartment() {
     let p = permit_for(
         &practitioner_token("user/Observation.cu"),
