@@ -237,6 +237,34 @@ impl OpenFgaChecker {
     /// known (the answer is then not even parsed), else from BatchCheck (all patients of
     /// the answer at once, per principal). An answer that is not JSON has no patients;
     /// the answer check refuses it.
+    /// The patients among `patients` (ids) on which `principal` has `relation`: one
+    /// BatchCheck (none for no patients).
+    pub async fn patients_with(
+        &self,
+        principal: &str,
+        relation: &str,
+        patients: &[String],
+    ) -> Result<Arc<PatientList>, AuthzError> {
+        if patients.is_empty() {
+            return Ok(Arc::new(PatientList::new(HashSet::new())));
+        }
+        let objects: Vec<String> = patients
+            .iter()
+            .map(|id| format!("{PATIENT_TYPE}:{id}"))
+            .collect();
+        let answers = self
+            .client
+            .batch_check(principal, relation, &objects)
+            .await
+            .map_err(fga_error)?;
+        let ids = answers
+            .into_iter()
+            .filter(|(_, allowed)| *allowed)
+            .filter_map(|(o, _)| o.strip_prefix("patient:").map(str::to_owned))
+            .collect();
+        Ok(Arc::new(PatientList::new(ids)))
+    }
+
     pub async fn decide(
         &self,
         permit: &Permit,
@@ -253,24 +281,10 @@ impl OpenFgaChecker {
                 continue;
             }
             let patients = patients.get_or_insert_with(|| patients_in(answer, index, bases));
-            let objects: Vec<String> = patients
-                .iter()
-                .map(|id| format!("{PATIENT_TYPE}:{id}"))
-                .collect();
-            let answers = if objects.is_empty() {
-                Default::default()
-            } else {
-                self.client
-                    .batch_check(principal, VIEW_RELATION, &objects)
-                    .await
-                    .map_err(fga_error)?
-            };
-            let ids = answers
-                .into_iter()
-                .filter(|(_, allowed)| *allowed)
-                .filter_map(|(o, _)| o.strip_prefix("patient:").map(str::to_owned))
-                .collect();
-            by_principal.push((Arc::clone(principal), Arc::new(PatientList::new(ids))));
+            let allowed = self
+                .patients_with(principal, VIEW_RELATION, patients)
+                .await?;
+            by_principal.push((Arc::clone(principal), allowed));
         }
         Ok(FgaDecisions {
             policy: self.policy,

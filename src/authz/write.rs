@@ -39,7 +39,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use serde_json::Value;
 
-use super::fga::{FgaDecisions, PATIENT_TYPE, PatientList, fga_error};
+use super::fga::FgaDecisions;
 use super::{AuthzError, Checker, Permit, Reach, TypeReach, authorize_as};
 use crate::config::MultiPatientPolicy;
 use crate::fhir::record::Record;
@@ -731,26 +731,12 @@ pub async fn fga_write_decisions(
     permit: &Permit,
     patients: &[String],
 ) -> Result<FgaDecisions, AuthzError> {
-    let objects: Vec<String> = patients
-        .iter()
-        .map(|id| format!("{PATIENT_TYPE}:{id}"))
-        .collect();
     let mut by_principal = Vec::new();
     for principal in permit.fga_principals() {
-        let answers = if objects.is_empty() {
-            Default::default()
-        } else {
-            fga.client
-                .batch_check(principal, WRITE_RELATION, &objects)
-                .await
-                .map_err(fga_error)?
-        };
-        let ids = answers
-            .into_iter()
-            .filter(|(_, allowed)| *allowed)
-            .filter_map(|(o, _)| o.strip_prefix("patient:").map(str::to_owned))
-            .collect();
-        by_principal.push((Arc::clone(principal), Arc::new(PatientList::new(ids))));
+        let allowed = fga
+            .patients_with(principal, WRITE_RELATION, patients)
+            .await?;
+        by_principal.push((Arc::clone(principal), allowed));
     }
     Ok(FgaDecisions {
         policy: MultiPatientPolicy::AllOf,

@@ -259,6 +259,22 @@ fn transaction(entries: Vec<Value>) -> Value {
     json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries })
 }
 
+/// A transaction refused because of entry `entry` (1-based), with `status` and `reason`.
+fn assert_entry_refused(a: &Answer, status: u16, reason: &str, entry: usize) {
+    assert_eq!(
+        (a.status, a.reason()),
+        (status, reason.to_owned()),
+        "{}",
+        a.text
+    );
+    let v = a.json();
+    let diagnostics = v["issue"][0]["diagnostics"].as_str().unwrap_or_default();
+    assert!(
+        diagnostics.starts_with(&format!("transaction entry {entry}:")),
+        "{diagnostics}"
+    );
+}
+
 const P1_WRITER: &str = "patient/Observation.cruds patient/Encounter.cruds patient/Patient.cruds";
 
 #[tokio::test]
@@ -335,18 +351,7 @@ async fn a_transaction_with_one_denied_entry_writes_nothing() {
         ]),
     )
     .await;
-    assert_eq!(
-        (a.status, a.reason()),
-        (403, "write_outside_reach".to_owned()),
-        "{}",
-        a.text
-    );
-    let v = a.json();
-    let diagnostics = v["issue"][0]["diagnostics"].as_str().unwrap();
-    assert!(
-        diagnostics.starts_with("transaction entry 2:"),
-        "{diagnostics}"
-    );
+    assert_entry_refused(&a, 403, "write_outside_reach", 2);
     // Nothing was written (that nothing was sent either: see
     // `the_upstream_receives_one_transaction_of_the_prepared_entries`).
     assert_eq!(count_identified("tx-own").await, 0);
@@ -449,18 +454,7 @@ async fn links_to_records_a_transaction_creates_reach_no_compartment_but_the_who
         ]),
     )
     .await;
-    assert_eq!(
-        (a.status, a.reason()),
-        (403, "write_outside_reach".to_owned()),
-        "{}",
-        a.text
-    );
-    assert!(
-        a.json()["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .starts_with("transaction entry 1:")
-    );
+    assert_entry_refused(&a, 403, "write_outside_reach", 1);
     assert_eq!(count_identified("tx-new-patient").await, 0);
     // Nor link its own record to a patient the transaction creates (here one it may
     // not create either way: the Observation is refused on its own account as well).
@@ -477,18 +471,7 @@ async fn links_to_records_a_transaction_creates_reach_no_compartment_but_the_who
         ]),
     )
     .await;
-    assert_eq!(
-        (a.status, a.reason()),
-        (403, "write_outside_reach".to_owned()),
-        "{}",
-        a.text
-    );
-    assert!(
-        a.json()["issue"][0]["diagnostics"]
-            .as_str()
-            .unwrap()
-            .starts_with("transaction entry 2:")
-    );
+    assert_entry_refused(&a, 403, "write_outside_reach", 2);
     assert_eq!(count_identified("tx-before-new").await, 0);
     // Nor link one of its own records to an entry that names no entry at all.
     let mut dangling = observation("p1", "tx-dangling");

@@ -6,6 +6,7 @@ use http::Method;
 use serde_json::json;
 
 use super::*;
+use crate::authz::fga::PatientList;
 use crate::fhir::{CompartmentIndex, parse_request};
 use crate::smart::parse_scopes;
 use crate::token::FhirUser;
